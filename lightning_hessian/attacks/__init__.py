@@ -1,0 +1,1 @@
+"""attacks layer of lightning_hessian (see DESIGN.md)."""

@@ -1,0 +1,1 @@
+"""callbacks layer of lightning_hessian (see DESIGN.md)."""

@@ -1,0 +1,1 @@
+"""data layer of lightning_hessian (see DESIGN.md)."""

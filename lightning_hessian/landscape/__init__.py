@@ -1,0 +1,1 @@
+"""landscape layer of lightning_hessian (see DESIGN.md)."""

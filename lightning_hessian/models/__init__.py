@@ -1,0 +1,1 @@
+"""models layer of lightning_hessian (see DESIGN.md)."""

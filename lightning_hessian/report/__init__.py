@@ -1,0 +1,1 @@
+"""report layer of lightning_hessian (see DESIGN.md)."""
