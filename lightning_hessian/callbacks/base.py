@@ -1,0 +1,487 @@
+"""Base class for callbacks that analyse a model on a fixed sample at epoch end.
+
+The spectrum, robustness and landscape callbacks share everything but the analysis itself:
+when to run (epoch/step schedule, ``fit``/``validate``/``test``, never in the sanity check),
+which samples to use (a seeded subset chosen once and kept on the device, sharded across DDP
+ranks), the numerical and state guarantees (:func:`~lightning_hessian.curvature.analysis_mode`),
+and how results reach the loggers. A subclass implements :meth:`EpochAnalysisCallback.analyse`.
+
+Which loss is analysed: :func:`batch_loss`. By default the cross-entropy of ``module(x)``
+against ``y`` for batches ``(x, y, ...)``; a LightningModule whose loss is something else
+defines ``hessian_loss(self, batch) -> Tensor`` (the batch-mean loss) and every callback uses it.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+from lightning_fabric.utilities.apply_func import move_data_to_device
+from lightning_utilities.core.apply_func import apply_to_collection
+from pytorch_lightning.callbacks import Callback
+from pytorch_lightning.loggers import TensorBoardLogger
+from pytorch_lightning.trainer.states import TrainerFn
+from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
+from pytorch_lightning.utilities.model_helpers import is_overridden
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, IterableDataset
+from typing_extensions import override
+
+from lightning_hessian.curvature.context import analysis_mode
+
+__all__ = ["AnalysisSamples", "EpochAnalysisCallback", "batch_loss", "slice_batch"]
+
+Split = Literal["train", "val", "test"]
+_SPLITS = ("train", "val", "test")
+# Half-precision parameters cannot be analysed faithfully (DESIGN.md: precision).
+_REFUSED_PRECISIONS = ("16-true", "bf16-true", "transformer-engine")
+
+
+def batch_loss(module: nn.Module, batch: Any) -> Tensor:
+    """The batch-mean training loss of ``module`` on ``batch``, as every analysis sees it.
+
+    ``module.hessian_loss(batch)`` when the module defines it, else
+    ``cross_entropy(module(batch[0]), batch[1])``.
+    """
+    custom = getattr(module, "hessian_loss", None)
+    if callable(custom):
+        return custom(batch)
+    inputs, targets = split_inputs_targets(batch)
+    return F.cross_entropy(module(inputs), targets)
+
+
+def split_inputs_targets(batch: Any) -> tuple[Tensor, Tensor]:
+    """``(x, y)`` of a batch that is a tuple/list ``(x, y, ...)`` or a mapping with x/y keys."""
+    if isinstance(batch, Mapping):
+        for x_key, y_key in (("x", "y"), ("input", "target"), ("inputs", "targets"), ("image", "label")):
+            if x_key in batch and y_key in batch:
+                return batch[x_key], batch[y_key]
+    elif isinstance(batch, Sequence) and len(batch) >= 2:
+        return batch[0], batch[1]
+    raise TypeError(
+        f"Cannot find inputs and targets in a batch of type {type(batch).__name__}: batches must be"
+        " (x, y, ...) tuples or dicts with 'x'/'y' keys. For other batches, define"
+        " `hessian_loss(self, batch) -> Tensor` on your LightningModule."
+    )
+
+
+def batch_size_of(batch: Any) -> int:
+    """The number of samples in ``batch``: dim 0 of its first tensor."""
+    if isinstance(batch, Tensor):
+        return batch.shape[0]
+    values = batch.values() if isinstance(batch, Mapping) else batch
+    for value in values:
+        try:
+            return batch_size_of(value)
+        except TypeError:
+            continue
+    raise TypeError(f"No tensor found in batch of type {type(batch).__name__}")
+
+
+def slice_batch(batch: Any, start: int, stop: int) -> Any:
+    """Rows ``start:stop`` of every tensor in a (nested) batch; other values are kept."""
+    if isinstance(batch, Tensor):
+        return batch[start:stop]
+    if isinstance(batch, Mapping):
+        return type(batch)({k: slice_batch(v, start, stop) for k, v in batch.items()})
+    if isinstance(batch, tuple) and hasattr(batch, "_fields"):  # namedtuple
+        return type(batch)(*(slice_batch(v, start, stop) for v in batch))
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(slice_batch(v, start, stop) for v in batch)
+    return batch
+
+
+@dataclass
+class AnalysisSamples:
+    """The rank-local analysis sample: one collated batch that stays on the model's device.
+
+    Attributes:
+        batch: the collated samples of this rank (the structure the dataloader yields).
+        num_local: samples on this rank.
+        num_global: samples over all ranks (equal to ``num_local`` without DDP).
+    """
+
+    batch: Any
+    num_local: int
+    num_global: int
+
+    def micro_batches(self, size: int) -> list[Any]:
+        """``batch`` cut into consecutive slices of at most ``size`` samples."""
+        if size < 1:
+            raise ValueError(f"micro-batch size must be >= 1, got {size}")
+        return [slice_batch(self.batch, i, min(i + size, self.num_local)) for i in range(0, self.num_local, size)]
+
+    @property
+    def inputs(self) -> Tensor:
+        """The inputs ``x`` of an ``(x, y)`` batch."""
+        return split_inputs_targets(self.batch)[0]
+
+    @property
+    def targets(self) -> Tensor:
+        """The targets ``y`` of an ``(x, y)`` batch."""
+        return split_inputs_targets(self.batch)[1]
+
+
+class _ForkedRNG:
+    """Save and restore torch (CPU and CUDA), NumPy and Python RNG states.
+
+    Drawing samples through a dataset's random transforms must not change training.
+    """
+
+    def __enter__(self) -> None:
+        self._python = random.getstate()
+        self._numpy = np.random.get_state()
+        self._torch = torch.get_rng_state()
+        self._cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
+
+    def __exit__(self, *exc: object) -> None:
+        random.setstate(self._python)
+        np.random.set_state(self._numpy)
+        torch.set_rng_state(self._torch)
+        if self._cuda is not None:
+            torch.cuda.set_rng_state_all(self._cuda)
+
+
+class EpochAnalysisCallback(Callback):
+    r"""Run an analysis of the model on a fixed, seeded sample at epoch end.
+
+    When it runs:
+
+    * in ``trainer.fit``: at the end of every ``every_n_epochs``-th training epoch (after
+      validation) and/or every ``every_n_train_steps`` optimizer steps; never in the sanity check;
+    * in ``trainer.validate`` / ``trainer.test``: once, at the end of the validation/test epoch.
+
+    Which samples: ``num_samples`` samples drawn once with ``seed`` from ``split`` (``trainer.test``
+    uses the test split) and kept on the device, so every epoch analyses the same points. Under
+    DDP each rank holds the slice ``indices[rank::world_size]``; subclasses combine ranks with
+    :meth:`all_reduce_sum`. Samples are taken straight from the dataset and collated; a training
+    set's random augmentation is therefore drawn once, with the RNG states restored afterwards.
+
+    The analysis runs on the unwrapped LightningModule (never the DDP wrapper) inside
+    :func:`~lightning_hessian.curvature.analysis_mode`: gradients on, autocast and TF32 off, eval
+    mode, and the model's flags, ``.grad`` and the RNG states restored bit for bit.
+
+    Args:
+        every_n_epochs: analyse at the end of every n-th training epoch; ``None`` or 0 to disable.
+        every_n_train_steps: analyse every n optimizer steps; ``None`` or 0 to disable.
+        num_samples: size of the analysis sample over all ranks; ``None`` for the whole split.
+        split: ``"train"``, ``"val"`` or ``"test"``: where samples come from during ``fit``.
+        seed: seed of the sample choice (and of the analysis' own random probes).
+        analysis_batch_size: micro-batch size for the analysis' forward/backward passes.
+        time_budget: seconds one analysis may take; subclasses stop cleanly when it is spent.
+
+    Raises:
+        ValueError: for a bad option (in ``__init__``) or a ``num_samples`` larger than the split,
+            or a ``*-true`` half precision (in ``setup``).
+    """
+
+    #: metric-name prefix of the subclass, e.g. ``"hessian"``
+    metric_prefix: str = "analysis"
+
+    def __init__(
+        self,
+        *,
+        every_n_epochs: int | None = 1,
+        every_n_train_steps: int | None = None,
+        num_samples: int | None = 1024,
+        split: Split = "train",
+        seed: int = 0,
+        analysis_batch_size: int = 512,
+        time_budget: float | None = None,
+    ) -> None:
+        super().__init__()
+        for name, value in (("every_n_epochs", every_n_epochs), ("every_n_train_steps", every_n_train_steps)):
+            if value is not None and value < 0:
+                raise ValueError(f"{name}={value} must be >= 0 (0 or None disables it)")
+        if num_samples is not None and num_samples < 1:
+            raise ValueError(f"num_samples={num_samples} must be >= 1, or None for the whole split")
+        if split not in _SPLITS:
+            raise ValueError(f"split={split!r} is not one of {_SPLITS}")
+        if analysis_batch_size < 1:
+            raise ValueError(f"analysis_batch_size={analysis_batch_size} must be >= 1")
+        if time_budget is not None and time_budget <= 0:
+            raise ValueError(f"time_budget={time_budget} must be a positive number of seconds, or None")
+        self.every_n_epochs = every_n_epochs or 0
+        self.every_n_train_steps = every_n_train_steps or 0
+        self.num_samples = num_samples
+        self.split: Split = split
+        self.seed = seed
+        self.analysis_batch_size = analysis_batch_size
+        self.time_budget = time_budget
+        self._samples: dict[str, AnalysisSamples] = {}
+        self._last_epoch = -1
+        self._last_step = -1
+        self._warned_figures: set[str] = set()
+
+    # ----------------------------------------------------------------------------------------
+    # what subclasses implement
+
+    def analyse(self, trainer: pl.Trainer, pl_module: pl.LightningModule, samples: AnalysisSamples) -> dict[str, float]:
+        """Analyse ``pl_module`` on ``samples``; return scalar metrics to log (full tag names).
+
+        Called inside ``analysis_mode(pl_module)`` on every rank; all ranks must make the same
+        collective calls. The returned metrics are logged by rank zero.
+        """
+        raise NotImplementedError(f"{type(self).__name__} must implement analyse()")
+
+    # ----------------------------------------------------------------------------------------
+    # Lightning hooks
+
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        precision = str(trainer.precision)
+        if precision in _REFUSED_PRECISIONS:
+            raise ValueError(
+                f"{type(self).__name__} cannot analyse a model whose parameters are stored in {precision!r}"
+                " precision: curvature and attacks need float32 parameters. Train with"
+                f" precision='{precision.split('-')[0]}-mixed' (parameters stay float32) instead."
+            )
+        split = self._split_for(trainer)
+        length = self._dataset_length(trainer, pl_module, split)
+        if length is not None and self.num_samples is not None and self.num_samples > length:
+            raise ValueError(
+                f"{type(self).__name__}: num_samples={self.num_samples} is larger than the {split} split"
+                f" ({length} samples). Lower num_samples to at most {length}, or pass num_samples=None"
+                " to use the whole split."
+            )
+
+    @override
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        epoch = trainer.current_epoch
+        if self.every_n_epochs and (epoch + 1) % self.every_n_epochs == 0 and epoch > self._last_epoch:
+            self._last_epoch = epoch
+            self._run(trainer, pl_module)
+
+    @override
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        step = trainer.global_step
+        # With gradient accumulation this hook fires per micro-batch; run once per optimizer step.
+        if self.every_n_train_steps and step > 0 and step % self.every_n_train_steps == 0 and step > self._last_step:
+            self._last_step = step
+            self._run(trainer, pl_module)
+
+    @override
+    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.state.fn == TrainerFn.VALIDATING and not trainer.sanity_checking:
+            self._run(trainer, pl_module)
+
+    @override
+    def on_test_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.state.fn == TrainerFn.TESTING:
+            self._run(trainer, pl_module)
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return {"last_epoch": self._last_epoch, "last_step": self._last_step}
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._last_epoch = state_dict.get("last_epoch", -1)
+        self._last_step = state_dict.get("last_step", -1)
+
+    # ----------------------------------------------------------------------------------------
+    # helpers for subclasses
+
+    def all_reduce_sum(self, trainer: pl.Trainer) -> Callable[[Tensor], Tensor] | None:
+        """A function summing a tensor over all processes, or ``None`` when not distributed."""
+        if trainer.world_size <= 1:
+            return None
+        return lambda tensor: trainer.strategy.reduce(tensor, reduce_op="sum")
+
+    def tensorboard(self, trainer: pl.Trainer) -> Any | None:
+        """The rank-zero TensorBoard ``SummaryWriter`` of the first TensorBoard logger, or ``None``."""
+        if not trainer.is_global_zero:
+            return None
+        for logger in trainer.loggers:
+            if isinstance(logger, TensorBoardLogger):
+                return logger.experiment
+        return None
+
+    def run_dir(self, trainer: pl.Trainer) -> Path | None:
+        """Rank zero's directory for raw result files: the first logger's ``log_dir``."""
+        if not trainer.is_global_zero:
+            return None
+        for logger in trainer.loggers:
+            log_dir = getattr(logger, "log_dir", None)
+            if log_dir:
+                return Path(log_dir)
+        return Path(trainer.default_root_dir)
+
+    def log_figure(self, trainer: pl.Trainer, tag: str, figure: Any) -> None:
+        """Log a matplotlib figure as an image (TensorBoard) at ``trainer.global_step``; closes it.
+
+        Loggers that cannot take figures get the scalars only, and one warning per logger type.
+        """
+        import matplotlib.pyplot as plt
+
+        try:
+            if not trainer.is_global_zero:
+                return
+            for logger in trainer.loggers:
+                if isinstance(logger, TensorBoardLogger):
+                    logger.experiment.add_figure(tag, figure, global_step=trainer.global_step, close=False)
+                elif type(logger).__name__ not in self._warned_figures:
+                    self._warned_figures.add(type(logger).__name__)
+                    rank_zero_warn(
+                        f"{type(self).__name__}: {type(logger).__name__} cannot take figures; it gets the"
+                        " scalar metrics only. Add a TensorBoardLogger to see the figures."
+                    )
+        finally:
+            plt.close(figure)
+
+    # ----------------------------------------------------------------------------------------
+    # internals
+
+    def _run(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        split = self._split_for(trainer)
+        samples = self._samples.get(split)
+        if samples is None:
+            samples = self._samples[split] = self._select_samples(trainer, pl_module, split)
+        start = time.perf_counter()
+        with analysis_mode(pl_module):
+            metrics = self.analyse(trainer, pl_module, samples)
+        rank_zero_info(
+            f"{type(self).__name__}: analysed {samples.num_global} {split} samples in"
+            f" {time.perf_counter() - start:.2f} s (epoch {trainer.current_epoch}, step {trainer.global_step})"
+        )
+        self._log_metrics(trainer, metrics)
+
+    def _log_metrics(self, trainer: pl.Trainer, metrics: dict[str, float]) -> None:
+        if not metrics:
+            return
+        for name, value in metrics.items():
+            trainer.callback_metrics[name] = torch.tensor(float(value))
+        if trainer.is_global_zero:
+            for logger in trainer.loggers:
+                logger.log_metrics({k: float(v) for k, v in metrics.items()}, step=trainer.global_step)
+
+    def _split_for(self, trainer: pl.Trainer) -> Split:
+        fn = trainer.state.fn
+        if fn == TrainerFn.TESTING:
+            return "test"
+        if fn == TrainerFn.VALIDATING and self.split == "train" and not self._has_split(trainer, "train"):
+            return "val"
+        return self.split
+
+    @staticmethod
+    def _has_split(trainer: pl.Trainer, split: Split) -> bool:
+        if split == "train" and trainer.train_dataloader is not None:
+            return True
+        owner = trainer.datamodule if trainer.datamodule is not None else trainer.lightning_module
+        hook = {"train": "train_dataloader", "val": "val_dataloader", "test": "test_dataloader"}[split]
+        if owner is None or not is_overridden(hook, owner):
+            return False
+        # A datamodule set up for "validate" may not have built its training set.
+        try:
+            getattr(owner, hook)()
+        except Exception:
+            return False
+        return True
+
+    @staticmethod
+    def _dataloader(trainer: pl.Trainer, pl_module: pl.LightningModule, split: Split) -> DataLoader | None:
+        loaded = {"train": trainer.train_dataloader, "val": trainer.val_dataloaders, "test": trainer.test_dataloaders}[
+            split
+        ]
+        if isinstance(loaded, (list, tuple)):
+            loaded = loaded[0] if loaded else None
+        if loaded is not None:
+            return loaded
+        hook = {"train": "train_dataloader", "val": "val_dataloader", "test": "test_dataloader"}[split]
+        for owner in (trainer.datamodule, pl_module):
+            if owner is not None and is_overridden(hook, owner):
+                loader = getattr(owner, hook)()
+                if isinstance(loader, (list, tuple)):
+                    loader = loader[0] if loader else None
+                return loader
+        return None
+
+    def _dataset_length(self, trainer: pl.Trainer, pl_module: pl.LightningModule, split: Split) -> int | None:
+        try:
+            loader = self._dataloader(trainer, pl_module, split)
+        except Exception:  # the data may only be ready later in the run; checked again then
+            return None
+        dataset = getattr(loader, "dataset", None)
+        if dataset is None or isinstance(dataset, IterableDataset):
+            return None
+        try:
+            return len(dataset)
+        except TypeError:
+            return None
+
+    def _select_samples(self, trainer: pl.Trainer, pl_module: pl.LightningModule, split: Split) -> AnalysisSamples:
+        loader = self._dataloader(trainer, pl_module, split)
+        if loader is None:
+            raise RuntimeError(
+                f"{type(self).__name__} found no {split} dataloader. Give the trainer one, or set split= to a"
+                " split your datamodule provides."
+            )
+        rank, world = trainer.global_rank, trainer.world_size
+        # Samples outlive this call and feed autograd later: never create them as inference tensors.
+        with _ForkedRNG(), torch.inference_mode(False):
+            dataset = loader.dataset
+            if isinstance(dataset, IterableDataset) or not hasattr(dataset, "__len__"):
+                batch, num_global = self._take_from_iterable(loader, world)
+            else:
+                length = len(dataset)
+                num_global = length if self.num_samples is None else self.num_samples
+                if num_global > length:
+                    raise ValueError(
+                        f"{type(self).__name__}: num_samples={num_global} is larger than the {split} split"
+                        f" ({length} samples). Lower num_samples or pass None for the whole split."
+                    )
+                generator = torch.Generator().manual_seed(self.seed)
+                indices = torch.randperm(length, generator=generator)[:num_global][rank::world].tolist()
+                if not indices:
+                    raise ValueError(
+                        f"{type(self).__name__}: num_samples={num_global} leaves rank {rank} of {world} without"
+                        f" samples; use num_samples >= {world}."
+                    )
+                collate = loader.collate_fn or torch.utils.data.default_collate
+                batch = collate([dataset[i] for i in indices])
+            batch = move_data_to_device(batch, pl_module.device)
+            batch = apply_to_collection(batch, Tensor, lambda t: t.clone() if t.is_inference() else t)
+        return AnalysisSamples(batch=batch, num_local=batch_size_of(batch), num_global=num_global)
+
+    def _take_from_iterable(self, loader: DataLoader, world: int) -> tuple[Any, int]:
+        """Collect samples from an iterable dataloader (already rank-sharded by its owner)."""
+        if self.num_samples is None:
+            raise ValueError(
+                f"{type(self).__name__}: num_samples=None needs a map-style dataset with a length; this"
+                " dataloader iterates an IterableDataset. Set num_samples."
+            )
+        wanted = math.ceil(self.num_samples / world)
+        pieces, have = [], 0
+        for batch in loader:
+            pieces.append(batch)
+            have += batch_size_of(batch)
+            if have >= wanted:
+                break
+        if not pieces:
+            raise ValueError(f"{type(self).__name__}: the dataloader yielded no batches")
+        batch = _concatenate(pieces)
+        have = min(have, wanted)
+        return slice_batch(batch, 0, have), have * world
+
+
+def _concatenate(batches: list[Any]) -> Any:
+    first = batches[0]
+    if isinstance(first, Tensor):
+        return torch.cat(batches)
+    if isinstance(first, Mapping):
+        return type(first)({k: _concatenate([b[k] for b in batches]) for k in first})
+    if isinstance(first, (list, tuple)):
+        columns = [_concatenate([b[i] for b in batches]) for i in range(len(first))]
+        return type(first)(*columns) if hasattr(first, "_fields") else type(first)(columns)
+    return first

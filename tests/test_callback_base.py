@@ -1,0 +1,186 @@
+"""EpochAnalysisCallback: schedule, fixed samples, stages, errors, and no effect on training."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import pytorch_lightning as pl
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, TensorDataset
+
+from lightning_hessian.callbacks.base import AnalysisSamples, EpochAnalysisCallback, batch_loss, slice_batch
+
+
+class NoisyDataset(Dataset):
+    """Consumes the global RNG in __getitem__, like a random augmentation does."""
+
+    def __init__(self, n: int = 64) -> None:
+        generator = torch.Generator().manual_seed(0)
+        self.x = torch.randn(n, 5, generator=generator)
+        self.y = torch.randint(0, 3, (n,), generator=generator)
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def __getitem__(self, i: int):
+        return self.x[i] + 0.01 * torch.randn(5), self.y[i]
+
+
+class TinyModule(pl.LightningModule):
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(5, 8), nn.BatchNorm1d(8), nn.Tanh(), nn.Dropout(0.2), nn.Linear(8, 3))
+
+    def forward(self, x):
+        return self.net(x)
+
+    def training_step(self, batch, batch_idx):
+        return batch_loss(self, batch)
+
+    def validation_step(self, batch, batch_idx):
+        self.log("val/loss", batch_loss(self, batch))
+
+    def test_step(self, batch, batch_idx):
+        self.log("test/loss", batch_loss(self, batch))
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1, momentum=0.9)
+
+    def train_dataloader(self):
+        return DataLoader(NoisyDataset(), batch_size=16, shuffle=True)
+
+    def val_dataloader(self):
+        return DataLoader(NoisyDataset(32), batch_size=16)
+
+    def test_dataloader(self):
+        return DataLoader(NoisyDataset(24), batch_size=8)
+
+
+class RecordingCallback(EpochAnalysisCallback):
+    """Records what it was given and does RNG- and grad-touching work, as real analyses do."""
+
+    metric_prefix = "probe"
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.calls: list[tuple[str, int, AnalysisSamples, bool, bool]] = []
+
+    def analyse(self, trainer, pl_module, samples):
+        loss = batch_loss(pl_module, samples.batch)
+        loss.backward()  # leaves .grad: analysis_mode must restore it
+        torch.randn(10)  # consumes the RNG: analysis_mode must restore it
+        self.calls.append((trainer.state.fn, trainer.current_epoch, samples, pl_module.training, torch.is_grad_enabled()))
+        return {"probe/loss": loss.item()}
+
+
+def _fit(callbacks, tmp_path, epochs=3):
+    pl.seed_everything(7)
+    model = TinyModule()
+    trainer = pl.Trainer(
+        max_epochs=epochs, callbacks=callbacks, logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
+        num_sanity_val_steps=2,
+    )
+    trainer.fit(model)
+    return trainer, model
+
+
+def test_schedule_samples_and_modes(tmp_path):
+    probe = RecordingCallback(every_n_epochs=2, num_samples=20, seed=3)
+    trainer, model = _fit([probe], tmp_path, epochs=4)
+    # epochs 1 and 3 (every 2nd), never the sanity check
+    assert [c[1] for c in probe.calls] == [1, 3]
+    first, second = probe.calls[0][2], probe.calls[1][2]
+    assert first.num_local == first.num_global == 20
+    assert first.batch is second.batch  # chosen once, kept
+    # the analysis saw eval mode and gradients on; the model is back in train mode afterwards
+    assert all(not c[3] and c[4] for c in probe.calls)
+    assert trainer.callback_metrics["probe/loss"] == pytest.approx(
+        float(torch.nn.functional.cross_entropy(model.eval()(first.inputs), first.targets)), rel=1e-5
+    )
+
+
+def test_seeded_selection_is_reproducible(tmp_path):
+    a = RecordingCallback(num_samples=10, seed=1)
+    b = RecordingCallback(num_samples=10, seed=1)
+    c = RecordingCallback(num_samples=10, seed=2)
+    for probe in (a, b, c):
+        _fit([probe], tmp_path, epochs=1)
+    ax, bx, cx = (p.calls[0][2].inputs for p in (a, b, c))
+    # noise in __getitem__ differs with the RNG, so compare which rows were picked via targets+rounding
+    assert torch.allclose(ax, bx, atol=0.1)
+    assert not torch.allclose(ax, cx, atol=0.1)
+
+
+def test_training_is_bit_identical_with_callback(tmp_path):
+    _, plain = _fit([], tmp_path)
+    trainer, probed = _fit([RecordingCallback(num_samples=16)], tmp_path)
+    for p, q in zip(plain.parameters(), probed.parameters()):
+        assert torch.equal(p, q)
+    for b, c in zip(plain.buffers(), probed.buffers()):
+        assert torch.equal(b, c)
+    momentum_a = [s["momentum_buffer"] for s in plain.trainer.optimizers[0].state.values()]
+    momentum_b = [s["momentum_buffer"] for s in trainer.optimizers[0].state.values()]
+    assert all(torch.equal(a, b) for a, b in zip(momentum_a, momentum_b))
+
+
+def test_runs_under_validate_and_test_with_their_splits(tmp_path):
+    probe = RecordingCallback(num_samples=8, split="val")
+    trainer, model = _fit([], tmp_path, epochs=1)
+    trainer = pl.Trainer(logger=False, callbacks=[probe], enable_progress_bar=False, default_root_dir=tmp_path)
+    trainer.validate(model)
+    trainer.test(model)
+    assert [c[0] for c in probe.calls] == ["validate", "test"]
+    assert all(c[4] for c in probe.calls)  # grad enabled inside inference_mode
+    assert set(probe._samples) == {"val", "test"}
+
+
+def test_num_samples_larger_than_split_fails_before_training(tmp_path):
+    model = TinyModule()
+    trainer = pl.Trainer(max_epochs=1, callbacks=[RecordingCallback(num_samples=65)], logger=False,
+                         enable_progress_bar=False, default_root_dir=tmp_path)
+    with pytest.raises(ValueError, match="num_samples=65 is larger than the train split \\(64 samples\\)"):
+        trainer.fit(model)
+    assert trainer.global_step == 0
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"split": "holdout"}, "split='holdout'"),
+    ({"num_samples": 0}, "num_samples=0"),
+    ({"every_n_epochs": -1}, "every_n_epochs=-1"),
+    ({"time_budget": 0}, "time_budget=0"),
+])
+def test_bad_options(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        RecordingCallback(**kwargs)
+
+
+def test_true_half_precision_is_refused(tmp_path):
+    trainer = pl.Trainer(max_epochs=1, precision="bf16-true", callbacks=[RecordingCallback()], logger=False,
+                         enable_progress_bar=False, default_root_dir=tmp_path)
+    with pytest.raises(ValueError, match="bf16-mixed"):
+        trainer.fit(TinyModule())
+
+
+def test_hessian_loss_override_and_slicing():
+    class Custom(TinyModule):
+        def hessian_loss(self, batch):
+            return self(batch["features"]).pow(2).mean()
+
+    module = Custom().eval()
+    batch = {"features": torch.randn(6, 5), "id": "keep"}
+    assert torch.equal(batch_loss(module, batch), module(batch["features"]).pow(2).mean())
+    part = slice_batch(batch, 2, 5)
+    assert part["features"].shape == (3, 5) and part["id"] == "keep"
+    with pytest.raises(TypeError, match="hessian_loss"):
+        batch_loss(TinyModule(), {"features": torch.randn(2, 5)})
+
+
+def test_state_dict_prevents_repeats_after_resume(tmp_path):
+    probe = RecordingCallback(num_samples=8)
+    _fit([probe], tmp_path, epochs=2)
+    resumed = RecordingCallback(num_samples=8)
+    resumed.load_state_dict(copy.deepcopy(probe.state_dict()))
+    assert resumed.state_dict() == {"last_epoch": 1, "last_step": -1}
