@@ -184,3 +184,34 @@ def test_state_dict_prevents_repeats_after_resume(tmp_path):
     resumed = RecordingCallback(num_samples=8)
     resumed.load_state_dict(copy.deepcopy(probe.state_dict()))
     assert resumed.state_dict() == {"last_epoch": 1, "last_step": -1}
+
+
+class BatchFetchDataset(TensorDataset):
+    """A dataset that fetches many indices at once, as torch's DataLoader allows."""
+
+    def __getitems__(self, indices):
+        index = torch.as_tensor(indices)
+        return tuple(t[index] for t in self.tensors)
+
+
+def test_getitems_datasets_and_clamping_under_test(tmp_path):
+    x, y = torch.randn(40, 5), torch.randint(0, 3, (40,))
+
+    class FetchModule(TinyModule):
+        def train_dataloader(self):
+            return DataLoader(BatchFetchDataset(x, y), batch_size=8, collate_fn=lambda batch: batch)
+
+        def test_dataloader(self):
+            return DataLoader(BatchFetchDataset(x[:6], y[:6]), batch_size=8, collate_fn=lambda batch: batch)
+
+    probe = RecordingCallback(num_samples=12, seed=0)
+    model = FetchModule()
+    trainer = pl.Trainer(max_epochs=1, callbacks=[probe], logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, limit_val_batches=0, default_root_dir=tmp_path)
+    trainer.fit(model)
+    samples = probe.calls[0][2]
+    chosen = torch.randperm(40, generator=torch.Generator().manual_seed(0))[:12]
+    assert torch.equal(samples.inputs, x[chosen]) and torch.equal(samples.targets, y[chosen])
+    with pytest.warns(UserWarning, match="analysing all 6 samples"):
+        trainer.test(model)
+    assert probe.calls[-1][2].num_global == 6

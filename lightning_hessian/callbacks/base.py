@@ -246,7 +246,8 @@ class EpochAnalysisCallback(Callback):
                 f" precision='{precision.split('-')[0]}-mixed' (parameters stay float32) instead."
             )
         split = self._split_for(trainer)
-        length = self._dataset_length(trainer, pl_module, split)
+        # Only the training run's own split is held to num_samples; validate/test clamp with a warning.
+        length = self._dataset_length(trainer, pl_module, split) if stage == "fit" else None
         if length is not None and self.num_samples is not None and self.num_samples > length:
             raise ValueError(
                 f"{type(self).__name__}: num_samples={self.num_samples} is larger than the {split} split"
@@ -437,10 +438,16 @@ class EpochAnalysisCallback(Callback):
                 length = len(dataset)
                 num_global = length if self.num_samples is None else self.num_samples
                 if num_global > length:
-                    raise ValueError(
-                        f"{type(self).__name__}: num_samples={num_global} is larger than the {split} split"
-                        f" ({length} samples). Lower num_samples or pass None for the whole split."
+                    if trainer.state.fn == TrainerFn.FITTING:
+                        raise ValueError(
+                            f"{type(self).__name__}: num_samples={num_global} is larger than the {split} split"
+                            f" ({length} samples). Lower num_samples or pass None for the whole split."
+                        )
+                    rank_zero_warn(
+                        f"{type(self).__name__}: num_samples={num_global} is larger than the {split} split;"
+                        f" analysing all {length} samples."
                     )
+                    num_global = length
                 generator = torch.Generator().manual_seed(self.seed)
                 indices = torch.randperm(length, generator=generator)[:num_global][rank::world].tolist()
                 if not indices:
@@ -448,8 +455,11 @@ class EpochAnalysisCallback(Callback):
                         f"{type(self).__name__}: num_samples={num_global} leaves rank {rank} of {world} without"
                         f" samples; use num_samples >= {world}."
                     )
+                # As torch's own fetcher does: datasets may fetch many indices at once.
+                getitems = getattr(dataset, "__getitems__", None)
+                items = getitems(indices) if getitems is not None else [dataset[i] for i in indices]
                 collate = loader.collate_fn or torch.utils.data.default_collate
-                batch = collate([dataset[i] for i in indices])
+                batch = collate(items)
             batch = move_data_to_device(batch, pl_module.device)
             batch = apply_to_collection(batch, Tensor, lambda t: t.clone() if t.is_inference() else t)
         return AnalysisSamples(batch=batch, num_local=batch_size_of(batch), num_global=num_global)
