@@ -1,0 +1,230 @@
+"""The image classifier LightningModule used by every experiment.
+
+Input space: the model's input is the **pixel space** ``[0, 1]``. The data modules yield
+unnormalised images and expose their per-channel ``mean``/``std``; the classifier puts a
+:class:`~lightning_hessian.models.architectures.Normalize` layer with those statistics *inside*
+the network. Attacks (``epsilon`` in pixel units), foolbox (``bounds=(0, 1)``) and Hessians with
+respect to the input therefore all see the same, interpretable space, and the callbacks can call
+``pl_module(x)`` on the batches the data module yields.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torchmetrics.classification import MulticlassAccuracy
+from typing_extensions import override
+
+from lightning_hessian.attacks.training import AdversarialTraining
+from lightning_hessian.models.architectures import Normalize, build_architecture
+from lightning_hessian.models.optim import (
+    LR_SCALING_RULES,
+    LR_SCHEDULES,
+    OPTIMIZERS,
+    lr_multiplier,
+    scaled_learning_rate,
+)
+
+__all__ = ["ImageClassifier"]
+
+
+class ImageClassifier(pl.LightningModule):
+    """Softmax cross-entropy classifier over a registered architecture, with large-batch LR rules
+    and optional robust (adversarial or noise) training.
+
+    Logged metrics (TensorBoard tags):
+
+    * ``train/loss`` (epoch mean), ``train/loss_step`` (every logged step), ``train/acc``: loss and
+      accuracy on the batches actually trained on (perturbed ones under robust training);
+    * ``val/loss``, ``val/acc``, ``test/loss``, ``test/acc``: clean data.
+
+    All constructor arguments are saved with ``save_hyperparameters`` (``hparams.yaml`` of the
+    run), ``adversarial`` as a plain dictionary.
+
+    Args:
+        arch: architecture name: ``m1``, ``c1``, ``c2``, ``resnet20``, ``resnet18``, ``wrn16_4``,
+            ``mlp`` or any added with ``register_architecture``.
+        num_classes: number of classes (linked from the data module by ``hessian-train``).
+        input_shape: ``(channels, height, width)`` (linked from the data module).
+        mean: per-channel mean of the data for the internal :class:`Normalize`; ``None`` = 0.
+        std: per-channel standard deviation; ``None`` = 1.
+        activation: ``relu``, ``softplus``, ``elu`` or ``gelu``.
+        softplus_beta: sharpness of ``softplus`` (large values approach ReLU).
+        batch_norm: use BatchNorm layers.
+        optimizer: ``sgd`` or ``adam``.
+        lr: base learning rate, meant for ``base_batch_size``.
+        base_batch_size: batch size at which ``lr`` applies unscaled.
+        batch_size: global batch size (linked from the data module by ``hessian-train``).
+        lr_scaling: ``linear``, ``sqrt`` or ``none``: ``lr * f(batch_size / base_batch_size)``.
+        momentum: SGD momentum (Adam: ``beta1``).
+        nesterov: Nesterov momentum for SGD.
+        weight_decay: L2 weight decay.
+        warmup_epochs: linear warm-up length in epochs (fractions allowed), counted in steps.
+        lr_schedule: ``constant``, ``step`` or ``cosine`` after warm-up.
+        lr_milestones: epochs at which ``step`` multiplies the rate by ``lr_gamma``.
+        lr_gamma: decay factor of ``step``.
+        adversarial: robust-training options
+            (:class:`~lightning_hessian.attacks.training.AdversarialTraining`).
+    """
+
+    def __init__(
+        self,
+        arch: str = "resnet18",
+        num_classes: int = 10,
+        input_shape: Sequence[int] = (3, 32, 32),
+        mean: Sequence[float] | None = None,
+        std: Sequence[float] | None = None,
+        activation: str = "relu",
+        softplus_beta: float = 1.0,
+        batch_norm: bool = True,
+        optimizer: str = "sgd",
+        lr: float = 0.1,
+        base_batch_size: int = 128,
+        batch_size: int = 128,
+        lr_scaling: str = "linear",
+        momentum: float = 0.9,
+        nesterov: bool = False,
+        weight_decay: float = 5e-4,
+        warmup_epochs: float = 0.0,
+        lr_schedule: str = "cosine",
+        lr_milestones: Sequence[int] = (),
+        lr_gamma: float = 0.1,
+        adversarial: AdversarialTraining = AdversarialTraining(),
+    ) -> None:
+        super().__init__()
+        if isinstance(adversarial, Mapping):  # from hparams.yaml / a checkpoint
+            adversarial = AdversarialTraining(**adversarial)
+        for kind, name, valid in (
+            ("optimizer", optimizer, OPTIMIZERS),
+            ("LR scaling rule", lr_scaling, LR_SCALING_RULES),
+            ("LR schedule", lr_schedule, LR_SCHEDULES),
+        ):
+            if name not in valid:
+                raise ValueError(f"unknown {kind} {name!r}; valid names: {', '.join(valid)}")
+        if lr <= 0:
+            raise ValueError(f"lr must be positive, got {lr}")
+        if warmup_epochs < 0:
+            raise ValueError(f"warmup_epochs must be >= 0, got {warmup_epochs}")
+        channels = int(input_shape[0])
+        mean = tuple(float(m) for m in mean) if mean is not None else (0.0,) * channels
+        std = tuple(float(s) for s in std) if std is not None else (1.0,) * channels
+        if len(mean) != channels or len(std) != channels:
+            raise ValueError(f"mean/std need {channels} entries for input_shape {tuple(input_shape)}, got {mean}/{std}")
+
+        # Plain YAML types in hparams.yaml (readable with yaml.safe_load): save_hyperparameters
+        # reads these locals, so convert them first; `adversarial` is saved as a dictionary.
+        robust_training = adversarial
+        input_shape = [int(s) for s in input_shape]
+        mean, std = list(mean), list(std)
+        lr_milestones = [int(m) for m in lr_milestones]
+        adversarial = dataclasses.asdict(robust_training)  # noqa: F841 (read by save_hyperparameters)
+        self.save_hyperparameters()
+        self.adversarial = robust_training
+        self.network = nn.Sequential(
+            Normalize(mean, std),
+            build_architecture(
+                arch,
+                input_shape=input_shape,
+                num_classes=num_classes,
+                activation=activation,
+                softplus_beta=softplus_beta,
+                batch_norm=batch_norm,
+            ),
+        )
+        # validate_args=False: the input checks cost a device sync per step.
+        self.train_accuracy = MulticlassAccuracy(num_classes, average="micro", validate_args=False)
+        self.val_accuracy = MulticlassAccuracy(num_classes, average="micro", validate_args=False)
+        self.test_accuracy = MulticlassAccuracy(num_classes, average="micro", validate_args=False)
+
+    @property
+    def learning_rate(self) -> float:
+        """The peak learning rate ``lr * f(batch_size / base_batch_size)``."""
+        return scaled_learning_rate(
+            self.hparams.lr, self.hparams.batch_size, self.hparams.base_batch_size, self.hparams.lr_scaling
+        )
+
+    @override
+    def forward(self, x: Tensor) -> Tensor:
+        """Logits of pixel-space images ``x`` in ``[0, 1]``, shape ``(N, C, H, W)``."""
+        return self.network(x)
+
+    @override
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        x, y = batch
+        loss, logits, targets = self.adversarial.training_loss(self, x, y, (0.0, 1.0))
+        self.train_accuracy(logits.detach(), targets)
+        self.log("train/loss", loss.detach(), on_step=False, on_epoch=True, sync_dist=True)
+        self.log("train/loss_step", loss.detach(), on_step=True, on_epoch=False, prog_bar=True)
+        self.log("train/acc", self.train_accuracy, on_step=False, on_epoch=True)
+        return loss
+
+    def _evaluate(self, batch: tuple[Tensor, Tensor], stage: str, accuracy: MulticlassAccuracy) -> Tensor:
+        x, y = batch
+        logits = self(x)
+        loss = F.cross_entropy(logits.float(), y)
+        accuracy(logits, y)
+        self.log(f"{stage}/loss", loss, on_step=False, on_epoch=True, sync_dist=True)
+        self.log(f"{stage}/acc", accuracy, on_step=False, on_epoch=True, prog_bar=stage == "val")
+        return loss
+
+    @override
+    def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        return self._evaluate(batch, "val", self.val_accuracy)
+
+    @override
+    def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        return self._evaluate(batch, "test", self.test_accuracy)
+
+    @override
+    def configure_optimizers(self) -> Any:
+        hp = self.hparams
+        # Batch norm and bias parameters are decayed too, as in the paper's and Goyal et al.'s setups.
+        if hp.optimizer == "sgd":
+            optimizer: torch.optim.Optimizer = torch.optim.SGD(
+                self.parameters(),
+                lr=self.learning_rate,
+                momentum=hp.momentum,
+                nesterov=hp.nesterov and hp.momentum > 0,
+                weight_decay=hp.weight_decay,
+            )
+        else:
+            optimizer = torch.optim.Adam(
+                self.parameters(), lr=self.learning_rate, betas=(hp.momentum, 0.999), weight_decay=hp.weight_decay
+            )
+        total_steps, steps_per_epoch = self._step_counts()
+        warmup_steps = math.ceil(hp.warmup_epochs * steps_per_epoch)
+        milestones = [m * steps_per_epoch for m in hp.lr_milestones]
+        schedule = hp.lr_schedule
+        if schedule == "cosine" and not math.isfinite(total_steps):
+            raise ValueError("lr_schedule 'cosine' needs a finite run: set trainer.max_epochs or trainer.max_steps")
+
+        def multiplier(step: int) -> float:
+            return lr_multiplier(
+                step,
+                total_steps=total_steps,
+                warmup_steps=warmup_steps,
+                schedule=schedule,
+                milestones=milestones,
+                gamma=hp.lr_gamma,
+            )
+
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, multiplier)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def _step_counts(self) -> tuple[float, int]:
+        """Total optimiser steps of the run and optimiser steps per epoch."""
+        trainer = self.trainer
+        total_steps = float(trainer.estimated_stepping_batches)  # also sets up the train dataloader
+        batches = trainer.num_training_batches
+        if math.isfinite(batches):
+            steps_per_epoch = max(1, math.ceil(batches / trainer.accumulate_grad_batches))
+        else:
+            steps_per_epoch = max(1, int(total_steps)) if math.isfinite(total_steps) else 1
+        return total_steps, steps_per_epoch

@@ -1,0 +1,160 @@
+"""``hessian-report``: the paper's tables and figures from finished runs.
+
+Usage::
+
+    hessian-report runs/sweeps/fashion_mnist_bs128 runs/sweeps/fashion_mnist_bs128-fgsm --out report/
+
+finds every run directory below the given paths (any directory with TensorBoard event files),
+reads the logged tags (see :mod:`lightning_hessian.report.tables` for which), groups runs by
+training variant and batch size (see :mod:`lightning_hessian.report.runs`), and writes into
+``--out``:
+
+* ``report.md`` and ``report.html``: the table (mean ± std over seeds) and the figures;
+* PNG figures: top eigenvalue vs epoch, final spectrum vs batch size, spectral densities, robust
+  accuracy vs epsilon, loss landscapes (each only when some run logged what it needs);
+* ``summary.json`` (the table's unrounded numbers) and ``runs.csv`` (final value of every tag of
+  every run).
+
+Runs whose ``sweep.json`` says they did not finish are skipped unless ``--include-unfinished``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from lightning_hessian.report import figures as figure_module
+from lightning_hessian.report.events import find_run_dirs
+from lightning_hessian.report.render import (
+    ReportContent,
+    render_html,
+    render_markdown,
+    write_runs_csv,
+    write_summary_json,
+)
+from lightning_hessian.report.runs import SWEEP_FILE, Run, load_run
+from lightning_hessian.report.tables import summarize_runs
+
+__all__ = ["build_report", "load_runs", "main"]
+
+# (function, what a run must log for it): tried in this order, each may find nothing to draw.
+_FIGURES = (
+    (figure_module.plot_metrics_vs_batch_size, "metrics vs batch size: no run with a known batch size logged a metric"),
+    (figure_module.plot_top_eigenvalue_vs_epoch, "top eigenvalue vs epoch: no run logged `hessian/eig_1`"),
+    (figure_module.plot_spectrum_vs_batch_size, "spectrum vs batch size: no run with a known batch size logged `hessian/eig_k`"),
+    (figure_module.plot_spectral_density, "spectral density: no run logged a density (spectrum callback with density enabled)"),
+    (figure_module.plot_robust_accuracy_vs_epsilon, "robust accuracy vs ε: no run logged `robust/ATTACK/eps_E`"),
+    (figure_module.plot_landscapes, "loss landscapes: no run wrote landscape grids (`.npz`)"),
+)
+
+
+def load_runs(paths: Sequence[str | Path], *, include_unfinished: bool = False) -> tuple[list[Run], list[tuple[Path, str]]]:
+    """The runs below ``paths`` and the ones skipped with the reason.
+
+    Raises:
+        FileNotFoundError: a path does not exist.
+        ValueError: no run directory was found.
+    """
+    run_dirs = find_run_dirs(paths)
+    skipped: list[tuple[Path, str]] = []
+    # Sweep runs that failed before logging anything have a sweep.json but no event files.
+    for path in map(Path, paths):
+        for sweep_file in sorted(path.rglob(SWEEP_FILE)) if path.is_dir() else []:
+            directory = sweep_file.parent.resolve()
+            hidden = any(part.startswith(".") for part in sweep_file.parent.relative_to(path).parts)
+            if directory not in run_dirs and not hidden:
+                status = load_run(directory, read=False).status
+                skipped.append((directory, f"sweep.json status is {status!r}, no event files"))
+    if not run_dirs and not skipped:
+        raise ValueError(
+            f"No TensorBoard event files found under {[str(p) for p in paths]}. Pass run directories "
+            "(for example runs/sweeps/NAME or lightning_logs/version_0) or folders containing them."
+        )
+    runs = []
+    for run_dir in run_dirs:
+        run = load_run(run_dir, read=False)
+        if not run.finished and not include_unfinished:
+            skipped.append((run_dir, f"sweep.json status is {run.status!r} (use --include-unfinished)"))
+            continue
+        runs.append(load_run(run_dir))
+    return runs, skipped
+
+
+def build_report(
+    paths: Sequence[str | Path],
+    out_dir: str | Path,
+    *,
+    title: str = "Hessian analysis report",
+    include_unfinished: bool = False,
+    command: str | None = None,
+) -> ReportContent:
+    """Read the runs below ``paths`` and write the report files into ``out_dir``."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    runs, skipped = load_runs(paths, include_unfinished=include_unfinished)
+    if not runs:
+        raise ValueError(f"All {len(skipped)} runs found were skipped: {skipped}")
+    figures, missing = [], []
+    for plot, missing_note in _FIGURES:
+        written = plot(runs, out)
+        if written is None:
+            missing.append(missing_note)
+        else:
+            figures.extend(written if isinstance(written, list) else [written])
+    content = ReportContent(
+        title=title,
+        command=command or "hessian-report " + " ".join(shlex.quote(str(p)) for p in paths),
+        runs=runs,
+        tables=summarize_runs(runs),
+        figures=figures,
+        missing=missing,
+        skipped=skipped,
+    )
+    (out / "report.md").write_text(render_markdown(content))
+    (out / "report.html").write_text(render_html(content))
+    write_summary_json(content, out / "summary.json")
+    write_runs_csv(runs, out / "runs.csv")
+    return content
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="hessian-report",
+        description="Tables and figures of the Hessian analysis (Yao et al. 2018) from TensorBoard runs.",
+    )
+    parser.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run directories or folders containing them")
+    parser.add_argument("--out", default="report", help="output directory (default: report/)")
+    parser.add_argument("--title", default="Hessian analysis report", help="report title")
+    parser.add_argument(
+        "--include-unfinished", action="store_true", help="also report runs whose sweep.json says failed/running"
+    )
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``hessian-report`` console script."""
+    arguments = _parser().parse_args(argv)
+    command = "hessian-report " + " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
+    try:
+        content = build_report(
+            arguments.run_dirs,
+            arguments.out,
+            title=arguments.title,
+            include_unfinished=arguments.include_unfinished,
+            command=command,
+        )
+    except (FileNotFoundError, ValueError) as error:
+        print(f"hessian-report: error: {error}", file=sys.stderr)
+        return 2
+    out = Path(arguments.out)
+    print(f"Read {len(content.runs)} runs ({len(content.skipped)} skipped); wrote {out / 'report.md'}, {out / 'report.html'}")
+    for item in content.missing:
+        print(f"  not drawn: {item}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

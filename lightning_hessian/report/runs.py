@@ -1,0 +1,228 @@
+"""What a run was: batch size, seed and training variant, read from the files beside its events.
+
+Sources, first found wins for each field:
+
+1. ``sweep.json`` written by ``hessian-sweep`` (batch size, seed, variant, status);
+2. ``config.yaml`` saved by LightningCLI (``seed_everything``, ``data...batch_size``, model
+   options);
+3. ``hparams.yaml`` saved by ``LightningModule.save_hyperparameters`` (``batch_size``,
+   ``adversarial``, ``activation`` ... anywhere in the mapping);
+4. the directory names (``bs1024``, ``seed2``, as ``hessian-sweep`` names runs).
+
+The *variant* is the training method that a table groups by: ``"standard"``, or for example
+``"fgsm ε=0.1"`` for FGSM adversarial training at epsilon 0.1 and ``"standard, softplus β=5"``
+for a non-ReLU activation. ``hessian-sweep --variant LABEL`` overrides it.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from lightning_hessian.report.events import RunEvents, read_events
+
+__all__ = ["Run", "describe_variant", "load_run", "read_run_metadata"]
+
+STANDARD_VARIANT = "standard"
+SWEEP_FILE = "sweep.json"
+_BATCH_SIZE_PATTERN = re.compile(r"(?:^|[^a-z])(?:bs|batch_size|batch)[_=-]?(\d+)", re.IGNORECASE)
+_SEED_PATTERN = re.compile(r"(?:^|[^a-z])seed[_=-]?(\d+)", re.IGNORECASE)
+# Values of an ``adversarial.method`` style option that mean "no robust training".
+_NO_METHOD = {None, "", "none", "None", "null", "standard", False}
+
+
+@dataclass
+class Run:
+    """One run directory with its metadata and events."""
+
+    path: Path
+    batch_size: int | None
+    seed: int | None
+    variant: str
+    status: str | None = None
+    metadata_source: dict[str, str] = field(default_factory=dict)
+    events: RunEvents = field(default_factory=RunEvents)
+
+    @property
+    def name(self) -> str:
+        """A short name: the last two path components (``sweep_name/bs1024_seed0``)."""
+        return "/".join(self.path.parts[-2:])
+
+    @property
+    def finished(self) -> bool:
+        """Whether the run is usable: finished according to ``sweep.json``, or not swept."""
+        return self.status in (None, "finished")
+
+
+def _load_yaml(path: Path) -> Mapping[str, Any]:
+    try:
+        with path.open() as file:
+            # hparams.yaml may hold python tags (e.g. dataclasses); read it without constructing them.
+            loaded = yaml.load(file, Loader=_LenientLoader)  # noqa: S506 - the loader builds no objects
+    except (OSError, yaml.YAMLError):
+        return {}
+    return loaded if isinstance(loaded, Mapping) else {}
+
+
+class _LenientLoader(yaml.SafeLoader):
+    """A safe YAML loader that reads unknown ``!!python/...`` tags as plain mappings/lists/scalars."""
+
+
+def _construct_unknown(loader: yaml.SafeLoader, suffix: str, node: yaml.Node) -> Any:
+    if isinstance(node, yaml.MappingNode):
+        return loader.construct_mapping(node, deep=True)
+    if isinstance(node, yaml.SequenceNode):
+        return loader.construct_sequence(node, deep=True)
+    return loader.construct_scalar(node)  # type: ignore[arg-type]
+
+
+_LenientLoader.add_multi_constructor("tag:yaml.org,2002:python/", _construct_unknown)
+_LenientLoader.add_multi_constructor("!", _construct_unknown)
+
+
+def _find_key(tree: Any, key: str) -> Any:
+    """The value of ``key`` in a nested mapping, breadth first (top-level keys win)."""
+    queue = [tree]
+    while queue:
+        node = queue.pop(0)
+        if isinstance(node, Mapping):
+            if key in node:
+                return node[key]
+            queue.extend(node.values())
+        elif isinstance(node, list):
+            queue.extend(node)
+    return None
+
+
+def _init_args(value: Any) -> Any:
+    """``{"class_path": ..., "init_args": {...}}`` (jsonargparse) as its init args plus ``name``."""
+    if isinstance(value, Mapping) and "class_path" in value:
+        merged = dict(value.get("init_args") or {})
+        merged.setdefault("name", str(value["class_path"]).rsplit(".", 1)[-1])
+        return merged
+    return value
+
+
+def _as_int(value: Any) -> int | None:
+    try:
+        return int(value) if value is not None and not isinstance(value, bool) else None
+    except (TypeError, ValueError):
+        return None
+
+
+def describe_variant(options: Mapping[str, Any]) -> str | None:
+    """The training variant described by model options (``hparams.yaml``/``config.yaml``).
+
+    Looks for an ``adversarial`` option (a mapping with ``method`` and ``epsilon`` as
+    :class:`~lightning_hessian.attacks.training.AdversarialTraining` saves it, or a string) and an
+    ``activation`` option (a string, with ``softplus_beta`` for softplus, or a mapping with
+    ``name`` and e.g. ``beta``): ``"standard"``, ``"fgsm ε=0.1"``, ``"standard, softplus β=5"``.
+    Returns ``None`` when neither is present, so that other sources can decide.
+    """
+    adversarial = _init_args(_find_key(options, "adversarial"))
+    activation = _init_args(_find_key(options, "activation"))
+    if adversarial is None and activation is None:
+        return None
+    parts = []
+    if isinstance(adversarial, Mapping):
+        method = adversarial.get("method", adversarial.get("name"))
+        if method in _NO_METHOD:
+            parts.append(STANDARD_VARIANT)
+        else:
+            epsilon = adversarial.get("epsilon")
+            parts.append(f"{method} ε={_format_number(epsilon)}" if epsilon is not None else str(method))
+    elif isinstance(adversarial, str) and adversarial not in _NO_METHOD:
+        parts.append(adversarial)
+    else:
+        parts.append(STANDARD_VARIANT)
+    activation_label = _describe_activation(activation, _find_key(options, "softplus_beta"))
+    if activation_label is not None and activation_label.lower() != "relu":
+        parts.append(activation_label)
+    return ", ".join(parts)
+
+
+def _format_number(value: Any) -> str:
+    try:
+        return f"{float(value):.4g}"
+    except (TypeError, ValueError):
+        return str(value)
+
+
+def _describe_activation(activation: Any, softplus_beta: Any = None) -> str | None:
+    if activation is None:
+        return None
+    if isinstance(activation, str):
+        if activation == "softplus" and softplus_beta is not None:
+            return f"softplus β={_format_number(softplus_beta)}"
+        return activation
+    if isinstance(activation, Mapping):
+        name = str(activation.get("name", activation.get("type", "activation")))
+        arguments = ", ".join(
+            f"{key}={value}" for key, value in activation.items() if key not in ("name", "type") and value is not None
+        )
+        return f"{name}({arguments})" if arguments else name
+    return str(activation)
+
+
+def read_run_metadata(run_dir: Path) -> tuple[dict[str, Any], dict[str, str]]:
+    """Batch size, seed, variant and status of ``run_dir`` and the file each came from."""
+    fields: dict[str, Any] = {"batch_size": None, "seed": None, "variant": None, "status": None}
+    sources: dict[str, str] = {}
+
+    def offer(name: str, value: Any, source: str) -> None:
+        if fields[name] is None and value is not None:
+            fields[name] = value
+            sources[name] = source
+
+    sweep_file = run_dir / SWEEP_FILE
+    if sweep_file.is_file():
+        try:
+            sweep = json.loads(sweep_file.read_text())
+        except (OSError, json.JSONDecodeError):
+            sweep = {}
+        offer("batch_size", _as_int(sweep.get("batch_size")), SWEEP_FILE)
+        offer("seed", _as_int(sweep.get("seed")), SWEEP_FILE)
+        offer("variant", sweep.get("variant"), SWEEP_FILE)
+        offer("status", sweep.get("status"), SWEEP_FILE)
+    # LightningCLI's config.yaml: only its data and model sections describe the run (callbacks
+    # have batch sizes of their own).
+    config = _load_yaml(run_dir / "config.yaml")
+    if config:
+        offer("seed", _as_int(config.get("seed_everything")), "config.yaml")
+        for section in ("data", "model"):
+            offer("batch_size", _as_int(_find_key(_init_args(config.get(section)), "batch_size")), "config.yaml")
+        model = _init_args(config.get("model"))
+        if isinstance(model, Mapping):
+            offer("variant", describe_variant(model), "config.yaml")
+    hparams = _load_yaml(run_dir / "hparams.yaml")
+    if hparams:
+        offer("batch_size", _as_int(_find_key(hparams, "batch_size")), "hparams.yaml")
+        offer("variant", describe_variant(hparams), "hparams.yaml")
+    for part in reversed(run_dir.parts[-3:]):
+        if (match := _BATCH_SIZE_PATTERN.search(part)) is not None:
+            offer("batch_size", int(match.group(1)), "directory name")
+        if (match := _SEED_PATTERN.search(part)) is not None:
+            offer("seed", int(match.group(1)), "directory name")
+    offer("variant", STANDARD_VARIANT, "default")
+    return fields, sources
+
+
+def load_run(run_dir: str | Path, *, read: bool = True) -> Run:
+    """The :class:`Run` in ``run_dir``, with its events unless ``read=False``."""
+    path = Path(run_dir)
+    fields, sources = read_run_metadata(path)
+    return Run(
+        path=path,
+        batch_size=fields["batch_size"],
+        seed=fields["seed"],
+        variant=str(fields["variant"]),
+        status=fields["status"],
+        metadata_source=sources,
+        events=read_events(path) if read else RunEvents(),
+    )

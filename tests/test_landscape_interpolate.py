@@ -1,0 +1,109 @@
+"""The ``hessian-landscape interpolate`` console script on real ``hessian-train`` checkpoints."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from lightning_hessian.cli import main as train_main
+from lightning_hessian.interpolate import build_from_config, load_state_dict, main, select_samples
+
+CONFIG = Path(__file__).resolve().parents[1] / "configs" / "quickstart.yaml"
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory) -> tuple[Path, Path]:
+    """A small-batch and a large-batch model, one short epoch each, trained by hessian-train."""
+    root = tmp_path_factory.mktemp("runs")
+    paths = []
+    for name, batch in (("small", 32), ("large", 256)):
+        # the small-batch run also carries the landscape callback, added on the command line
+        landscape = [
+            "--trainer.callbacks+=lightning_hessian.callbacks.landscape.LossLandscapeCallback",
+            "--trainer.callbacks.curves=[gradient, random1]", "--trainer.callbacks.surfaces=[[random1, random2]]",
+            "--trainer.callbacks.curve_points=5", "--trainer.callbacks.surface_points=5",
+            "--trainer.callbacks.num_samples=128",
+        ] if name == "small" else []
+        train_main([
+            "fit", "--config", str(CONFIG), "--trainer.max_epochs=1", "--trainer.limit_train_batches=4",
+            "--trainer.limit_val_batches=1", f"--trainer.logger.init_args.save_dir={root}",
+            f"--trainer.logger.init_args.name={name}", f"--data.init_args.batch_size={batch}",
+            "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false", *landscape,
+        ])
+        paths.append(next((root / name).rglob("*.ckpt")))
+    return paths[0], paths[1]
+
+
+def test_quickstart_run_with_the_callback_shows_the_figures_in_tensorboard(checkpoints):
+    run_dir = checkpoints[0].parents[1]  # <save_dir>/small/version_0/checkpoints/<file>.ckpt
+    events = EventAccumulator(str(run_dir), size_guidance={"images": 0})
+    events.Reload()
+    assert {"landscape/curves", "landscape/contour/random1_random2", "landscape/surface3d/random1_random2"} <= set(
+        events.Tags()["images"]
+    )
+    assert "landscape/rise/gradient" in events.Tags()["scalars"]
+    assert (run_dir / "landscape" / "epoch_000_surface_random1_random2.csv").exists()
+
+
+def test_interpolation_endpoints_are_the_checkpoints_own_losses(checkpoints, tmp_path):
+    ckpt_a, ckpt_b = checkpoints
+    out = tmp_path / "out"
+    code = main([
+        "interpolate", "--ckpt-a", str(ckpt_a), "--ckpt-b", str(ckpt_b), "--config", str(CONFIG), "--num", "5",
+        "--num-samples", "200", "--batch-size", "64", "--output-dir", str(out), "--device", "cpu",
+    ])
+    assert code == 0
+    assert (out / "interpolation.png").read_bytes().startswith(b"\x89PNG")
+    rows = list(csv.DictReader((out / "interpolation.csv").open()))
+    assert [float(r["alpha"]) for r in rows] == [-0.5, 0.0, 0.5, 1.0, 1.5]
+    summary = json.loads((out / "interpolation.json").read_text())
+    assert summary["num_samples"] == {"train": 200, "test": 200}
+
+    # oracle: each checkpoint loaded into the model the config builds, evaluated plainly
+    model, datamodule = build_from_config(CONFIG)
+    datamodule.setup("fit")
+    for split in ("train", "test"):
+        x, y = select_samples(datamodule, split, 200, 0)
+        for ckpt, row in ((ckpt_a, rows[1]), (ckpt_b, rows[3])):
+            model.load_state_dict(load_state_dict(ckpt))
+            model.eval()
+            with torch.no_grad():
+                logits = model(x)
+            assert float(row[f"{split}_loss"]) == pytest.approx(F.cross_entropy(logits, y).item(), rel=1e-5)
+            assert float(row[f"{split}_accuracy"]) == pytest.approx((logits.argmax(1) == y).float().mean().item())
+    # the two models differ, and so do their losses
+    assert float(rows[1]["train_loss"]) != pytest.approx(float(rows[3]["train_loss"]), rel=1e-3)
+
+
+def test_architecture_mismatch_is_a_clear_error(checkpoints, tmp_path, capsys):
+    ckpt_a, ckpt_b = checkpoints
+    code = main([
+        "interpolate", "--ckpt-a", str(ckpt_a), "--ckpt-b", str(ckpt_b), "--config", str(CONFIG),
+        "--model.batch_norm=false", "--output-dir", str(tmp_path),
+    ])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "does not match the model's architecture" in err and "unexpected keys" in err and "running_mean" in err
+    assert "Traceback" not in err
+
+
+class NotAllowListed:
+    """An object that ``torch.load(weights_only=True)`` refuses to unpickle."""
+
+
+def test_unsafe_checkpoint_is_refused_unless_trusted(checkpoints, tmp_path, capsys):
+    state = load_state_dict(checkpoints[0])
+    unsafe = tmp_path / "unsafe.ckpt"
+    torch.save({"state_dict": state, "extra": NotAllowListed()}, unsafe)
+    args = ["interpolate", "--ckpt-a", str(unsafe), "--ckpt-b", str(checkpoints[1]), "--config", str(CONFIG),
+            "--num", "2", "--alpha-min", "0", "--alpha-max", "1", "--num-samples", "32", "--splits", "test",
+            "--output-dir", str(tmp_path / "o")]
+    assert main(args) == 2
+    assert "--trust-checkpoints" in capsys.readouterr().err
+    assert main([*args, "--trust-checkpoints"]) == 0
