@@ -312,6 +312,17 @@ def test_warm_start_saves_products(tmp_path: Path) -> None:
     assert hvps["warm"][1] < hvps["warm"][0]
 
 
+def test_final_weights_are_analysed_once(tmp_path: Path) -> None:
+    """every_n_epochs=3 with 4 epochs: epoch 3 (step 18) by schedule, the final weights (step 24)
+    at the end of fit; with 3 epochs the scheduled analysis already saw the final weights."""
+    for epochs, expected in ((4, [18, 24]), (3, [18])):
+        spectrum = HessianSpectrumCallback(every_n_epochs=3, num_samples=16, eig_tol=1e-2)
+        directory = tmp_path / str(epochs)
+        _trainer(directory, [spectrum], logger=CSVLogger(directory, name="csv"), max_epochs=epochs,
+                 limit_val_batches=0).fit(PlainClassifier(shuffle=False))
+        assert [s for s, _ in _logged(directory / "csv", "hessian/eig_1")] == expected
+
+
 # ------------------------------------------------------------------------ logging and feedback
 
 

@@ -175,8 +175,8 @@ def exact_input_quantities(module: nn.Module, x: Tensor, y: Tensor) -> tuple[Ten
             return F.cross_entropy(model(v.unsqueeze(0)), target.unsqueeze(0))
 
         eigs.append(torch.linalg.eigvalsh(torch.autograd.functional.hessian(loss, xi))[-1])
-        norms.append(torch.func.grad(loss)(xi).norm())
-    return torch.stack(eigs), torch.stack(norms)
+        norms.append(torch.func.grad(loss)(xi).detach().norm())
+    return torch.stack(eigs).detach(), torch.stack(norms).detach()
 
 
 class RecordingSpectrum(HessianSpectrumCallback):

@@ -1,1 +1,22 @@
-"""callbacks layer of lightning_hessian (see DESIGN.md)."""
+"""Lightning callbacks that analyse any LightningModule during ``fit``, ``validate`` and ``test``.
+
+* :class:`HessianSpectrumCallback`: top/smallest Hessian eigenvalues, trace, spectral density,
+  input-Hessian quantities.
+* :class:`AdversarialRobustnessCallback`: robust accuracy under native and foolbox attacks.
+* :class:`LossLandscapeCallback`: 1-D/2-D loss landscapes and epsilon-sharpness.
+* :class:`EpochAnalysisCallback`: their shared base (schedule, fixed samples, state restore).
+"""
+
+from lightning_hessian.callbacks.base import AnalysisSamples, EpochAnalysisCallback, batch_loss
+from lightning_hessian.callbacks.landscape import LossLandscapeCallback
+from lightning_hessian.callbacks.robustness import AdversarialRobustnessCallback
+from lightning_hessian.callbacks.spectrum import HessianSpectrumCallback
+
+__all__ = [
+    "AdversarialRobustnessCallback",
+    "AnalysisSamples",
+    "EpochAnalysisCallback",
+    "HessianSpectrumCallback",
+    "LossLandscapeCallback",
+    "batch_loss",
+]

@@ -31,6 +31,7 @@ from torch import Tensor
 from typing_extensions import override
 
 from lightning_hessian.callbacks.base import AnalysisSamples, EpochAnalysisCallback, batch_loss
+from lightning_hessian.callbacks.spectrum import HessianSpectrumCallback
 from lightning_hessian.curvature.context import analysis_mode
 from lightning_hessian.landscape import (
     Direction,
@@ -335,11 +336,12 @@ class LossLandscapeCallback(EpochAnalysisCallback):
                     batch_loss=batch_loss, all_reduce=all_reduce,
                 )
                 metrics["landscape/sharpness"] = result.sharpness
+                metrics["landscape/loss"] = result.loss
 
         for curve in curves:
             centre = self.curve_points // 2
             h = curve.steps[centre + 1] - curve.steps[centre]
-            metrics.setdefault("landscape/loss", float(curve.loss[centre]))
+            metrics["landscape/loss"] = float(curve.loss[centre])  # the model itself: t = 0
             metrics[f"landscape/rise/{curve.name}"] = float(np.max(curve.loss) - curve.loss[centre])
             metrics[f"landscape/curvature/{curve.name}"] = float(
                 (curve.loss[centre + 1] + curve.loss[centre - 1] - 2 * curve.loss[centre]) / h**2
@@ -356,9 +358,7 @@ class LossLandscapeCallback(EpochAnalysisCallback):
     # ----------------------------------------------------------------------------------------
     # internals
 
-    def _spectrum_callback(self, trainer: pl.Trainer) -> tuple[Any | None, int]:
-        from lightning_hessian.callbacks.spectrum import HessianSpectrumCallback
-
+    def _spectrum_callback(self, trainer: pl.Trainer) -> tuple[HessianSpectrumCallback | None, int]:
         own_index = next((i for i, c in enumerate(trainer.callbacks) if c is self), len(trainer.callbacks))
         for callback in trainer.callbacks:
             if isinstance(callback, HessianSpectrumCallback):

@@ -125,6 +125,9 @@ class HessianSpectrumCallback(EpochAnalysisCallback):
         layer_top_k: number of eigenvalues per selected module.
         backend: one of :data:`BACKENDS`.
         warm_start: start Lanczos from the previous analysis's eigenvectors.
+        analyse_on_train_end: when ``fit`` ends on weights that no scheduled analysis has seen
+            (``max_epochs`` not a multiple of ``every_n_epochs``, early stopping, ``max_steps``),
+            analyse them once more: every run's curve ends at its final weights.
         progress_interval: seconds between progress log lines during a long analysis.
 
     Raises:
@@ -167,6 +170,7 @@ class HessianSpectrumCallback(EpochAnalysisCallback):
         layer_top_k: int = 1,
         backend: str = "native",
         warm_start: bool = True,
+        analyse_on_train_end: bool = True,
         progress_interval: float = 30.0,
     ) -> None:
         super().__init__(
@@ -233,12 +237,14 @@ class HessianSpectrumCallback(EpochAnalysisCallback):
         self.layer_top_k = layer_top_k
         self.backend = backend
         self.warm_start = warm_start
+        self.analyse_on_train_end = analyse_on_train_end
         self.progress_interval = progress_interval
 
         self._eigenvectors: list[dict[str, Tensor]] | None = None
         self._layer_eigenvectors: dict[str, list[dict[str, Tensor]]] = {}
         self._layer_params: dict[str, list[str]] = {}
         self._last_metrics: dict[str, float] = {}
+        self._analysed_step = -1  # trainer.global_step of the last analysis
         self._layout_writers: set[int] = set()
 
     # ----------------------------------------------------------------------------------------
@@ -322,7 +328,13 @@ class HessianSpectrumCallback(EpochAnalysisCallback):
             self._layer_params = _select_layers(pl_module, self.layers)
 
     @override
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.analyse_on_train_end and trainer.global_step > 0 and trainer.global_step != self._analysed_step:
+            self._run(trainer, pl_module)
+
+    @override
     def analyse(self, trainer: pl.Trainer, pl_module: pl.LightningModule, samples: AnalysisSamples) -> dict[str, float]:
+        self._analysed_step = trainer.global_step
         budget = _Budget(self.time_budget, self.all_reduce_sum(trainer), pl_module.device)
         progress = _Progress(self.progress_interval, f"epoch {trainer.current_epoch}", budget.start)
         micro_batches = samples.micro_batches(self.analysis_batch_size)
@@ -435,6 +447,7 @@ class HessianSpectrumCallback(EpochAnalysisCallback):
         state = super().state_dict()
         state["eigenvectors"] = _to_cpu(self._eigenvectors)
         state["layer_eigenvectors"] = {k: _to_cpu(v) for k, v in self._layer_eigenvectors.items()}
+        state["analysed_step"] = self._analysed_step
         return state
 
     @override
@@ -442,6 +455,7 @@ class HessianSpectrumCallback(EpochAnalysisCallback):
         state_dict = dict(state_dict)
         eigenvectors = state_dict.pop("eigenvectors", None)
         layer_eigenvectors = state_dict.pop("layer_eigenvectors", {})
+        self._analysed_step = state_dict.pop("analysed_step", -1)
         super().load_state_dict(state_dict)
         # moved to the model's device by the operator (``flatten``) at the next warm start
         self._eigenvectors = eigenvectors

@@ -1,0 +1,171 @@
+"""Is the input Hessian of a trained network positive semidefinite? (Yao et al. 2018, Theorem 1.)
+
+For a ReLU network with softmax cross-entropy, the Hessian of the loss with respect to the input
+is ``J^T (diag(p) - p p^T) J`` almost everywhere (``J`` the logits' input Jacobian), which is
+positive semidefinite, so the inner maximisation of robust training is saddle-free. With a smooth
+activation (softplus) a second term ``sum_c dL/dz_c * d^2 z_c / dx^2`` appears and the Hessian can
+be indefinite. ``HessianSpectrumCallback`` logs only the largest input-Hessian eigenvalue; this
+script computes the smallest one, per sample, for the last checkpoint of finished sweep runs:
+
+    python benchmarks/input_hessian_psd.py --root runs/results --out docs/results/input_hessian_psd.json
+
+For every run directory below ``--root`` whose ``sweep.json`` says ``finished`` (seed 0 only,
+unless ``--all-seeds``), it loads the last checkpoint, draws ``--num-samples`` test images
+(seeded), and runs per-sample Lanczos in float64 for the largest and the smallest eigenvalue of
+the input Hessian; for the first ``--exact-check`` samples it also forms the exact 784 x 784
+Hessian (``torch.autograd.functional.hessian``, float64) and compares its extreme eigenvalues. It prints a Markdown table and writes the numbers as JSON. A sample counts as
+"negative" when its smallest eigenvalue is below ``-rel_tol`` times the run's mean largest
+eigenvalue (float64 Lanczos on an exactly PSD matrix returns round-off of about 1e-15).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+import yaml
+from torch import Tensor
+
+from lightning_hessian.curvature import input_curvature
+from lightning_hessian.data import FashionMNIST
+from lightning_hessian.models.classifier import ImageClassifier
+
+
+def _runs(root: Path, all_seeds: bool) -> list[tuple[Path, dict]]:
+    found = []
+    for record_path in sorted(root.glob("*/bs*_seed*/sweep.json")):
+        record = json.loads(record_path.read_text())
+        if record.get("status") != "finished" or (not all_seeds and record.get("seed") != 0):
+            continue
+        found.append((record_path.parent, record))
+    return found
+
+
+def _checkpoint(run_dir: Path) -> Path:
+    checkpoints = sorted((run_dir / "checkpoints").glob("*.ckpt"), key=lambda p: (p.stat().st_mtime, p.name))
+    if not checkpoints:
+        raise FileNotFoundError(f"no checkpoint in {run_dir / 'checkpoints'}")
+    return checkpoints[-1]
+
+
+def _exact_extremes(model: torch.nn.Module, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+    """Smallest and largest eigenvalue of the exact float64 input Hessian of each sample (oracle)."""
+    model = copy.deepcopy(model).double().eval()
+    lows, highs = [], []
+    for xi, yi in zip(x.double(), y):
+        def loss(inputs: Tensor, target: Tensor = yi) -> Tensor:
+            return F.cross_entropy(model(inputs.unsqueeze(0)), target.unsqueeze(0))
+
+        hessian = torch.autograd.functional.hessian(loss, xi).reshape(xi.numel(), xi.numel())
+        eigenvalues = torch.linalg.eigvalsh((hessian + hessian.T) / 2)
+        lows.append(eigenvalues[0])
+        highs.append(eigenvalues[-1])
+    return torch.stack(lows), torch.stack(highs)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--root", default="runs/results", help="folder of the sweeps (default: runs/results)")
+    parser.add_argument("--out", default="docs/results/input_hessian_psd.json", help="JSON output")
+    parser.add_argument("--num-samples", type=int, default=256, help="test images per run (default: 256)")
+    parser.add_argument("--max-steps", type=int, default=80, help="Lanczos steps per sample (default: 80)")
+    parser.add_argument(
+        "--rel-tol", type=float, default=1e-6, help="'negative' threshold, relative to the run's mean lambda_max"
+    )
+    parser.add_argument("--all-seeds", action="store_true", help="every seed, not only seed 0")
+    parser.add_argument(
+        "--exact-check", type=int, default=2,
+        help="also form the exact float64 input Hessian of this many samples per run and compare (default: 2)",
+    )  # fmt: skip
+    parser.add_argument("--data-dir", default="data")
+    args = parser.parse_args(argv)
+
+    runs = _runs(Path(args.root), args.all_seeds)
+    if not runs:
+        print(f"no finished sweep runs below {args.root}", file=sys.stderr)
+        return 1
+    data = FashionMNIST(data_dir=args.data_dir, batch_size=args.num_samples, augment=False)
+    data.setup("test")
+    assert data.test_dataset is not None
+    indices = torch.randperm(len(data.test_dataset), generator=torch.Generator().manual_seed(0))[: args.num_samples]
+    x, y = data.test_dataset.batch(indices)
+
+    rows = []
+    print("| run | activation | training | batch | mean λ_max(x) | mean λ_min(x) | min λ_min(x) | "
+          f"samples with λ_min < -{args.rel_tol:g} mean λ_max | seconds | exact check: rel. error of λ_min, λ_max |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    for run_dir, record in runs:
+        hparams = yaml.safe_load((run_dir / "hparams.yaml").read_text())
+        model = ImageClassifier.load_from_checkpoint(_checkpoint(run_dir), map_location="cpu")
+        start = time.perf_counter()
+        curvature = input_curvature(
+            model, F.cross_entropy, x, y, smallest=True, batch_size=args.num_samples, tol=1e-6,
+            max_steps=args.max_steps, dtype=torch.float64,
+        )  # fmt: skip
+        seconds = time.perf_counter() - start
+        assert curvature.smallest is not None
+        largest = curvature.largest.eigenvalues
+        smallest = curvature.smallest.eigenvalues
+        # relative to the run's mean largest eigenvalue: a very confident sample has an input
+        # Hessian of about 0 whose float64 round-off (~1e-15) is not a negative curvature
+        negative = smallest < -args.rel_tol * float(largest.abs().mean())
+        activation = hparams["activation"]
+        if activation == "softplus":
+            activation = f"softplus(beta={hparams['softplus_beta']:g})"
+        adversarial = hparams.get("adversarial") or {}
+        training = adversarial.get("method", "none")
+        if training != "none":
+            training = f"{training} eps={adversarial.get('epsilon'):g}"
+        row = {
+            "run": str(run_dir),
+            "activation": activation,
+            "training": training,
+            "batch_size": record["batch_size"],
+            "seed": record["seed"],
+            "num_samples": len(smallest),
+            "mean_lambda_max": float(largest.mean()),
+            "mean_lambda_min": float(smallest.mean()),
+            "min_lambda_min": float(smallest.min()),
+            "max_lambda_min": float(smallest.max()),
+            "fraction_negative": float(negative.double().mean()),
+            "converged_smallest": float(curvature.smallest.converged.double().mean()),
+            "converged_largest": float(curvature.largest.converged.double().mean()),
+            "seconds": seconds,
+        }
+        if args.exact_check > 0:
+            k = min(args.exact_check, len(smallest))
+            exact_low, exact_high = _exact_extremes(model, x[:k], y[:k])
+            scale = exact_high.abs().clamp_min(1e-12)
+            row["exact_check"] = {
+                "samples": k,
+                "exact_lambda_min": exact_low.tolist(),
+                "exact_lambda_max": exact_high.tolist(),
+                "max_rel_error_min": float(((smallest[:k] - exact_low).abs() / scale).max()),
+                "max_rel_error_max": float(((largest[:k] - exact_high).abs() / scale).max()),
+            }
+        rows.append(row)
+        print(
+            f"| {run_dir.parent.name}/{run_dir.name} | {activation} | {training} | {record['batch_size']} | "
+            f"{row['mean_lambda_max']:.4g} | {row['mean_lambda_min']:.3g} | {row['min_lambda_min']:.3g} | "
+            f"{100 * row['fraction_negative']:.1f}% | {seconds:.1f} |"
+            + (f" {row['exact_check']['max_rel_error_min']:.1e}, {row['exact_check']['max_rel_error_max']:.1e}"
+               f" ({row['exact_check']['samples']} samples) |" if "exact_check" in row else " - |"),
+            flush=True,
+        )
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    settings = {"num_samples": args.num_samples, "max_steps": args.max_steps, "rel_tol": args.rel_tol,
+                "dtype": "float64", "split": "test", "sample_seed": 0}  # fmt: skip
+    out.write_text(json.dumps({"settings": settings, "runs": rows}, indent=2) + "\n")
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
