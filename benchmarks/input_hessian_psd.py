@@ -158,6 +158,21 @@ def main(argv: list[str] | None = None) -> int:
                f" ({row['exact_check']['samples']} samples) |" if "exact_check" in row else " - |"),
             flush=True,
         )
+    # one line per activation and training: is any sample's input Hessian indefinite?
+    groups: dict[tuple[str, str], list[dict]] = {}
+    for row in rows:
+        groups.setdefault((row["activation"], row["training"]), []).append(row)
+    print()
+    print(f"| activation | training | runs | samples | mean λ_max(x) | smallest λ_min(x) | "
+          f"largest λ_min(x) | samples with λ_min < -{args.rel_tol:g} mean λ_max |")  # fmt: skip
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    for (activation, training), members in groups.items():
+        samples = sum(m["num_samples"] for m in members)
+        negative = sum(m["fraction_negative"] * m["num_samples"] for m in members)
+        mean_max = sum(m["mean_lambda_max"] * m["num_samples"] for m in members) / samples
+        print(f"| {activation} | {training} | {len(members)} | {samples} | {mean_max:.3g} | "
+              f"{min(m['min_lambda_min'] for m in members):.3g} | {max(m['max_lambda_min'] for m in members):.3g} | "
+              f"{100 * negative / samples:.1f}% |")  # fmt: skip
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     settings = {"num_samples": args.num_samples, "max_steps": args.max_steps, "rel_tol": args.rel_tol,

@@ -2,12 +2,12 @@
 # Reproduces the README's "Results" section: the Fashion-MNIST batch-size sweep, the robust-training
 # and softplus variants, the input-Hessian PSD check, and the report.
 #
-#   benchmarks/run_results.sh            # everything (sweeps, long, psd, report)
+#   benchmarks/run_results.sh            # everything (sweeps, long, psd, fullspec, report)
 #   benchmarks/run_results.sh psd report # only some stages
-#   stages: sweeps (= standard and variants side by side) | standard | variants | long | psd | report
+#   stages: sweeps (= standard and variants side by side) | standard | variants | long | psd | fullspec | report
 #
 # Outputs: runs/results/ (TensorBoard runs, sweep logs, report; not tracked) and docs/results/
-# (report.md, its PNG figures, summary.json, input_hessian_psd.json; tracked).
+# (report.md, its PNG figures, summary.json, input_hessian_psd.*, full_test_spectrum.*; tracked).
 # Finished runs are skipped on a rerun (hessian-sweep reads their sweep.json).
 set -u -o pipefail
 cd "$(dirname "$0")/.."
@@ -21,7 +21,7 @@ REPORT="$PYTHON -m lightning_hessian.report.report" # the hessian-report console
 CONFIG=configs/results_fashion_mnist.yaml
 ROOT=runs/results
 DOCS=docs/results
-STAGES=${*:-sweeps long psd report}
+STAGES=${*:-sweeps long psd fullspec report}
 mkdir -p "$ROOT" "$DOCS"
 
 standard_sweep() {
@@ -54,10 +54,10 @@ long_sweeps() {
     # Control for under-training: the same config for 40 epochs instead of 8 (one seed), to see
     # whether the large batches' trend changes once they have taken more steps.
     local name=results_fashion_mnist_40epochs variant="standard, 40 epochs"
-    $SWEEP --config "$CONFIG" --root "$ROOT" --name $name --variant "$variant" --batch-sizes 256 1024 --seeds 0 \
+    $SWEEP --config "$CONFIG" --root "$ROOT" --name $name --variant "$variant" --batch-sizes 64 256 1024 --seeds 0 \
         -- --trainer.max_epochs 40 > "$ROOT/sweep_long_a.log" 2>&1 &
     local lane_a=$!
-    $SWEEP --config "$CONFIG" --root "$ROOT" --name $name --variant "$variant" --batch-sizes 4096 16384 --seeds 0 \
+    $SWEEP --config "$CONFIG" --root "$ROOT" --name $name --variant "$variant" --batch-sizes 4096 8192 16384 --seeds 0 \
         -- --trainer.max_epochs 40 > "$ROOT/sweep_long_b.log" 2>&1 &
     local lane_b=$!
     local failed=0
@@ -95,12 +95,16 @@ for stage in $STAGES; do
             $PYTHON benchmarks/input_hessian_psd.py --root "$ROOT" --out "$DOCS/input_hessian_psd.json" \
                 --num-samples 512 --all-seeds | tee "$DOCS/input_hessian_psd.md" || status=1
             ;;
+        fullspec)
+            $PYTHON benchmarks/full_test_spectrum.py --root "$ROOT" --out "$DOCS/full_test_spectrum.json" \
+                | grep -v -i warn | tee "$DOCS/full_test_spectrum.md" || status=1
+            ;;
         report)
             $REPORT "$ROOT" --out "$ROOT/report" --title "Fashion-MNIST results (mlp, 8 epochs)" || status=1
             cp "$ROOT/report/report.md" "$ROOT/report/summary.json" "$ROOT"/report/*.png "$DOCS/"
             ;;
         *)
-            echo "unknown stage $stage (sweeps, standard, variants, long, psd, report)" >&2
+            echo "unknown stage $stage (sweeps, standard, variants, long, psd, fullspec, report)" >&2
             exit 2
             ;;
     esac

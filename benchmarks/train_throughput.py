@@ -1,18 +1,35 @@
 """Training throughput: one ``hessian-train`` epoch (Lightning) against a plain PyTorch loop.
 
-Both sides train the same :class:`~lightning_hessian.models.ImageClassifier` network (same
-initial weights), on the same batches of the same data module (same per-device batch, same
-GPU-resident tensors and on-device augmentation when enabled), with the same SGD optimiser and
-precision. The Lightning side is what ``hessian-train fit`` runs: ``training_step`` with
-torchmetrics accuracy and logging to TensorBoard, the learning-rate scheduler stepping every
-step; validation and checkpointing are off on both sides. Samples/s are medians over the timed
-epochs (the first epoch of each side is a warm-up); repeats alternate the two sides so that
-load changes on a shared machine hit both.
+Three sides train the same :class:`~lightning_hessian.models.ImageClassifier` network (same
+initial weights) on the same batches: all three iterate the same data module's
+``train_dataloader()`` (one tensor gather per batch, same per-device batch, GPU-resident tensors
+and on-device augmentation when enabled), with the same SGD optimiser and precision.
+
+* **plain**: a hand-written loop: forward, cross-entropy, backward, SGD step, ``zero_grad``.
+  Nothing else (no LR schedule, no metrics, no logging).
+* **lightning bare**: a minimal LightningModule (``training_step`` returns the cross-entropy,
+  constant-LR SGD, no ``self.log``) in the same Trainer: the cost of Lightning's loop itself
+  (hooks, closure, data fetcher, batch transfer, ``on_after_batch_transfer``).
+* **hessian-train**: :class:`ImageClassifier` exactly as ``hessian-train fit`` runs it:
+  ``training_step`` through the robust-training loss, torchmetrics accuracy, three ``self.log``
+  calls per step, the LR scheduler stepping every step, TensorBoard logging every
+  ``--log-every-n-steps`` (10, as in ``configs/``) and the epoch-end metric computation.
+
+Both Lightning sides run without validation, checkpointing, model summary and (unless
+``--progress-bar``) progress bar, as in ``configs/results_fashion_mnist.yaml``; callbacks
+(Hessian analysis, LR monitor) are measured by ``callback_overhead.py``. A Lightning epoch is timed
+from one ``on_train_epoch_start`` to the next (the last one to ``on_train_end``), so the epoch-end
+work (metric computation, logger writes) counts; the plain loop is timed around its batch loop.
+Wall-clock samples/s and samples per CPU-second of the process (``time.process_time``, all
+threads, steadier on a shared machine) are medians over the timed epochs (the first epoch of each
+run is a warm-up); repeats alternate the three sides so that load changes hit all of them.
 
 CPU (what RESULTS.md records)::
 
-    python benchmarks/train_throughput.py --dataset fashion_mnist --arch m1 --batch-size 128 --num-samples 12800
-    python benchmarks/train_throughput.py --dataset digits --arch mlp --batch-size 64
+    OMP_NUM_THREADS=1 python benchmarks/train_throughput.py --dataset fashion_mnist --arch m1 --batch-size 128 \\
+        --num-samples 2560 --epochs 2 --repeats 3 --threads 1
+    OMP_NUM_THREADS=1 python benchmarks/train_throughput.py --dataset digits --arch mlp --batch-size 64 \\
+        --epochs 3 --repeats 5 --threads 1
 
 GPU (the paper's large-batch setting; CIFAR-shaped random data, no download)::
 
@@ -28,6 +45,7 @@ import pickle
 import statistics
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -65,12 +83,14 @@ def make_datamodule(args: argparse.Namespace, workdir: Path) -> ImageDataModule:
 
 
 class EpochTimer(pl.Callback):
-    """Wall time of each training epoch (device synchronised)."""
+    """Wall and process CPU time of each training epoch, from one ``on_train_epoch_start`` to the
+    next (the last epoch to ``on_train_end``), device synchronised, so epoch-end work counts."""
 
     def __init__(self) -> None:
         self.seconds: list[float] = []
+        self.cpu_seconds: list[float] = []
         self.samples: list[int] = []
-        self._start = 0.0
+        self._start: tuple[float, float] | None = None
         self._count = 0
 
     @staticmethod
@@ -78,41 +98,74 @@ class EpochTimer(pl.Callback):
         if device.type == "cuda":
             torch.cuda.synchronize(device)
 
-    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+    def _close_epoch(self, pl_module: pl.LightningModule) -> None:
         self._sync(pl_module.device)
-        self._count = 0
-        self._start = time.perf_counter()
+        wall, cpu = time.perf_counter(), time.process_time()
+        if self._start is not None:
+            self.seconds.append(wall - self._start[0])
+            self.cpu_seconds.append(cpu - self._start[1])
+            self.samples.append(self._count)
+        self._start, self._count = (wall, cpu), 0
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._close_epoch(pl_module)
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:  # noqa: ANN001
         self._count += len(batch[1])
 
-    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._sync(pl_module.device)
-        self.seconds.append(time.perf_counter() - self._start)
-        self.samples.append(self._count)
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._close_epoch(pl_module)
 
 
-def lightning_epochs(args: argparse.Namespace, model: ImageClassifier, dm: ImageDataModule, logdir: Path) -> list[float]:
+class BareModule(pl.LightningModule):
+    """The least a LightningModule can be: cross-entropy of the network, constant-LR SGD."""
+
+    def __init__(self, template: ImageClassifier) -> None:
+        super().__init__()
+        self.network = template.network
+        self.learning_rate = template.learning_rate
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        return F.cross_entropy(self.network(x).float(), y)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=self.learning_rate, momentum=0.9, weight_decay=5e-4)
+
+
+#: the Lightning sides: name -> the LightningModule to train, made from a copy of the template
+LIGHTNING_SIDES: dict[str, Callable[[ImageClassifier], pl.LightningModule]] = {
+    "hessian-train": lambda model: model,
+    "lightning bare": BareModule,
+}
+
+Rates = tuple[list[float], list[float]]  # (samples per wall second, samples per CPU second) per epoch
+
+
+def lightning_epochs(args: argparse.Namespace, model: pl.LightningModule, dm: ImageDataModule, logdir: Path) -> Rates:
     timer = EpochTimer()
     trainer = pl.Trainer(
         accelerator=args.accelerator,
         devices=1,
         precision=args.precision,
         max_epochs=args.epochs + 1,
-        logger=TensorBoardLogger(str(logdir), name="lightning"),
+        logger=TensorBoardLogger(str(logdir), name="lightning", default_hp_metric=False),
         callbacks=[timer],
         limit_val_batches=0,
         num_sanity_val_steps=0,
         enable_checkpointing=False,
-        enable_progress_bar=False,
+        enable_progress_bar=args.progress_bar,
         enable_model_summary=False,
-        log_every_n_steps=50,
+        log_every_n_steps=args.log_every_n_steps,
     )
     trainer.fit(model, datamodule=dm)
-    return [n / s for n, s in zip(timer.samples[1:], timer.seconds[1:])]
+    return (
+        [n / s for n, s in zip(timer.samples[1:], timer.seconds[1:])],
+        [n / s for n, s in zip(timer.samples[1:], timer.cpu_seconds[1:])],
+    )
 
 
-def plain_epochs(args: argparse.Namespace, model: ImageClassifier, dm: ImageDataModule, device: torch.device) -> list[float]:
+def plain_epochs(args: argparse.Namespace, model: ImageClassifier, dm: ImageDataModule, device: torch.device) -> Rates:
     """The hand-written loop: forward, cross-entropy, backward, SGD step."""
     network = model.network.to(device).train()
     optimizer = torch.optim.SGD(network.parameters(), lr=model.learning_rate, momentum=0.9, weight_decay=5e-4)
@@ -122,11 +175,12 @@ def plain_epochs(args: argparse.Namespace, model: ImageClassifier, dm: ImageData
         for name in ("train_dataset", "val_dataset", "test_dataset"):
             setattr(dm, name, getattr(dm, name).to(device))
     loader = dm.train_dataloader()
-    rates = []
+    rates: list[float] = []
+    cpu_rates: list[float] = []
     for epoch in range(args.epochs + 1):
         if device.type == "cuda":
             torch.cuda.synchronize(device)
-        start, count = time.perf_counter(), 0
+        start, cpu_start, count = time.perf_counter(), time.process_time(), 0
         for x, y in loader:
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             if args.augment:
@@ -141,7 +195,8 @@ def plain_epochs(args: argparse.Namespace, model: ImageClassifier, dm: ImageData
             torch.cuda.synchronize(device)
         if epoch > 0:
             rates.append(count / (time.perf_counter() - start))
-    return rates
+            cpu_rates.append(count / (time.process_time() - cpu_start))
+    return rates, cpu_rates
 
 
 def main() -> None:
@@ -158,6 +213,8 @@ def main() -> None:
     parser.add_argument("--gpu-resident", action="store_true")
     parser.add_argument("--augment", action="store_true")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    parser.add_argument("--log-every-n-steps", type=int, default=10, help="Trainer option (configs/ use 10)")
+    parser.add_argument("--progress-bar", action="store_true", help="Lightning sides with the TQDM bar (hessian-train's default)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -184,25 +241,39 @@ def main() -> None:
             lr=0.01,
             lr_schedule="constant",
         )
-        lightning_rates: list[float] = []
-        plain_rates: list[float] = []
+        sides = (*LIGHTNING_SIDES, "plain")
+        rates: dict[str, list[float]] = {side: [] for side in sides}
+        cpu_rates: dict[str, list[float]] = {side: [] for side in sides}
         for repeat in range(args.repeats):
-            dm.train_dataset = train_subset  # the Lightning run moves it when gpu_resident
-            lightning_rates += lightning_epochs(args, copy.deepcopy(template), dm, workdir / f"runs{repeat}")
-            dm.train_dataset = train_subset
-            plain_rates += plain_epochs(args, copy.deepcopy(template), dm, device)
+            for side in sides:
+                dm.train_dataset = train_subset  # the Lightning run moves it when gpu_resident
+                model = copy.deepcopy(template)
+                if side == "plain":
+                    wall, cpu = plain_epochs(args, model, dm, device)
+                else:
+                    wall, cpu = lightning_epochs(args, LIGHTNING_SIDES[side](model), dm, workdir / f"runs{repeat}")
+                rates[side] += wall
+                cpu_rates[side] += cpu
 
-    lightning = statistics.median(lightning_rates)
-    plain = statistics.median(plain_rates)
     print(
         f"device={torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'} "
         f"threads={torch.get_num_threads()} dataset={args.dataset} samples/epoch~{len(train_subset)} "
         f"arch={args.arch} batch={args.batch_size} precision={args.precision} gpu_resident={args.gpu_resident} "
-        f"augment={args.augment}"
+        f"augment={args.augment} log_every_n_steps={args.log_every_n_steps} progress_bar={args.progress_bar} "
+        f"timed epochs/side={len(rates['plain'])}"
     )
-    print(f"lightning (hessian-train epoch): {lightning:10.1f} samples/s  (epochs: {', '.join(f'{r:.0f}' for r in lightning_rates)})")
-    print(f"plain PyTorch loop:              {plain:10.1f} samples/s  (epochs: {', '.join(f'{r:.0f}' for r in plain_rates)})")
-    print(f"ratio lightning/plain: {lightning / plain:.3f}  (Lightning overhead {100 * (1 - lightning / plain):+.1f}%)")
+    plain = statistics.median(rates["plain"])
+    plain_cpu = statistics.median(cpu_rates["plain"])
+    # ratio: samples/s against plain; overhead: extra time per epoch, plain_rate / rate - 1
+    print(f"{'side':20s} {'samples/s':>10s} {'ms/step':>8s} {'ratio':>6s} {'overhead':>8s}  "
+          f"{'samples/CPU-s':>13s} {'ratio':>6s} {'overhead':>8s}  epochs (samples/s)")
+    for side in sides:
+        wall, cpu = statistics.median(rates[side]), statistics.median(cpu_rates[side])
+        print(
+            f"{side:20s} {wall:10.1f} {1e3 * args.batch_size / wall:8.2f} {wall / plain:6.3f} {100 * (plain / wall - 1):+7.1f}%  "
+            f"{cpu:13.1f} {cpu / plain_cpu:6.3f} {100 * (plain_cpu / cpu - 1):+7.1f}%  "
+            f"{', '.join(f'{r:.0f}' for r in rates[side])}"
+        )
 
 
 if __name__ == "__main__":

@@ -459,3 +459,10 @@ def test_quickstart_config_logs_the_spectrum_to_tensorboard(in_tmp_dir: Path) ->
     assert [e.step for e in accumulator.Scalars("hessian/eig_1")] == [20]  # 10 epochs x 2 steps
     assert math.isfinite(accumulator.Scalars("hessian/eig_1")[0].value)
     assert "hessian/density" in tags["histograms"] and "hessian/density_plot" in tags["images"]
+    # the quickstart's other analyses, at the same epoch: robustness and the loss landscape
+    assert {"robust/clean_acc", "robust/fgsm/eps_0.05", "robust/linf_pgd/eps_0.05"} <= set(tags["scalars"])
+    assert {"robust/fgsm/curve", "landscape/curves", "landscape/contour/eig1_eig2",
+            "landscape/surface3d/eig1_eig2"} <= set(tags["images"])  # fmt: skip
+    clean = accumulator.Scalars("robust/clean_acc")[0].value
+    assert accumulator.Scalars("robust/fgsm/eps_0")[0].value == clean
+    assert accumulator.Scalars("robust/linf_pgd/eps_0.1")[0].value <= accumulator.Scalars("robust/fgsm/eps_0.1")[0].value

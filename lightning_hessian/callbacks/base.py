@@ -282,6 +282,19 @@ class EpochAnalysisCallback(Callback):
         if trainer.state.fn == TrainerFn.TESTING:
             self._run(trainer, pl_module)
 
+    @property
+    @override
+    def state_key(self) -> str:
+        # Distinct keys let several instances (say a cheap every-epoch one and a full one) share a
+        # trainer and a checkpoint; subclasses add their own distinguishing options.
+        return self._generate_state_key(
+            split=self.split,
+            num_samples=self.num_samples,
+            seed=self.seed,
+            every_n_epochs=self.every_n_epochs,
+            every_n_train_steps=self.every_n_train_steps,
+        )
+
     @override
     def state_dict(self) -> dict[str, Any]:
         return {"last_epoch": self._last_epoch, "last_step": self._last_step}

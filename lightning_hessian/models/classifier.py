@@ -159,9 +159,14 @@ class ImageClassifier(pl.LightningModule):
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         x, y = batch
         loss, logits, targets = self.adversarial.training_loss(self, x, y, (0.0, 1.0))
-        self.train_accuracy(logits.detach(), targets)
-        self.log("train/loss", loss.detach(), on_step=False, on_epoch=True, sync_dist=True)
-        self.log("train/loss_step", loss.detach(), on_step=True, on_epoch=False, prog_bar=True)
+        # update(), not forward(): forward also computes the accuracy of this one batch (state
+        # copies and a second reduction), which nothing reads; the state, hence the epoch value
+        # that Lightning computes and resets, is the same.
+        self.train_accuracy.update(logits.detach(), targets)
+        detached = loss.detach()
+        # batch_size given: Lightning would otherwise search the batch for it (same value)
+        self.log("train/loss", detached, on_step=False, on_epoch=True, sync_dist=True, batch_size=len(targets))
+        self.log("train/loss_step", detached, on_step=True, on_epoch=False, prog_bar=True)
         self.log("train/acc", self.train_accuracy, on_step=False, on_epoch=True)
         return loss
 
@@ -169,8 +174,8 @@ class ImageClassifier(pl.LightningModule):
         x, y = batch
         logits = self(x)
         loss = F.cross_entropy(logits.float(), y)
-        accuracy(logits, y)
-        self.log(f"{stage}/loss", loss, on_step=False, on_epoch=True, sync_dist=True)
+        accuracy.update(logits, y)  # not forward(): see training_step
+        self.log(f"{stage}/loss", loss, on_step=False, on_epoch=True, sync_dist=True, batch_size=len(y))
         self.log(f"{stage}/acc", accuracy, on_step=False, on_epoch=True, prog_bar=stage == "val")
         return loss
 
