@@ -100,7 +100,8 @@ for stage in $STAGES; do
                 | grep -v -i warn | tee "$DOCS/full_test_spectrum.md" || status=1
             ;;
         report)
-            $REPORT "$ROOT" --out "$ROOT/report" --title "Fashion-MNIST results (mlp, 8 epochs)" || status=1
+            rm -rf "$ROOT/report" && rm -f "$DOCS"/*.png "$DOCS/report.md" "$DOCS/summary.json"  # no stale figures
+            $REPORT "$ROOT" --out "$ROOT/report" --title "Fashion-MNIST results (mlp, 784-256-128-10)" || status=1
             cp "$ROOT/report/report.md" "$ROOT/report/summary.json" "$ROOT"/report/*.png "$DOCS/"
             ;;
         *)
