@@ -13,8 +13,8 @@ set -u -o pipefail
 cd "$(dirname "$0")/.."
 
 PYTHON=${PYTHON:-python}
-# One thread per process: on this shared 2-core machine a training step of the mlp at batch 64
-# took 24 ms with torch's default 2 threads and 3.7 ms with 1 (measured under load 7-11).
+# One thread per process: on this shared, loaded 2-core machine torch's default of 2 threads made
+# a training step of the mlp several times slower in a quick check.
 export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1
 SWEEP="$PYTHON -m lightning_hessian.report.sweep"   # the hessian-sweep console script
 REPORT="$PYTHON -m lightning_hessian.report.report" # the hessian-report console script
@@ -55,10 +55,10 @@ long_sweeps() {
     # whether the large batches' trend changes once they have taken more steps.
     local name=results_fashion_mnist_40epochs variant="standard, 40 epochs"
     $SWEEP --config "$CONFIG" --root "$ROOT" --name $name --variant "$variant" --batch-sizes 64 256 1024 --seeds 0 \
-        -- --trainer.max_epochs 40 > "$ROOT/sweep_long_a.log" 2>&1 &
+        -- --trainer.max_epochs 40 >> "$ROOT/sweep_long_a.log" 2>&1 &
     local lane_a=$!
     $SWEEP --config "$CONFIG" --root "$ROOT" --name $name --variant "$variant" --batch-sizes 4096 8192 16384 --seeds 0 \
-        -- --trainer.max_epochs 40 > "$ROOT/sweep_long_b.log" 2>&1 &
+        -- --trainer.max_epochs 40 >> "$ROOT/sweep_long_b.log" 2>&1 &
     local lane_b=$!
     local failed=0
     wait $lane_a || failed=1
@@ -74,9 +74,9 @@ for stage in $STAGES; do
     case $stage in
         sweeps)
             # two sweep processes side by side, one per core
-            standard_sweep > "$ROOT/sweep_standard.log" 2>&1 &
+            standard_sweep >> "$ROOT/sweep_standard.log" 2>&1 &
             standard=$!
-            variant_sweeps > "$ROOT/sweep_variants.log" 2>&1 &
+            variant_sweeps >> "$ROOT/sweep_variants.log" 2>&1 &
             variants=$!
             wait $standard || status=1
             wait $variants || status=1

@@ -50,6 +50,14 @@ def _markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> lis
     return [line(header), "| " + " | ".join("---" for _ in header) + " |", *(line(row) for row in rows)]
 
 
+def _display_path(path: Path) -> str:
+    """``path`` relative to the working directory where it lies below it, so reports can be shared."""
+    try:
+        return str(Path(path).resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(path)
+
+
 def _run_rows(content: ReportContent) -> tuple[list[str], list[list[str]]]:
     header = ["run", "variant", "batch size", "seed", "metadata from"]
     rows = []
@@ -57,7 +65,7 @@ def _run_rows(content: ReportContent) -> tuple[list[str], list[list[str]]]:
         sources = ", ".join(f"{key}: {source}" for key, source in sorted(run.metadata_source.items()))
         rows.append(
             [
-                str(run.path),
+                _display_path(run.path),
                 run.variant,
                 "?" if run.batch_size is None else str(run.batch_size),
                 "?" if run.seed is None else str(run.seed),
@@ -172,7 +180,7 @@ def write_summary_json(content: ReportContent, path: Path) -> None:
                 {
                     "batch_size": row.batch_size,
                     "seeds": row.seeds,
-                    "runs": [str(run.path) for run in row.runs],
+                    "runs": [_display_path(run.path) for run in row.runs],
                     "metrics": cells,
                 }
             )
@@ -190,7 +198,7 @@ def write_runs_csv(runs: Sequence[Run], path: Path) -> None:
             finals = run.events.final_scalars()
             writer.writerow(
                 [
-                    str(run.path),
+                    _display_path(run.path),
                     run.variant,
                     "" if run.batch_size is None else run.batch_size,
                     "" if run.seed is None else run.seed,
