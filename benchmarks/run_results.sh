@@ -5,6 +5,7 @@
 #   benchmarks/run_results.sh            # everything (sweeps, long, psd, fullspec, report)
 #   benchmarks/run_results.sh psd report # only some stages
 #   stages: sweeps (= standard and variants side by side) | standard | variants | long | psd | fullspec | report
+#   benchmarks/run_results.sh m1         # the same study with the CNN m1 (not in the default stages)
 #
 # Outputs: runs/results/ (TensorBoard runs, sweep logs, report; not tracked) and docs/results/
 # (report.md, its PNG figures, summary.json, input_hessian_psd.*, full_test_spectrum.*; tracked).
@@ -67,6 +68,31 @@ long_sweeps() {
     return $failed
 }
 
+m1_sweeps() {
+    # The same study with the CNN `m1` (configs/results_fashion_mnist_m1.yaml: 5 epochs, 1 seed),
+    # in two sweep processes side by side (one per core), each ending with one variant at B = 256.
+    local config=configs/results_fashion_mnist_m1.yaml root=runs/results_m1 docs=docs/results/m1
+    mkdir -p "$root" "$docs"
+    ( $SWEEP --config $config --root $root --batch-sizes 64 256 1024 --seeds 0
+      $SWEEP --config $config --root $root --batch-sizes 256 --seeds 0 \
+          --set model.adversarial.method=gaussian_noise --set model.adversarial.epsilon=0.1
+    ) >> "$root/sweep_a.log" 2>&1 &
+    local lane_a=$!
+    ( $SWEEP --config $config --root $root --batch-sizes 4096 8192 16384 --seeds 0
+      $SWEEP --config $config --root $root --batch-sizes 256 --seeds 0 \
+          --set model.adversarial.method=fgsm --set model.adversarial.epsilon=0.1
+    ) >> "$root/sweep_b.log" 2>&1 &
+    local lane_b=$!
+    local failed=0
+    wait $lane_a || failed=1
+    wait $lane_b || failed=1
+    tail -n 4 "$root/sweep_a.log" "$root/sweep_b.log"
+    rm -rf "$root/report" && rm -f "$docs"/*.png "$docs/report.md"  # no stale figures
+    $REPORT $root --out $root/report --title "Fashion-MNIST results (m1 CNN)" || failed=1
+    cp $root/report/report.md $root/report/*.png "$docs/"
+    return $failed
+}
+
 status=0
 for stage in $STAGES; do
     start=$(date +%s)
@@ -91,6 +117,9 @@ for stage in $STAGES; do
         long)
             long_sweeps || status=1
             ;;
+        m1)
+            m1_sweeps || status=1
+            ;;
         psd)
             $PYTHON benchmarks/input_hessian_psd.py --root "$ROOT" --out "$DOCS/input_hessian_psd.json" \
                 --num-samples 512 --all-seeds | tee "$DOCS/input_hessian_psd.md" || status=1
@@ -105,7 +134,7 @@ for stage in $STAGES; do
             cp "$ROOT/report/report.md" "$ROOT/report/summary.json" "$ROOT"/report/*.png "$DOCS/"
             ;;
         *)
-            echo "unknown stage $stage (sweeps, standard, variants, long, psd, fullspec, report)" >&2
+            echo "unknown stage $stage (sweeps, standard, variants, long, psd, fullspec, report, m1)" >&2
             exit 2
             ;;
     esac
