@@ -16,7 +16,7 @@ from __future__ import annotations
 import math
 import random
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -36,6 +36,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, IterableDataset
 from typing_extensions import override
 
+from lightning_hessian.curvature.batches import batch_size, find_inputs_targets, slice_batch
 from lightning_hessian.curvature.context import analysis_mode
 
 __all__ = ["AnalysisSamples", "EpochAnalysisCallback", "batch_loss", "slice_batch"]
@@ -61,43 +62,14 @@ def batch_loss(module: nn.Module, batch: Any) -> Tensor:
 
 def split_inputs_targets(batch: Any) -> tuple[Tensor, Tensor]:
     """``(x, y)`` of a batch that is a tuple/list ``(x, y, ...)`` or a mapping with x/y keys."""
-    if isinstance(batch, Mapping):
-        for x_key, y_key in (("x", "y"), ("input", "target"), ("inputs", "targets"), ("image", "label")):
-            if x_key in batch and y_key in batch:
-                return batch[x_key], batch[y_key]
-    elif isinstance(batch, Sequence) and len(batch) >= 2:
-        return batch[0], batch[1]
-    raise TypeError(
-        f"Cannot find inputs and targets in a batch of type {type(batch).__name__}: batches must be"
-        " (x, y, ...) tuples or dicts with 'x'/'y' keys. For other batches, define"
-        " `hessian_loss(self, batch) -> Tensor` on your LightningModule."
-    )
-
-
-def batch_size_of(batch: Any) -> int:
-    """The number of samples in ``batch``: dim 0 of its first tensor."""
-    if isinstance(batch, Tensor):
-        return batch.shape[0]
-    values = batch.values() if isinstance(batch, Mapping) else batch
-    for value in values:
-        try:
-            return batch_size_of(value)
-        except TypeError:
-            continue
-    raise TypeError(f"No tensor found in batch of type {type(batch).__name__}")
-
-
-def slice_batch(batch: Any, start: int, stop: int) -> Any:
-    """Rows ``start:stop`` of every tensor in a (nested) batch; other values are kept."""
-    if isinstance(batch, Tensor):
-        return batch[start:stop]
-    if isinstance(batch, Mapping):
-        return type(batch)({k: slice_batch(v, start, stop) for k, v in batch.items()})
-    if isinstance(batch, tuple) and hasattr(batch, "_fields"):  # namedtuple
-        return type(batch)(*(slice_batch(v, start, stop) for v in batch))
-    if isinstance(batch, (list, tuple)):
-        return type(batch)(slice_batch(v, start, stop) for v in batch)
-    return batch
+    pair = find_inputs_targets(batch)
+    if pair is None:
+        raise TypeError(
+            f"Cannot find inputs and targets in a batch of type {type(batch).__name__}: batches must be"
+            " (x, y, ...) tuples or dicts with 'x'/'y' keys. For other batches, define"
+            " `hessian_loss(self, batch) -> Tensor` on your LightningModule."
+        )
+    return pair
 
 
 @dataclass
@@ -475,7 +447,7 @@ class EpochAnalysisCallback(Callback):
                 batch = collate(items)
             batch = move_data_to_device(batch, pl_module.device)
             batch = apply_to_collection(batch, Tensor, lambda t: t.clone() if t.is_inference() else t)
-        return AnalysisSamples(batch=batch, num_local=batch_size_of(batch), num_global=num_global)
+        return AnalysisSamples(batch=batch, num_local=batch_size(batch), num_global=num_global)
 
     def _take_from_iterable(self, loader: DataLoader, world: int) -> tuple[Any, int]:
         """Collect samples from an iterable dataloader (already rank-sharded by its owner)."""
@@ -488,7 +460,7 @@ class EpochAnalysisCallback(Callback):
         pieces, have = [], 0
         for batch in loader:
             pieces.append(batch)
-            have += batch_size_of(batch)
+            have += batch_size(batch)
             if have >= wanted:
                 break
         if not pieces:

@@ -34,7 +34,6 @@ from lightning_hessian.curvature.linear import (
     operator_device,
     operator_matmat,
     plain_tensors,
-    plain_tensors,
     random_normal,
     seeded_generator,
 )

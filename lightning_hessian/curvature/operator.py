@@ -29,6 +29,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from lightning_hessian.curvature.batches import batch_size, map_tensors, slice_batch
 from lightning_hessian.curvature.context import analysis_mode
 
 __all__ = ["HessianOperator", "LossFunction", "BatchLoss"]
@@ -64,28 +65,6 @@ def _is_oom(error: BaseException) -> bool:
     return isinstance(error, torch.OutOfMemoryError) or "out of memory" in str(error).lower()
 
 
-def _map_tensors(batch: Any, fn: Callable[[Tensor], Tensor]) -> Any:
-    if isinstance(batch, Tensor):
-        return fn(batch)
-    if isinstance(batch, Mapping):
-        return type(batch)((key, _map_tensors(value, fn)) for key, value in batch.items())
-    if isinstance(batch, tuple) and hasattr(batch, "_fields"):  # namedtuple
-        return type(batch)(*(_map_tensors(value, fn) for value in batch))
-    if isinstance(batch, (list, tuple)):
-        return type(batch)(_map_tensors(value, fn) for value in batch)
-    return batch
-
-
-def _first_tensor(batch: Any) -> Tensor:
-    if isinstance(batch, Tensor):
-        return batch
-    values = batch.values() if isinstance(batch, Mapping) else batch if isinstance(batch, (list, tuple)) else ()
-    for value in values:
-        with contextlib.suppress(ValueError):
-            return _first_tensor(value)
-    raise ValueError(f"A batch must contain at least one tensor (sample count = its dim 0), got {type(batch)}.")
-
-
 def _is_single_batch(data: Any) -> bool:
     """``(x, y)``/``{"x": x, ...}``/a bare tensor is one batch; anything else iterates batches."""
     if isinstance(data, Tensor):
@@ -98,8 +77,7 @@ def _is_single_batch(data: Any) -> bool:
 
 
 def _split_batch(batch: Any, size: int) -> list[Any]:
-    count = _first_tensor(batch).shape[0]
-    return [_map_tensors(batch, lambda t, s=start: t[s : s + size]) for start in range(0, count, size)]
+    return [slice_batch(batch, start, start + size) for start in range(0, batch_size(batch), size)]
 
 
 class HessianOperator:
@@ -211,8 +189,8 @@ class HessianOperator:
                 batches = _split_batch(batches[0], micro_batch_size or 512)
             elif micro_batch_size is not None:
                 batches = [piece for batch in batches for piece in _split_batch(batch, micro_batch_size)]
-            self.batches: list[Any] = [_map_tensors(b, self._prepare_tensor) for b in batches]
-            self.batch_sizes: list[int] = [_first_tensor(b).shape[0] for b in self.batches]
+            self.batches: list[Any] = [map_tensors(b, self._prepare_tensor) for b in batches]
+            self.batch_sizes: list[int] = [batch_size(b) for b in self.batches]
             self.num_local_samples: int = sum(self.batch_sizes)
             count = torch.tensor([float(self.num_local_samples)], device=self.device, dtype=torch.float64)
             self.num_samples: int = int(round(self._reduce(count).item()))

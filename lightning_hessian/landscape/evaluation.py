@@ -27,6 +27,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call, vmap
 
+from lightning_hessian.curvature.batches import batch_size, find_inputs_targets
+
 __all__ = [
     "BatchLoss",
     "EvaluationMethod",
@@ -47,41 +49,15 @@ EvaluationMethod = Literal["auto", "vmap", "sequential"]
 _METHODS = ("auto", "vmap", "sequential")
 
 
-def _inputs_targets(batch: Any) -> tuple[Tensor, Tensor] | None:
-    if isinstance(batch, Mapping):
-        for x_key, y_key in (("x", "y"), ("input", "target"), ("inputs", "targets"), ("image", "label")):
-            if x_key in batch and y_key in batch:
-                return batch[x_key], batch[y_key]
-        return None
-    if isinstance(batch, Sequence) and not isinstance(batch, (str, Tensor)) and len(batch) >= 2:
-        return batch[0], batch[1]
-    return None
-
-
 def default_batch_loss(module: nn.Module, batch: Any) -> Tensor:
     """Cross-entropy of ``module(x)`` against ``y`` for an ``(x, y, ...)`` batch."""
-    pair = _inputs_targets(batch)
+    pair = find_inputs_targets(batch)
     if pair is None:
         raise TypeError(
             f"Cannot find inputs and targets in a batch of type {type(batch).__name__}; pass batch_loss="
         )
     inputs, targets = pair
     return F.cross_entropy(module(inputs), targets)
-
-
-def batch_size(batch: Any) -> int:
-    """Number of samples in ``batch``: dim 0 of its first tensor."""
-    if isinstance(batch, Tensor):
-        return int(batch.shape[0])
-    values = batch.values() if isinstance(batch, Mapping) else batch
-    if isinstance(values, (str, bytes)):
-        raise TypeError("no tensor in batch")
-    for value in values:
-        try:
-            return batch_size(value)
-        except TypeError:
-            continue
-    raise TypeError(f"No tensor found in a batch of type {type(batch).__name__}")
 
 
 def autograd_ready(batch: Any) -> Any:
@@ -122,7 +98,7 @@ class _Objective(nn.Module):
         self.accuracy = accuracy
 
     def forward(self, batch: Any) -> tuple[Tensor, Tensor]:
-        pair = _inputs_targets(batch)
+        pair = find_inputs_targets(batch)
         if self.batch_loss is None:
             if pair is None:
                 raise TypeError(f"batch of type {type(batch).__name__} has no (x, y); pass batch_loss=")
