@@ -9,7 +9,7 @@ with this package's Lanczos (:func:`lightning_hessian.curvature.top_eigenvalues`
 cross-entropy over all 10,000 test images and over ``--subsets`` disjoint random 1024-image
 subsets of them:
 
-    python benchmarks/full_test_spectrum.py --root runs/results --out docs/results/full_test_spectrum.json
+    python benchmarks/full_test_spectrum.py --root runs/results --out docs/results/mlp/full_test_spectrum.json
 
 It prints a Markdown table (mean +- sample std over the seeds of each training variant and batch
 size) and writes the per-run numbers as JSON.
@@ -63,7 +63,7 @@ def _mean_std(values: list[float]) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--root", default="runs/results", help="folder of the sweeps (default: runs/results)")
-    parser.add_argument("--out", default="docs/results/full_test_spectrum.json", help="JSON output")
+    parser.add_argument("--out", required=True, help="JSON output, e.g. docs/results/mlp/full_test_spectrum.json")
     parser.add_argument("--subsets", type=int, default=4, help="disjoint 1024-image subsets per run (default: 4)")
     parser.add_argument("--tol", type=float, default=1e-3, help="Lanczos relative residual tolerance")
     parser.add_argument("--data-dir", default="data")

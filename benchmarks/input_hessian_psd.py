@@ -7,7 +7,7 @@ activation (softplus) a second term ``sum_c dL/dz_c * d^2 z_c / dx^2`` appears a
 be indefinite. ``HessianSpectrumCallback`` logs only the largest input-Hessian eigenvalue; this
 script computes the smallest one, per sample, for the last checkpoint of finished sweep runs:
 
-    python benchmarks/input_hessian_psd.py --root runs/results --out docs/results/input_hessian_psd.json
+    python benchmarks/input_hessian_psd.py --root runs/results --out docs/results/mlp/input_hessian_psd.json
 
 For every run directory below ``--root`` whose ``sweep.json`` says ``finished`` (seed 0 only,
 unless ``--all-seeds``), it loads the last checkpoint, draws ``--num-samples`` test images
@@ -72,7 +72,7 @@ def _exact_extremes(model: torch.nn.Module, x: Tensor, y: Tensor) -> tuple[Tenso
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--root", default="runs/results", help="folder of the sweeps (default: runs/results)")
-    parser.add_argument("--out", default="docs/results/input_hessian_psd.json", help="JSON output")
+    parser.add_argument("--out", required=True, help="JSON output, e.g. docs/results/mlp/input_hessian_psd.json")
     parser.add_argument("--num-samples", type=int, default=256, help="test images per run (default: 256)")
     parser.add_argument("--max-steps", type=int, default=80, help="Lanczos steps per sample (default: 80)")
     parser.add_argument(

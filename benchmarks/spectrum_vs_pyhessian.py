@@ -186,7 +186,7 @@ def main() -> None:
     results["pyhessian_topk_trace_s"] = theirs_total
 
     print("\n## results (errors against the reference)")
-    print(f"| task | method | HVPs | seconds | speed-up vs PyHessian | max rel. error | note |")
+    print("| task | method | HVPs | seconds | speed-up vs PyHessian | max rel. error | note |")
     print("| --- | --- | ---: | ---: | ---: | ---: | --- |")
     for row in rows:
         task = row["task"].split("@")[0]

@@ -1,4 +1,5 @@
-"""Shared fixtures: tiny on-disk datasets in the real file formats, configs, a clean run directory."""
+"""Shared fixtures: tiny on-disk datasets in the real file formats, configs, a clean run directory,
+one intra-op thread for tiny models."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = REPO_ROOT / "configs"
@@ -77,3 +79,14 @@ def in_tmp_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """Run in an empty directory, so that ``runs/`` and ``data/`` land there."""
     monkeypatch.chdir(tmp_path)
     return tmp_path
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for a whole test module (restored after): fastest for tiny models, and far faster than torch's
+    default on a shared, loaded machine. Test modules opt in with
+    ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -14,13 +14,7 @@ from lightning_hessian.attacks import AttackSpec, evaluate_attack, fgsm, pgd, ru
 from lightning_hessian.attacks.evaluation import check_logits
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: one intra-op thread is fastest, and far faster on a shared, loaded machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _conv_model() -> nn.Module:

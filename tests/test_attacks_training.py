@@ -11,13 +11,7 @@ from torch import nn
 from lightning_hessian.attacks import ADVERSARIAL_TRAINING_METHODS, AdversarialTraining, AttackSpec, evaluate_attack, fgsm
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: one intra-op thread is fastest, and far faster on a shared, loaded machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _bn_model() -> nn.Module:

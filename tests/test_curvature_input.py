@@ -10,12 +10,7 @@ from torch import nn
 from lightning_hessian.curvature import input_curvature, input_gradient_norms, input_hessian_eigenvalues
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make_net(activation: nn.Module) -> tuple[nn.Module, torch.Tensor, torch.Tensor]:

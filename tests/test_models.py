@@ -25,6 +25,7 @@ from lightning_hessian.models import (
 
 SHAPES = {
     "m1": (1, 28, 28),
+    "lenet5": (1, 28, 28),
     "c1": (3, 32, 32),
     "c2": (3, 32, 32),
     "resnet20": (3, 32, 32),
@@ -53,6 +54,9 @@ def test_paper_models_first_fc_sizes_are_computed() -> None:
     assert build_architecture("c2", input_shape=(3, 32, 32), num_classes=10).classifier[0].in_features == 3200
     assert build_architecture("c2", input_shape=(1, 28, 28), num_classes=10).classifier[0].in_features == 128 * 4 * 4
     assert build_architecture("m1", input_shape=(1, 28, 28), num_classes=10).classifier[0].in_features == 50 * 4 * 4
+    lenet = build_architecture("lenet5", input_shape=(1, 28, 28), num_classes=10)
+    assert [m.out_features for m in lenet.classifier if isinstance(m, torch.nn.Linear)] == [120, 84, 10]
+    assert lenet.classifier[0].in_features == 16 * 4 * 4
 
 
 def test_resnet20_has_the_paper_size() -> None:
@@ -84,7 +88,7 @@ def test_softplus_with_large_beta_approaches_relu() -> None:
     assert close < 1e-2 * far
 
 
-@pytest.mark.parametrize("arch", ["m1", "c1", "resnet20", "mlp"])
+@pytest.mark.parametrize("arch", ["m1", "lenet5", "c1", "resnet20", "mlp"])
 def test_batch_norm_flag(arch: str) -> None:
     with_bn = build_architecture(arch, input_shape=SHAPES[arch], num_classes=10, batch_norm=True)
     without = build_architecture(arch, input_shape=SHAPES[arch], num_classes=10, batch_norm=False)

@@ -206,6 +206,29 @@ def test_unfinished_runs_on_request(sweep_runs: tuple[Path, dict], tmp_path: Pat
     assert not skipped
 
 
+def test_min_accuracy_leaves_out_and_lists_runs_that_did_not_train(sweep_runs: tuple[Path, dict], tmp_path: Path) -> None:
+    root, finals = sweep_runs
+    # test/acc: bs64 89.36 / 91.36 %, bs256 87.44 / 89.44 %; the hparams-only fgsm run has val/acc 70 %
+    runs, skipped = load_runs([root], min_accuracy=88)
+    assert sorted((run.batch_size, run.seed) for run in runs) == [(64, 0), (64, 1), (256, 1)]
+    reasons = {path.name: why for path, why in skipped}
+    assert reasons["bs256_seed0"] == "test/acc 87.44% is below --min-accuracy 88% (did not train)"
+    assert reasons["version_0"] == "val/acc 70.00% is below --min-accuracy 88% (did not train)"
+    assert "failed" in reasons["bs1024_seed0"]
+
+    out = tmp_path / "report"
+    assert main([str(root), "--out", str(out), "--min-accuracy", "88"]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert [table["variant"] for table in summary["tables"]] == ["standard"]
+    row_256 = next(row for row in summary["tables"][0]["rows"] if row["batch_size"] == 256)
+    assert row_256["seeds"] == [1]
+    assert row_256["metrics"]["hessian/eig_1"]["values"] == pytest.approx([finals[("standard", 256, 1)]["hessian/eig_1"]])
+    assert "bs256_seed0" in (out / "report.md").read_text()  # listed as left out
+
+    with pytest.raises(ValueError, match="min_accuracy is a percentage in \\[0, 100\\], got 150"):
+        load_runs([root], min_accuracy=150)
+
+
 def test_final_value_is_the_last_logged_and_epochs_map(sweep_runs: tuple[Path, dict]) -> None:
     root, finals = sweep_runs
     events = read_events(root / "sweep" / "bs64_seed1")

@@ -17,13 +17,7 @@ _X = torch.tensor(_DIGITS.data / 16, dtype=torch.float32).view(-1, 1, 8, 8)
 _Y = torch.tensor(_DIGITS.target)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: one intra-op thread is fastest, and far faster on a shared, loaded machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class DigitsModule(pl.LightningModule):

@@ -49,8 +49,8 @@ class ImageClassifier(pl.LightningModule):
     run), ``adversarial`` as a plain dictionary.
 
     Args:
-        arch: architecture name: ``m1``, ``c1``, ``c2``, ``resnet20``, ``resnet18``, ``wrn16_4``,
-            ``mlp`` or any added with ``register_architecture``.
+        arch: architecture name: ``m1``, ``lenet5``, ``c1``, ``c2``, ``resnet20``, ``resnet18``,
+            ``wrn16_4``, ``mlp`` or any added with ``register_architecture``.
         num_classes: number of classes (linked from the data module by ``hessian-train``).
         input_shape: ``(channels, height, width)`` (linked from the data module).
         mean: per-channel mean of the data for the internal :class:`Normalize`; ``None`` = 0.

@@ -100,7 +100,7 @@ def render_markdown(content: ReportContent) -> str:
     lines += ["## Runs", ""]
     lines += _markdown_table(*_run_rows(content))
     if content.skipped:
-        lines += ["", "Skipped:", ""] + [f"- `{path}`: {why}" for path, why in content.skipped]
+        lines += ["", "Skipped:", ""] + [f"- `{_display_path(path)}`: {why}" for path, why in content.skipped]
     return "\n".join(lines) + "\n"
 
 
@@ -153,7 +153,7 @@ def render_html(content: ReportContent) -> str:
     parts.append(_html_table(*_run_rows(content)))
     if content.skipped:
         parts.append("<p>Skipped:</p><ul>")
-        parts += [f"<li><code>{escape(str(path))}</code>: {escape(why)}</li>" for path, why in content.skipped]
+        parts += [f"<li><code>{escape(_display_path(path))}</code>: {escape(why)}</li>" for path, why in content.skipped]
         parts.append("</ul>")
     parts.append("</body></html>")
     return "\n".join(parts) + "\n"

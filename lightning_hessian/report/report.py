@@ -16,6 +16,9 @@ training variant and batch size (see :mod:`lightning_hessian.report.runs`), and 
   every run).
 
 Runs whose ``sweep.json`` says they did not finish are skipped unless ``--include-unfinished``.
+``--min-accuracy PERCENT`` also leaves out runs whose final accuracy (``test/acc``, else
+``val/acc``) is below it: runs that diverged to chance accuracy would otherwise swamp the means of
+their batch size. Every left-out run is listed in the report with the reason.
 """
 
 from __future__ import annotations
@@ -36,7 +39,7 @@ from lightning_hessian.report.render import (
     write_summary_json,
 )
 from lightning_hessian.report.runs import SWEEP_FILE, Run, load_run
-from lightning_hessian.report.tables import summarize_runs
+from lightning_hessian.report.tables import run_accuracy, summarize_runs
 
 __all__ = ["build_report", "load_runs", "main"]
 
@@ -51,13 +54,23 @@ _FIGURES = (
 )
 
 
-def load_runs(paths: Sequence[str | Path], *, include_unfinished: bool = False) -> tuple[list[Run], list[tuple[Path, str]]]:
+def load_runs(
+    paths: Sequence[str | Path], *, include_unfinished: bool = False, min_accuracy: float | None = None
+) -> tuple[list[Run], list[tuple[Path, str]]]:
     """The runs below ``paths`` and the ones skipped with the reason.
+
+    Args:
+        paths: run directories or folders containing them.
+        include_unfinished: keep runs whose ``sweep.json`` says failed/running.
+        min_accuracy: leave out runs whose final accuracy in percent (``test/acc``, else
+            ``val/acc``) is below this; runs that logged neither are kept.
 
     Raises:
         FileNotFoundError: a path does not exist.
-        ValueError: no run directory was found.
+        ValueError: no run directory was found, or ``min_accuracy`` is not in [0, 100].
     """
+    if min_accuracy is not None and not 0 <= min_accuracy <= 100:
+        raise ValueError(f"min_accuracy is a percentage in [0, 100], got {min_accuracy}; for 30% pass 30, not 0.3")
     run_dirs = find_run_dirs(paths)
     skipped: list[tuple[Path, str]] = []
     # Sweep runs that failed before logging anything have a sweep.json but no event files.
@@ -79,7 +92,12 @@ def load_runs(paths: Sequence[str | Path], *, include_unfinished: bool = False) 
         if not run.finished and not include_unfinished:
             skipped.append((run_dir, f"sweep.json status is {run.status!r} (use --include-unfinished)"))
             continue
-        runs.append(load_run(run_dir))
+        run = load_run(run_dir)
+        accuracy, tag = run_accuracy(run)
+        if min_accuracy is not None and accuracy is not None and 100 * accuracy < min_accuracy:
+            skipped.append((run_dir, f"{tag} {100 * accuracy:.2f}% is below --min-accuracy {min_accuracy:g}% (did not train)"))
+            continue
+        runs.append(run)
     return runs, skipped
 
 
@@ -89,12 +107,14 @@ def build_report(
     *,
     title: str = "Hessian analysis report",
     include_unfinished: bool = False,
+    min_accuracy: float | None = None,
     command: str | None = None,
 ) -> ReportContent:
-    """Read the runs below ``paths`` and write the report files into ``out_dir``."""
+    """Read the runs below ``paths`` and write the report files into ``out_dir`` (``include_unfinished``
+    and ``min_accuracy`` as in :func:`load_runs`)."""
+    runs, skipped = load_runs(paths, include_unfinished=include_unfinished, min_accuracy=min_accuracy)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    runs, skipped = load_runs(paths, include_unfinished=include_unfinished)
     if not runs:
         raise ValueError(f"All {len(skipped)} runs found were skipped: {skipped}")
     figures, missing = [], []
@@ -131,6 +151,13 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--include-unfinished", action="store_true", help="also report runs whose sweep.json says failed/running"
     )
+    parser.add_argument(
+        "--min-accuracy",
+        type=float,
+        metavar="PERCENT",
+        help="leave out (and list) runs whose final test/acc, else val/acc, is below PERCENT, e.g. 30 for "
+        "runs that diverged to chance accuracy (default: keep all)",
+    )
     return parser
 
 
@@ -144,6 +171,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             arguments.out,
             title=arguments.title,
             include_unfinished=arguments.include_unfinished,
+            min_accuracy=arguments.min_accuracy,
             command=command,
         )
     except (FileNotFoundError, ValueError) as error:
