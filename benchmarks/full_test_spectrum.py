@@ -11,6 +11,9 @@ subsets of them:
 
     python benchmarks/full_test_spectrum.py --root runs/results --out docs/results/mlp/full_test_spectrum.json
 
+``--min-accuracy 30`` skips runs that diverged (their Hessian is ~0 and Lanczos would run to its
+iteration cap); ``--runs`` selects runs by a glob of ``NAME/bsB_seedS``.
+
 It prints a Markdown table (mean +- sample std over the seeds of each training variant and batch
 size) and writes the per-run numbers as JSON.
 """
@@ -67,10 +70,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--subsets", type=int, default=4, help="disjoint 1024-image subsets per run (default: 4)")
     parser.add_argument("--tol", type=float, default=1e-3, help="Lanczos relative residual tolerance")
     parser.add_argument("--data-dir", default="data")
+    parser.add_argument(
+        "--min-accuracy", type=float, default=None, metavar="PERCENT",
+        help="skip (and list) runs whose test accuracy is below PERCENT: on a network that diverged to chance "
+        "accuracy the Hessian is ~0 and Lanczos runs to its iteration cap (default: keep all)",
+    )
+    parser.add_argument(
+        "--runs", default="*/bs*_seed*", help="which runs below --root, as a glob of NAME/bsB_seedS (default: all), "
+        "e.g. '*/bs*_seed0' for seed 0 only"
+    )
     args = parser.parse_args(argv)
 
     runs = []
-    for record_path in sorted(Path(args.root).glob("*/bs*_seed*/sweep.json")):
+    for record_path in sorted(Path(args.root).glob(f"{args.runs}/sweep.json")):
         record = json.loads(record_path.read_text())
         if record.get("status") == "finished":
             runs.append((record_path.parent, record))
@@ -88,7 +100,13 @@ def main(argv: list[str] | None = None) -> int:
     for run_dir, record in runs:
         hparams = yaml.safe_load((run_dir / "hparams.yaml").read_text())
         checkpoints = sorted((run_dir / "checkpoints").glob("*.ckpt"), key=lambda p: (p.stat().st_mtime, p.name))
-        model = ImageClassifier.load_from_checkpoint(checkpoints[-1], map_location="cpu")
+        model = ImageClassifier.load_from_checkpoint(checkpoints[-1], map_location="cpu").eval()
+        if args.min_accuracy is not None:
+            with torch.no_grad():
+                accuracy = 100 * float((model(x_all).argmax(1) == y_all).float().mean())
+            if accuracy < args.min_accuracy:
+                print(f"{run_dir.parent.name}/{run_dir.name}: skipped, test accuracy {accuracy:.2f}% < {args.min_accuracy:g}%")
+                continue
         start = time.perf_counter()
         full, hvps = _lambda_1(model, x_all, y_all, args.tol)
         per_subset = [_lambda_1(model, x_all[index], y_all[index], args.tol)[0] for index in subsets]
