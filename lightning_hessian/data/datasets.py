@@ -54,16 +54,30 @@ class Digits(ImageDataModule):
         return images[index], labels[index]
 
 
-class _IdxImages(ImageDataModule):
+class _TorchvisionImages(ImageDataModule):
+    """A dataset that torchvision can download into ``data_dir`` (class ``torchvision_name`` of
+    ``torchvision.datasets``, train and test split)."""
+
+    #: torchvision's dataset class, which is also its folder name under ``data_dir``
+    torchvision_name = ""
+
+    @override
+    def download_data(self) -> None:
+        import torchvision
+
+        dataset_class = getattr(torchvision.datasets, self.torchvision_name)
+        for train in (True, False):
+            dataset_class(str(self.data_dir), train=train, download=True)
+
+
+class _IdxImages(_TorchvisionImages):
     """MNIST-like datasets stored as IDX files (``train-images-idx3-ubyte[.gz]`` etc.)."""
 
     num_classes = 10
     input_shape = (1, 28, 28)
     crop_padding = 2
     horizontal_flip = False
-    #: torchvision's folder name under ``data_dir`` (``<data_dir>/<name>/raw``)
-    torchvision_name = ""
-    #: directories searched after ``data_dir``
+    #: directories searched after ``data_dir`` and ``<data_dir>/<torchvision_name>/raw``
     system_dirs: tuple[Path, ...] = ()
     how_to_get = ""
 
@@ -93,14 +107,6 @@ class _IdxImages(ImageDataModule):
         images, labels = read_idx(images_path), read_idx(labels_path)
         return images.unsqueeze(1), labels.long()
 
-    @override
-    def download_data(self) -> None:
-        import torchvision
-
-        dataset_class = getattr(torchvision.datasets, self.torchvision_name)
-        for train in (True, False):
-            dataset_class(str(self.data_dir), train=train, download=True)
-
 
 class MNIST(_IdxImages):
     """MNIST (60k/10k 28x28 grey digits). Augmentation: random shifts of up to 2 pixels."""
@@ -127,7 +133,7 @@ class FashionMNIST(_IdxImages):
     how_to_get = ", or install them with `apt-get install dataset-fashion-mnist` (Debian/Ubuntu)"
 
 
-class _PickledCifar(ImageDataModule):
+class _PickledCifar(_TorchvisionImages):
     """CIFAR in torchvision's ``cifar-*-python`` format: pickled dicts with ``data`` (N x 3072
     uint8, channel-major) and labels."""
 
@@ -138,7 +144,6 @@ class _PickledCifar(ImageDataModule):
     train_files: tuple[str, ...] = ()
     test_files: tuple[str, ...] = ()
     label_key = ""
-    torchvision_name = ""
 
     def _folder(self) -> Path:
         return self.data_dir / self.folder
@@ -164,14 +169,6 @@ class _PickledCifar(ImageDataModule):
             images.append(np.asarray(entry["data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
             labels.append(np.asarray(entry[self.label_key], dtype=np.int64))
         return torch.from_numpy(np.concatenate(images)), torch.from_numpy(np.concatenate(labels))
-
-    @override
-    def download_data(self) -> None:
-        import torchvision
-
-        dataset_class = getattr(torchvision.datasets, self.torchvision_name)
-        for train in (True, False):
-            dataset_class(str(self.data_dir), train=train, download=True)
 
 
 class CIFAR10(_PickledCifar):
