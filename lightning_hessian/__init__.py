@@ -21,7 +21,9 @@ from lightning_hessian.curvature import (
     spectral_density,
     top_eigenvalues,
 )
+from lightning_hessian.curvature.objective import batch_accuracy, inputs_and_targets
 from lightning_hessian.data import CIFAR10, CIFAR100, MNIST, Digits, FashionMNIST
+from lightning_hessian.errors import InputNotFoundError, UserInputError
 from lightning_hessian.landscape import epsilon_sharpness, interpolation_path, loss_curve, loss_surface
 from lightning_hessian.models import ImageClassifier
 
@@ -40,14 +42,18 @@ __all__ = [
     "HessianOperator",
     "HessianSpectrumCallback",
     "ImageClassifier",
+    "InputNotFoundError",
     "LossLandscapeCallback",
+    "UserInputError",
     "__version__",
     "analysis_mode",
+    "batch_accuracy",
     "batch_loss",
     "epsilon_sharpness",
     "fgsm",
     "hessian_trace",
     "input_curvature",
+    "inputs_and_targets",
     "input_gradient_norms",
     "input_hessian_eigenvalues",
     "interpolation_path",

@@ -38,7 +38,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from lightning_hessian.callbacks.base import batch_loss
+from lightning_hessian.errors import UserInputError, run_console_script
 from lightning_hessian.landscape import (
     InterpolationResult,
     StateMismatchError,
@@ -154,7 +154,7 @@ def _parser() -> argparse.ArgumentParser:
     inter.add_argument("--config", required=True, type=Path, help="the hessian-train config both were trained with")
     inter.add_argument("--alpha-min", type=float, default=-0.5)
     inter.add_argument("--alpha-max", type=float, default=1.5)
-    inter.add_argument("--num", type=int, default=21, help="number of alphas (default 21)")
+    inter.add_argument("--num", type=int, default=21, help="number of evenly spaced alphas (default 21); alpha = 0 and 1 (the two models) are always added")
     inter.add_argument("--eigenvalue", action="store_true", help="also the top Hessian eigenvalue at every alpha")
     inter.add_argument("--eig-tol", type=float, default=1e-3, help="Lanczos tolerance for --eigenvalue")
     inter.add_argument("--splits", nargs="+", default=["train", "test"], choices=["train", "val", "test"])
@@ -176,11 +176,11 @@ def _parser() -> argparse.ArgumentParser:
 def interpolate(args: argparse.Namespace, overrides: Sequence[str]) -> InterpolationResult:
     """Run the ``interpolate`` command; returns the result (also written to ``--output-dir``)."""
     if args.num < 2:
-        raise ValueError(f"--num={args.num} must be at least 2")
+        raise UserInputError(f"--num={args.num} must be at least 2")
     if args.alpha_max <= args.alpha_min:
-        raise ValueError(f"--alpha-max={args.alpha_max} must be larger than --alpha-min={args.alpha_min}")
+        raise UserInputError(f"--alpha-max={args.alpha_max} must be larger than --alpha-min={args.alpha_min}")
     if args.batch_size < 1 or args.chunk_size < 1:
-        raise ValueError("--batch-size and --chunk-size must be >= 1")
+        raise UserInputError("--batch-size and --chunk-size must be >= 1")
     state_a = load_state_dict(args.ckpt_a, trust=args.trust_checkpoints)
     state_b = load_state_dict(args.ckpt_b, trust=args.trust_checkpoints)
     model, datamodule = build_from_config(args.config, overrides)
@@ -202,16 +202,16 @@ def interpolate(args: argparse.Namespace, overrides: Sequence[str]) -> Interpola
                        for i in range(0, len(x), args.batch_size)]
 
     alphas = np.linspace(args.alpha_min, args.alpha_max, args.num)
-    # put 0 and 1 exactly on the grid when they are (nearly) on it, so the ends are the models
+    # both models are always on the path: snap 0 and 1 onto the grid when (nearly) on it, else add them
     for end in (0.0, 1.0):
         nearest = int(np.argmin(np.abs(alphas - end)))
         if abs(alphas[nearest] - end) < 1e-9:
             alphas[nearest] = end
+    alphas = np.union1d(alphas, [0.0, 1.0])
     start = time.perf_counter()
-    # a module's own loss (`hessian_loss`), as the callbacks use it; fused cross-entropy otherwise
-    custom_loss = batch_loss if callable(getattr(model, "hessian_loss", None)) else None
+    # batch_loss=None: the module's hooks (hessian_loss, hessian_accuracy) as the callbacks use them
     result = interpolation_path(
-        model, state_a, state_b, alphas, data, batch_loss=custom_loss, chunk_size=args.chunk_size,
+        model, state_a, state_b, alphas, data, batch_loss=None, chunk_size=args.chunk_size,
         eigenvalues=args.eigenvalue,
         eigen_kwargs={"tol": args.eig_tol, "seed": args.seed},
     )
@@ -244,12 +244,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     bad = [o for o in overrides if o.startswith("-") and not o.startswith(("--model", "--data", "--seed_everything"))]
     if bad:
         parser.error(f"unrecognized arguments: {' '.join(bad)} (config overrides must start with --model. or --data.)")
-    try:
+
+    def run() -> int:
         interpolate(args, overrides)
-    except (CheckpointError, StateMismatchError, ValueError) as error:
-        print(f"hessian-landscape: error: {error}", file=sys.stderr)
-        return 2
-    return 0
+        return 0
+
+    # user errors (a bad checkpoint or option, a config the checkpoints do not fit): one line, exit 2
+    return run_console_script("hessian-landscape", run, extra_types=(CheckpointError, StateMismatchError))
 
 
 if __name__ == "__main__":

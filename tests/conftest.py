@@ -12,6 +12,13 @@ import numpy as np
 import pytest
 import torch
 
+# `lightning` gives its logger a stderr handler when first imported. Imported lazily inside a test
+# that uses capsys, the handler would keep that test's stream, closed afterwards ("Logging error").
+try:
+    import lightning  # noqa: F401
+except ImportError:  # pragma: no cover - `lightning` is a test extra
+    pass
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = REPO_ROOT / "configs"
 

@@ -9,6 +9,7 @@ from sklearn.datasets import load_digits
 from torch import nn
 
 from lightning_hessian.attacks import ADVERSARIAL_TRAINING_METHODS, AdversarialTraining, AttackSpec, evaluate_attack, fgsm
+from lightning_hessian.errors import UserInputError
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -36,6 +37,18 @@ def test_options_are_validated_with_the_valid_names():
         AdversarialTraining().method = "pgd"  # type: ignore[misc]
     assert AdversarialTraining(method="pgd", epsilon=0.1, steps=4).effective_step_size == pytest.approx(2.5 * 0.1 / 4)
     assert AdversarialTraining(method="fgsm_rs", epsilon=0.1).effective_step_size == pytest.approx(0.125)
+
+
+@pytest.mark.parametrize("method", [m for m in ADVERSARIAL_TRAINING_METHODS if m != "none"])
+def test_epsilon_wider_than_the_pixel_range_is_refused(method):
+    """epsilon=8 meant 8/255: every input would be replaced by clipped noise (training reaches chance
+    accuracy). The same rule as AttackSpec.check_bounds for the evaluation attacks."""
+    with pytest.raises(UserInputError, match=r"epsilon 8 is larger than the input range width 1 .* 8/255 = 0.0314"):
+        AdversarialTraining(method=method, epsilon=8)
+    with pytest.raises(ValueError, match="epsilon 8.0 is larger than the input range width"):
+        AttackSpec(name="linf_pgd", epsilons=[8]).check_bounds((0.0, 1.0))
+    AdversarialTraining(method=method, epsilon=1.0)  # the whole range: allowed, if extreme
+    AdversarialTraining(method="none", epsilon=8)  # not used without a method
 
 
 @pytest.mark.parametrize("method", ADVERSARIAL_TRAINING_METHODS)

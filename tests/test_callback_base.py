@@ -98,7 +98,7 @@ def test_schedule_samples_and_modes(tmp_path):
     # the analysis saw eval mode and gradients on; the model is back in train mode afterwards
     assert all(not c[3] and c[4] for c in probe.calls)
     assert trainer.callback_metrics["probe/loss"] == pytest.approx(
-        float(torch.nn.functional.cross_entropy(model.eval()(first.inputs), first.targets)), rel=1e-5
+        float(torch.nn.functional.cross_entropy(model.eval()(first.batch[0]), first.batch[1])), rel=1e-5
     )
 
 
@@ -108,7 +108,7 @@ def test_seeded_selection_is_reproducible(tmp_path):
     c = RecordingCallback(num_samples=10, seed=2)
     for probe in (a, b, c):
         _fit([probe], tmp_path, epochs=1)
-    ax, bx, cx = (p.calls[0][2].inputs for p in (a, b, c))
+    ax, bx, cx = (p.calls[0][2].batch[0] for p in (a, b, c))
     # noise in __getitem__ differs with the RNG, so compare which rows were picked via targets+rounding
     assert torch.allclose(ax, bx, atol=0.1)
     assert not torch.allclose(ax, cx, atol=0.1)
@@ -211,7 +211,7 @@ def test_getitems_datasets_and_clamping_under_test(tmp_path):
     trainer.fit(model)
     samples = probe.calls[0][2]
     chosen = torch.randperm(40, generator=torch.Generator().manual_seed(0))[:12]
-    assert torch.equal(samples.inputs, x[chosen]) and torch.equal(samples.targets, y[chosen])
+    assert torch.equal(samples.batch[0], x[chosen]) and torch.equal(samples.batch[1], y[chosen])
     with pytest.warns(UserWarning, match="analysing all 6 samples"):
         trainer.test(model)
     assert probe.calls[-1][2].num_global == 6

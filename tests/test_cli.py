@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -101,17 +102,95 @@ def test_bad_names_fail_before_training_listing_valid_ones(
     assert not (in_tmp_dir / "runs").exists()
 
 
-def test_indivisible_global_batch_fails_before_training(in_tmp_dir: Path) -> None:
-    with pytest.raises(ValueError, match="global batch_size 64 must be a positive multiple of .* 1 x 3 = 3"):
-        main(["fit", "--config", QUICKSTART, *TINY, "--trainer.accumulate_grad_batches=3"])
+def _user_error(capsys: pytest.CaptureFixture, *args: str) -> str:
+    """Run hessian-train expecting a user error: exit status 2 and one line `hessian-train: error: ...`
+    on stderr, no traceback; returns that line."""
+    with pytest.raises(SystemExit) as info:
+        main(list(args))
+    assert info.value.code == 2
+    lines = capsys.readouterr().err.splitlines()
+    (line,) = [line for line in lines if line.startswith("hessian-train: error: ")]
+    message = line.removeprefix("hessian-train: error: ")
+    assert [line for line in lines if message in line] == [line]  # not also as the last line of a traceback
+    return line
 
 
-def test_missing_data_with_download_off_says_how_to_get_it(in_tmp_dir: Path) -> None:
-    with pytest.raises(FileNotFoundError, match="data.download=true"):
-        main([
-            "fit", "--config", str(CONFIGS / "cifar_bs128.yaml"), *TINY, "--trainer.accelerator=cpu",
-            "--data.init_args.download=false", "--data.init_args.data_dir=nowhere",
-        ])  # fmt: skip
+def test_indivisible_global_batch_fails_before_training(in_tmp_dir: Path, capsys: pytest.CaptureFixture) -> None:
+    line = _user_error(capsys, "fit", "--config", QUICKSTART, *TINY, "--trainer.accumulate_grad_batches=3")
+    assert re.search("global batch_size 64 must be a positive multiple of .* 1 x 3 = 3", line)
+    assert not list(in_tmp_dir.glob("runs/*/*/checkpoints"))
+
+
+def test_missing_data_with_download_off_says_how_to_get_it(in_tmp_dir: Path, capsys: pytest.CaptureFixture) -> None:
+    line = _user_error(
+        capsys, "fit", "--config", str(CONFIGS / "cifar_bs128.yaml"), *TINY, "--trainer.accelerator=cpu",
+        "--data.init_args.download=false", "--data.init_args.data_dir=nowhere",
+    )  # fmt: skip
+    assert "data.download=true" in line
+
+
+@pytest.mark.parametrize(
+    ("override", "expected"),
+    [
+        ("--trainer.precision=16-true", "precision='16-mixed'"),
+        ("--trainer.callbacks.init_args.num_samples=5000", "num_samples=5000 is larger than the train split"),
+    ],
+)
+def test_settings_a_callback_refuses_are_one_line_errors(
+    in_tmp_dir: Path, capsys: pytest.CaptureFixture, override: str, expected: str
+) -> None:
+    """The callbacks' own checks (plain ValueError, raised inside trainer.fit) are user errors too."""
+    callback = "--trainer.callbacks+=lightning_hessian.callbacks.spectrum.HessianSpectrumCallback"
+    line = _user_error(capsys, "fit", "--config", QUICKSTART, *TINY, callback, override, "--trainer.max_epochs=1")
+    assert expected in line
+
+
+def test_truncated_dataset_file_is_a_one_line_error(in_tmp_dir: Path, capsys: pytest.CaptureFixture) -> None:
+    from conftest import write_mnist_folder
+
+    folder = write_mnist_folder(in_tmp_dir / "mnist")
+    images = folder / "train-images-idx3-ubyte.gz"
+    images.write_bytes(images.read_bytes()[:300])  # a download cut short
+    line = _user_error(
+        capsys, "fit", "--config", str(CONFIGS / "mnist_bs128.yaml"), *TINY, "--trainer.accelerator=cpu",
+        "--trainer.precision=32-true", f"--data.init_args.data_dir={folder}", "--data.init_args.download=false",
+    )  # fmt: skip
+    assert f"{images} is truncated or not a gzip file" in line and "download the dataset again" in line
+
+
+def test_a_bug_keeps_its_traceback(in_tmp_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Only the user's mistakes are shortened: a ValueError from inside a library propagates."""
+    from lightning_hessian.data import Digits
+
+    def broken(self: Digits, train: bool) -> None:
+        torch.zeros(2).view(3)  # a bug: raises RuntimeError inside torch
+
+    monkeypatch.setattr(Digits, "load_split", broken)
+    with pytest.raises(RuntimeError, match="shape"):
+        main(["fit", "--config", QUICKSTART, *TINY, "--trainer.max_epochs=1"])
+
+    def library_value_error(self: Digits, train: bool) -> None:
+        int("eight")  # ValueError raised by Python itself, not by a check of the package
+
+    monkeypatch.setattr(Digits, "load_split", library_value_error)
+    with pytest.raises(ValueError, match="invalid literal"):
+        main(["fit", "--config", QUICKSTART, *TINY, "--trainer.max_epochs=1"])
+
+
+def test_help_describes_the_project_and_offers_no_predict(capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    out = capsys.readouterr().out
+    assert "Lightning Trainer command line tool" not in out and "Hessian" in out
+    assert "{fit,validate,test}" in out and "predict" not in out
+    with pytest.raises(SystemExit) as info:
+        main(["predict", "--config", QUICKSTART])
+    assert info.value.code == 2 and "invalid choice: 'predict'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["fit", "--help"])
+    out = capsys.readouterr().out
+    assert " object at 0x" not in out
+    assert "_DataAttribute('num_classes')(data) --> model.num_classes" in out
 
 
 class RecordBatches(pl.Callback):

@@ -24,6 +24,7 @@ from lightning_hessian.data import (
     random_crop_flip,
     read_idx,
 )
+from lightning_hessian.errors import UserInputError
 from lightning_hessian.models import ImageClassifier
 
 
@@ -108,6 +109,51 @@ def test_cifar_pickle_format_is_read(cifar_dir: Path) -> None:
 def test_missing_data_says_how_to_get_it(tmp_path: Path, module: type) -> None:
     with pytest.raises(DataNotFoundError, match="download=true"):
         module(data_dir=str(tmp_path / "nothing"), download=False).setup("fit")
+
+
+def test_wrong_labels_and_shapes_fail_at_setup_naming_value_and_fix(tmp_path: Path) -> None:
+    """Files that do not fit the data module fail at setup, before training, naming the bad value
+    and where it came from (not mid-run as a device-side assert or a shape mismatch in a layer)."""
+    rng = np.random.default_rng(0)
+    labels = tmp_path / "labels"
+    write_mnist_folder(labels, num_train=30, num_test=10)
+    write_idx(labels / "t10k-labels-idx1-ubyte.gz", np.array([0, 1, 2, 3, 4, 5, 6, 7, 8, 12], dtype=np.uint8))
+    with pytest.raises(UserInputError, match=r"test labels from .*t10k-labels.* must be .* in \[0, 10\).*found 12"):
+        MNIST(data_dir=str(labels)).setup("fit")
+
+    shapes = tmp_path / "shapes"  # 32 x 32 images (another dataset's) where MNIST has 28 x 28
+    write_mnist_folder(shapes, num_train=30, num_test=10)
+    write_idx(shapes / "train-images-idx3-ubyte.gz", rng.integers(0, 256, (30, 32, 32), dtype=np.uint8))
+    with pytest.raises(UserInputError, match=r"train images .* shape \(30, 1, 32, 32\).*input_shape \(1, 28, 28\)"):
+        MNIST(data_dir=str(shapes)).setup("fit")
+
+    class Shifted(Digits):  # a user's own module whose labels run 1..10
+        def load_split(self, train: bool):
+            images, targets = super().load_split(train)
+            return images, targets + 1
+
+    with pytest.raises(UserInputError, match=r"found 10; .*num_classes covers labels 1\.\.10"):
+        Shifted().setup("fit")
+
+    class Unscaled(Digits):  # floats in 0..16, not pixels in [0, 1]
+        def load_split(self, train: bool):
+            images, targets = super().load_split(train)
+            return images * 16, targets
+
+    with pytest.raises(UserInputError, match=r"floats in \[0, 16\]; float images must be pixels in \[0, 1\]"):
+        Unscaled().setup("fit")
+
+
+def test_truncated_or_damaged_idx_file_names_the_file(tmp_path: Path) -> None:
+    folder = write_mnist_folder(tmp_path / "mnist", num_train=30, num_test=10)
+    images = folder / "train-images-idx3-ubyte.gz"
+    images.write_bytes(images.read_bytes()[:200])  # a download cut short
+    with pytest.raises(UserInputError, match=f"{images} is truncated or not a gzip file.*download the dataset again"):
+        MNIST(data_dir=str(folder)).setup("fit")
+    plain = write_idx(tmp_path / "plain" / "t10k-labels-idx1-ubyte", np.arange(10, dtype=np.uint8))
+    plain.write_bytes(plain.read_bytes()[:-3])
+    with pytest.raises(UserInputError, match=r"header says shape \(10,\) but the file holds 7 values"):
+        read_idx(plain)
 
 
 def test_per_device_batch_size_mapping() -> None:

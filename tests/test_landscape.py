@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import copy
 import math
+import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -383,10 +385,15 @@ def test_gradient_and_sharpness_accept_inference_mode_samples(least_squares):
     )
 
 
-def _ddp_worker(rank: int, world: int, port: int, queue) -> None:
+def _ddp_worker(rank: int, world: int, directory: str) -> None:
+    """One gloo rank; its results go to ``directory/rank<r>.pt`` (written atomically), not through a
+    queue: a tensor sent through a multiprocessing queue is fetched from the sending process's
+    resource sharer, which is gone once the worker has exited (ConnectionResetError under load)."""
     import torch.distributed as dist
 
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    # A file rendezvous: no port to pick (and lose to another process) in advance.
+    init = Path(directory, "rendezvous").as_uri()
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
     try:
         torch.set_num_threads(1)
         model = _cnn()
@@ -404,28 +411,28 @@ def _ddp_worker(rank: int, world: int, port: int, queue) -> None:
         gradient = gradient_direction(model, batches, all_reduce=all_reduce)
         surface = loss_surface(model, d1, gradient, [-0.5, 0.0, 0.5], [0.0, 1.0], batches, all_reduce=all_reduce)
         sharp = epsilon_sharpness(model, batches, steps=2, all_reduce=all_reduce).sharpness
-        queue.put((rank, surface.loss, surface.accuracy, gradient["4.weight"], sharp))
+        result = (rank, surface.loss, surface.accuracy, gradient["4.weight"].clone(), sharp)
+        torch.save(result, Path(directory, f"rank{rank}.pt.tmp"))
+        os.replace(Path(directory, f"rank{rank}.pt.tmp"), Path(directory, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
 
 
-def test_all_reduce_over_unequal_shards_equals_one_process():
-    import socket
-
+def test_all_reduce_over_unequal_shards_equals_one_process(tmp_path: Path):
     import torch.multiprocessing as mp
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     context = mp.get_context("spawn")
-    queue = context.Queue()
-    processes = [context.Process(target=_ddp_worker, args=(rank, 2, port, queue)) for rank in range(2)]
+    processes = [context.Process(target=_ddp_worker, args=(rank, 2, str(tmp_path))) for rank in range(2)]
     for p in processes:
         p.start()
-    results = sorted(queue.get(timeout=120) for _ in processes)
     for p in processes:
-        p.join(timeout=60)
-        assert p.exitcode == 0
+        p.join(timeout=300)
+    for p in processes:
+        if p.is_alive():  # a hung rendezvous: end it, then fail
+            p.kill()
+            p.join()
+        assert p.exitcode == 0, f"worker exited with {p.exitcode}"
+    results = [torch.load(tmp_path / f"rank{rank}.pt", weights_only=False) for rank in range(2)]
 
     model = _cnn()
     batches = _images()

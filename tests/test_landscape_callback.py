@@ -87,7 +87,7 @@ def test_callback_logs_figures_and_raw_grids_without_changing_training(tmp_path)
     samples = landscape._samples["train"]
     with torch.no_grad():
         model.eval()
-        own = F.cross_entropy(model(samples.inputs), samples.targets).item()
+        own = F.cross_entropy(model(samples.batch[0]), samples.batch[1]).item()
     assert metrics["landscape/loss"] == pytest.approx(own, rel=1e-5)
 
     for epoch in (0, 1):

@@ -65,6 +65,16 @@ def test_interpolation_endpoints_are_the_checkpoints_own_losses(checkpoints, tmp
     summary = json.loads((out / "interpolation.json").read_text())
     assert summary["num_samples"] == {"train": 200, "test": 200}
 
+    # an odd grid that misses alpha = 0 and 1 still evaluates both models
+    odd = tmp_path / "odd"
+    assert main([
+        "interpolate", "--ckpt-a", str(ckpt_a), "--ckpt-b", str(ckpt_b), "--config", str(CONFIG), "--num", "4",
+        "--num-samples", "32", "--batch-size", "64", "--output-dir", str(odd), "--device", "cpu", "--splits", "test",
+    ]) == 0
+    odd_rows = list(csv.DictReader((odd / "interpolation.csv").open()))
+    odd_alphas = [float(r["alpha"]) for r in odd_rows]
+    assert 0.0 in odd_alphas and 1.0 in odd_alphas and odd_alphas == sorted(odd_alphas) and len(odd_alphas) == 6
+
     # oracle: each checkpoint loaded into the model the config builds, evaluated plainly
     model, datamodule = build_from_config(CONFIG)
     datamodule.setup("fit")

@@ -13,6 +13,7 @@ from torch import nn
 
 from lightning_hessian.attacks.training import AdversarialTraining
 from lightning_hessian.data import Digits
+from lightning_hessian.errors import UserInputError
 from lightning_hessian.models import (
     ACTIVATIONS,
     ARCHITECTURES,
@@ -104,6 +105,23 @@ def test_dummy_forward_does_not_touch_batchnorm_statistics() -> None:
             assert module.num_batches_tracked.item() == 0
             assert torch.equal(module.running_mean, torch.zeros_like(module.running_mean))
     assert network.training
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"momentum": 5.0}, r"momentum must be in \[0, 1\).*got 5.0"),
+        ({"momentum": 1.0}, r"momentum must be in \[0, 1\)"),
+        ({"momentum": -0.1}, r"momentum must be in \[0, 1\)"),
+        ({"optimizer": "adam", "momentum": 1.5}, r"Adam's beta1\), got 1.5"),
+        ({"weight_decay": -1e-4}, "weight_decay must be >= 0"),
+    ],
+)
+def test_out_of_range_optimiser_settings_fail_before_training(kwargs: dict, match: str) -> None:
+    with pytest.raises(UserInputError, match=match):
+        ImageClassifier(arch="mlp", input_shape=(1, 8, 8), **kwargs)
+    ImageClassifier(arch="mlp", input_shape=(1, 8, 8), momentum=0.0)  # the ends that are fine
+    ImageClassifier(arch="mlp", input_shape=(1, 8, 8), momentum=0.99, weight_decay=0.0)
 
 
 @pytest.mark.parametrize(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 
 import numpy as np
@@ -334,3 +335,86 @@ def test_format_cell_and_empty_inputs(tmp_path: Path) -> None:
     assert summarize_runs([]) == []
     (tmp_path / "empty").mkdir()
     assert main([str(tmp_path / "empty"), "--out", str(tmp_path / "out")]) == 2
+
+
+def _record_offsets(path: Path) -> list[int]:
+    """Byte offsets of the records of an event file (TFRecord framing: length, crc, data, crc)."""
+    import struct
+
+    data, offsets, position = path.read_bytes(), [], 0
+    while position < len(data):
+        offsets.append(position)
+        position += 16 + struct.unpack("<Q", data[position : position + 8])[0]
+    return offsets
+
+
+def test_damaged_event_files_are_reported_and_read_up_to_the_damage(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    from lightning_hessian.report.events import DamagedEventFileWarning, check_event_file
+
+    sweep = {"batch_size": 64, "seed": 0, "variant": "standard", "status": "finished"}
+    damaged_run = tmp_path / "sweep" / "bs64_seed0"
+    final = _write_run(damaged_run, batch_size=64, seed=0, sweep=sweep)
+    fit_file, test_file = sorted(damaged_run.glob("events.out.tfevents.*"))
+    assert check_event_file(test_file) is None
+    # Corrupt the test phase's 4th record (file version, test/acc and epoch come first): TensorBoard
+    # alone drops it and everything after it, the test split's hessian/* values, without a word.
+    start = _record_offsets(test_file)[3]
+    content = bytearray(test_file.read_bytes())
+    content[start + 14] ^= 0xFF
+    test_file.write_bytes(bytes(content))
+    # A run whose only event file is cut inside its first record: nothing to read.
+    empty_run = tmp_path / "sweep" / "bs256_seed0"
+    _write_run(empty_run, batch_size=256, seed=0, sweep={**sweep, "batch_size": 256}, test_phase=False)
+    (only_file,) = empty_run.glob("events.out.tfevents.*")
+    only_file.write_bytes(only_file.read_bytes()[:20])
+
+    assert "corrupt after 3 intact records" in check_event_file(test_file)
+    assert "truncated after 0 intact records" in check_event_file(only_file)
+    with pytest.warns(DamagedEventFileWarning, match=re.escape(str(test_file))):
+        events = read_events(damaged_run)
+    assert events.final("test/acc") == pytest.approx(final["test/acc"])  # before the damage: kept
+    assert events.final("val/acc") is not None  # the intact fit file: kept
+    assert events.final("hessian/eig_1") != pytest.approx(final["hessian/eig_1"])  # lost with the damage ...
+    assert len(events.problems) == 1 and str(test_file) in events.problems[0]  # ... and said so
+
+    out = tmp_path / "report"
+    assert main([str(tmp_path / "sweep"), "--out", str(out)]) == 0
+    err = capsys.readouterr().err
+    warnings_printed = [line for line in err.splitlines() if line.startswith("hessian-report: warning: ")]
+    assert len(warnings_printed) == 2
+    assert any(str(test_file) in line for line in warnings_printed)
+    assert any(str(only_file) in line for line in warnings_printed)
+    summary = json.loads((out / "summary.json").read_text())
+    markdown = (out / "report.md").read_text()
+    assert "Damaged event files" in markdown and str(test_file) in markdown
+    runs, skipped = load_runs([tmp_path / "sweep"])
+    assert [run.batch_size for run in runs] == [64]
+    assert skipped[0][0] == empty_run.resolve() and skipped[0][1].startswith("nothing readable")
+    assert summary  # the report was written from what could be read
+
+
+def test_runs_of_unrelated_projects_are_never_pooled(tmp_path):
+    """Two projects logged with the callbacks, no batch size known: one row each, no accuracy
+    note for runs without any accuracy, and a run that logged nothing is skipped, not a row."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    from lightning_hessian.report.report import load_runs
+    from lightning_hessian.report.tables import summarize_runs
+
+    for project, eig, extra in (("cnn", 5.0, {"val/acc": 0.8}), ("regressor", 50.0, {})):
+        writer = SummaryWriter(str(tmp_path / project / "version_0"))
+        writer.add_scalar("hessian/eig_1", eig, 10)
+        for tag, value in extra.items():
+            writer.add_scalar(tag, value, 10)
+        writer.close()
+    SummaryWriter(str(tmp_path / "crashed" / "version_0")).close()  # failed before training: no scalars
+
+    runs, skipped = load_runs([tmp_path])
+    assert sorted(run.variant for run in runs) == ["cnn", "regressor"]
+    assert [path.parts[-2] for path, _ in skipped] == ["crashed"]
+    tables = summarize_runs(runs)
+    eigenvalues = sorted(row.cells["hessian/eig_1"].mean for table in tables for row in table.rows)
+    assert eigenvalues == [5.0, 50.0]
+    assert not any("runs without" in note for table in tables for note in table.notes)

@@ -95,10 +95,10 @@ def test_logs_robust_accuracy_median_norm_and_figures(tmp_path):
     assert samples.num_global == 120
     model.eval()
     with torch.no_grad():
-        clean = (model(samples.inputs).argmax(1) == samples.targets).float().mean().item()
+        clean = (model(samples.batch[0]).argmax(1) == samples.batch[1]).float().mean().item()
     assert metrics["robust/clean_acc"] == pytest.approx(clean) and 0.5 < clean < 1
     assert metrics["robust/fgsm/eps_0"] == metrics["robust/clean_acc"]
-    expected = evaluate_attack(model, samples.inputs, samples.targets, AttackSpec("fgsm", [0.05, 0.1]), backend="foolbox")
+    expected = evaluate_attack(model, samples.batch[0], samples.batch[1], AttackSpec("fgsm", [0.05, 0.1]), backend="foolbox")
     assert metrics["robust/fgsm/eps_0.05"] == pytest.approx(expected.robust_correct[0].float().mean().item())
     assert metrics["robust/fgsm/eps_0.1"] == pytest.approx(expected.robust_correct[1].float().mean().item())
     assert metrics["robust/fgsm/eps_0.1"] < metrics["robust/fgsm/eps_0.05"] < clean
@@ -235,9 +235,9 @@ def test_data_normalised_outside_the_model_is_attacked_in_pixel_space(tmp_path):
     trainer = _trainer(tmp_path, [callback])
     trainer.validate(module, verbose=False)
     samples = callback._samples["val"]
-    pixels = samples.inputs + 0.5
+    pixels = samples.batch[0] + 0.5
     assert 0 <= pixels.min() and pixels.max() <= 1
-    expected = evaluate_attack(NormalizedInput(module, [0.5], [1.0]), pixels, samples.targets, AttackSpec("fgsm", [0.05, 0.1]))
+    expected = evaluate_attack(NormalizedInput(module, [0.5], [1.0]), pixels, samples.batch[1], AttackSpec("fgsm", [0.05, 0.1]))
     accuracies = expected.robust_correct.float().mean(1)
     assert trainer.callback_metrics["robust/fgsm/eps_0.05"] == pytest.approx(accuracies[0].item())
     assert trainer.callback_metrics["robust/fgsm/eps_0.1"] == pytest.approx(accuracies[1].item())

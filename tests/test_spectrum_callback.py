@@ -99,7 +99,7 @@ def test_plain_module_numbers_match_exact_hessian_and_engine(tmp_path: Path) -> 
         torch.tensor([metrics["hessian/layer/net.3/eig_1"], metrics["hessian/layer/net.3/eig_2"]], dtype=torch.float64),
         layer_exact, rtol=1e-4, atol=1e-6,
     )
-    input_eigs, input_norms = exact_input_quantities(model, samples.inputs, samples.targets)
+    input_eigs, input_norms = exact_input_quantities(model, samples.batch[0], samples.batch[1])
     assert metrics["hessian/input_eig_1"] == pytest.approx(float(input_eigs.mean()), rel=1e-3)
     assert metrics["hessian/input_grad_norm"] == pytest.approx(float(input_norms.mean()), rel=1e-5)
     assert metrics["hessian/converged"] == 1.0
@@ -184,7 +184,7 @@ def test_image_classifier_with_batch_norm(tmp_path: Path) -> None:
     direct = top_eigenvalues(operator, k=1, tol=1e-3, seed=0)
     assert spectrum.last_metrics["hessian/eig_1"] == pytest.approx(float(direct.eigenvalues[0]), rel=1e-6)
     assert model.training  # analysed in eval mode, handed back in train mode
-    _, norms = exact_input_quantities(model, samples.inputs, samples.targets)
+    _, norms = exact_input_quantities(model, samples.batch[0], samples.batch[1])
     assert spectrum.last_metrics["hessian/input_grad_norm"] == pytest.approx(float(norms.mean()), rel=1e-5)
 
 
@@ -370,7 +370,12 @@ def test_time_budget_stops_cleanly_with_honest_flags(tmp_path: Path, caplog: pyt
     for callback in (relaxed, free):
         pl.seed_everything(0)
         _trainer(tmp_path, [callback], limit_val_batches=0).fit(PlainClassifier())
-    assert relaxed.last_metrics["hessian/eig_1"] == free.last_metrics["hessian/eig_1"]
+    # Same seed and data, but not bit-identical: two trainings round differently when the number of
+    # threads a reduction gets differs (OpenMP under load). Both Lanczos runs converge to eig_tol =
+    # 1e-6; rel=1e-4 is wide for that rounding and narrow for a Lanczos run that a budget cut short.
+    for tag in ("hessian/eig_1", "hessian/eig_2"):
+        assert relaxed.last_metrics[tag] == pytest.approx(free.last_metrics[tag], rel=1e-4)
+    assert relaxed.last_metrics["hessian/converged"] == free.last_metrics["hessian/converged"] == 1.0
     assert relaxed.last_metrics["hessian/budget_exhausted"] == 0.0
 
 

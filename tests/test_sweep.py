@@ -17,9 +17,10 @@ REPO = Path(__file__).resolve().parents[1]
 QUICKSTART = REPO / "configs" / "quickstart.yaml"
 
 # A stand-in for hessian-train: records its calls in the logger's run directory, writes a
-# checkpoint on fit, and fails for batch size 64 while a `fail_64` file lies beside it.
+# checkpoint on fit and names it in checkpoint.json (as hessian-train does), and fails for batch
+# size 64 while a `fail_64` file lies beside it.
 FAKE_TRAIN = """
-import sys
+import json, os, sys
 from pathlib import Path
 
 subcommand, arguments = sys.argv[1], sys.argv[2:]
@@ -35,6 +36,8 @@ with (run / "calls.txt").open("a") as calls:
 if subcommand == "fit":
     (run / "checkpoints").mkdir(exist_ok=True)
     (run / "checkpoints" / "epoch=0-step=1.ckpt").write_text("weights")
+    record = {"checkpoint": os.path.abspath(run / "checkpoints" / "epoch=0-step=1.ckpt")}
+    (run / "checkpoint.json").write_text(json.dumps(record))
 print(subcommand, "done")
 """
 
@@ -227,3 +230,241 @@ def test_sigterm_stops_the_running_command_and_marks_the_run(tmp_path: Path) -> 
     assert not (tmp_path / "sweeps" / "quickstart" / "bs16_seed0").exists()  # the sweep stopped
     with pytest.raises(ProcessLookupError):
         os.kill(child, 0)  # the training process was ended too
+
+
+# ------------------------------------------------------------------ faults: killed sweeps, one writer
+
+# A training stand-in that runs until stopped: it writes into its run directory, then its PID to
+# `child.pid` beside the script (atomically; the tests wait for it). A SIGINT/SIGTERM it receives is
+# written to `signal.txt` before it exits, or ignored while an `ignore_signals` file lies beside it.
+SLOW_TRAIN = """
+import os, signal, sys, time
+from pathlib import Path
+
+here = Path(sys.argv[0]).parent
+
+
+def stop(signum, frame):
+    (here / "signal.txt").write_text(signal.Signals(signum).name)
+    sys.exit(1)
+
+
+for signum in (signal.SIGINT, signal.SIGTERM):
+    signal.signal(signum, signal.SIG_IGN if (here / "ignore_signals").exists() else stop)
+options = dict(a[2:].split("=", 1) for a in sys.argv[2:] if a.startswith("--") and "=" in a)
+run = Path(options["trainer.logger.init_args.save_dir"]) / options["trainer.logger.init_args.name"]
+run = run / options["trainer.logger.init_args.version"]
+run.mkdir(parents=True, exist_ok=True)
+(run / "writer.txt").write_text(str(os.getpid()))
+(here / "child.pid.tmp").write_text(str(os.getpid()))
+os.replace(here / "child.pid.tmp", here / "child.pid")
+deadline = time.monotonic() + 120
+while time.monotonic() < deadline:
+    time.sleep(0.05)
+"""
+
+
+def _wait_for(condition, what: str, timeout: float = 60.0) -> None:
+    """Poll ``condition`` until true; fail after ``timeout`` seconds (a generous bound, not a timing assumption)."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout:.0f} s waiting for {what}")
+        time.sleep(0.05)
+
+
+def _gone(pid: int) -> bool:
+    """Whether process ``pid`` has ended (a zombie that nobody reaps counts as ended)."""
+    import os
+
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0] in ("Z", "X")
+    except (OSError, IndexError):
+        return False
+
+
+def _kill(pid: int) -> None:
+    import os
+    import signal
+
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+def _start_sweep(tmp_path: Path, train_script: Path):
+    """`hessian-sweep` as its own process (batch size 8, seed 0) with ``train_script`` as hessian-train."""
+    import subprocess
+
+    log = (tmp_path / "sweep_output.txt").open("w")
+    process = subprocess.Popen(
+        [
+            sys.executable, "-m", "lightning_hessian.report.sweep", "--config", str(QUICKSTART), "--batch-sizes", "8",
+            "--root", str(tmp_path / "sweeps"), "--train-command", f"{sys.executable} {train_script}",
+        ],
+        stdout=log, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    log.close()
+    return process
+
+
+def _sweep_argv(tmp_path: Path, train_script: Path) -> list[str]:
+    return [
+        "--config", str(QUICKSTART), "--batch-sizes", "8", "--root", str(tmp_path / "sweeps"),
+        "--train-command", f"{sys.executable} {train_script}",
+    ]  # fmt: skip
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux-only")
+def test_killed_sweep_takes_its_training_process_with_it(tmp_path: Path, fake_train: Path) -> None:
+    slow = tmp_path / "slow_train.py"
+    slow.write_text(SLOW_TRAIN)
+    sweep = _start_sweep(tmp_path, slow)
+    _wait_for(lambda: (tmp_path / "child.pid").exists(), "the training process to start")
+    child = int((tmp_path / "child.pid").read_text())
+    try:
+        sweep.kill()  # SIGKILL: the sweep can do nothing about it
+        sweep.wait(timeout=60)
+        _wait_for(lambda: _gone(child), f"the orphaned training process {child} to end")
+        assert (tmp_path / "signal.txt").read_text() == "SIGTERM"  # it was asked to stop, not killed
+    finally:
+        _kill(child)
+    # The rerun takes the stale lock over and trains the run again.
+    run_dir = tmp_path / "sweeps" / "quickstart" / "bs8_seed0"
+    assert json.loads((run_dir / "sweep.json").read_text())["status"] == "running"  # as the kill left it
+    assert main(_sweep_argv(tmp_path, fake_train)) == 0
+    assert json.loads((run_dir / "sweep.json").read_text())["status"] == "finished"
+    assert not (run_dir / "sweep.lock").exists()
+    (attempt,) = (tmp_path / "sweeps" / "quickstart" / ".attempts").iterdir()
+    assert (attempt / "writer.txt").read_text() == str(child)
+
+
+def test_rerun_refuses_a_run_directory_that_a_live_process_writes(
+    tmp_path: Path, fake_train: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """A training process that survives its sweep (it ignores SIGTERM here; on other systems no
+    signal reaches it at all) keeps the run directory: the rerun must not start a second writer."""
+    slow = tmp_path / "slow_train.py"
+    slow.write_text(SLOW_TRAIN)
+    (tmp_path / "ignore_signals").write_text("")
+    sweep = _start_sweep(tmp_path, slow)
+    _wait_for(lambda: (tmp_path / "child.pid").exists(), "the training process to start")
+    child = int((tmp_path / "child.pid").read_text())
+    run_dir = tmp_path / "sweeps" / "quickstart" / "bs8_seed0"
+    try:
+        sweep.kill()
+        sweep.wait(timeout=60)
+        assert not _gone(child)
+        assert main(_sweep_argv(tmp_path, fake_train)) == 1
+        output = capsys.readouterr().out
+        assert "refused" in output and f"training pid {child}" in output and "in use" in output
+        assert (run_dir / "writer.txt").read_text() == str(child)  # left alone: not moved, not rerun
+        assert not (run_dir / "calls.txt").exists() and not (run_dir.parent / ".attempts").exists()
+        assert json.loads((run_dir / "sweep.json").read_text())["status"] == "running"
+    finally:
+        _kill(child)
+    _wait_for(lambda: _gone(child), f"process {child} to end")
+    # Its lock is stale now (the PIDs in it are dead): the next sweep takes the run over.
+    assert json.loads((run_dir / "sweep.lock").read_text())["child_pid"] == child
+    assert main(_sweep_argv(tmp_path, fake_train)) == 0
+    assert json.loads((run_dir / "sweep.json").read_text())["status"] == "finished"
+    assert len(_calls(run_dir)) == 2  # fit and test, once
+
+
+def test_lock_with_a_live_pid_refuses_and_a_dead_pid_is_taken_over(tmp_path: Path) -> None:
+    import os
+    import socket
+    import subprocess
+
+    from lightning_hessian.report.sweep import LOCK_FILE, RunBusyError, RunLock
+
+    run_dir = tmp_path / "run"
+    with RunLock(run_dir) as lock:
+        with pytest.raises(RunBusyError, match=f"sweep pid {os.getpid()}"):
+            RunLock(run_dir)  # held (flock) by a live process
+        assert json.loads((run_dir / LOCK_FILE).read_text())["sweep_pid"] == os.getpid() == lock._info["sweep_pid"]
+    assert not (run_dir / LOCK_FILE).exists()
+
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    try:
+        # A lock file naming a live process of this host, without a held flock: refused, with the way out.
+        (run_dir / LOCK_FILE).write_text(json.dumps({"host": socket.gethostname(), "child_pid": sleeper.pid}))
+        with pytest.raises(RunBusyError, match=f"training pid {sleeper.pid}.*delete"):
+            RunLock(run_dir)
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    # The same lock once its process is gone: stale, taken over.
+    with RunLock(run_dir):
+        assert json.loads((run_dir / LOCK_FILE).read_text())["sweep_pid"] == os.getpid()
+
+
+@pytest.mark.parametrize("signame", ["SIGINT", "SIGTERM"])
+def test_interrupt_is_passed_on_to_the_training_process(tmp_path: Path, signame: str) -> None:
+    import signal
+
+    slow = tmp_path / "slow_train.py"
+    slow.write_text(SLOW_TRAIN)
+    sweep = _start_sweep(tmp_path, slow)
+    _wait_for(lambda: (tmp_path / "child.pid").exists(), "the training process to start")
+    child = int((tmp_path / "child.pid").read_text())
+    try:
+        sweep.send_signal(getattr(signal, signame))
+        assert sweep.wait(timeout=120) == 130, (tmp_path / "sweep_output.txt").read_text()
+        assert (tmp_path / "signal.txt").read_text() == signame  # the same signal, not a substitute
+        assert _gone(child)
+    finally:
+        _kill(child)
+    record = json.loads((tmp_path / "sweeps" / "quickstart" / "bs8_seed0" / "sweep.json").read_text())
+    assert record["status"] == "interrupted"
+
+
+# A hessian-train stand-in whose fit leaves, after the checkpoint it records, a newer partial file
+# (as a full disk did with a non-atomic checkpoint writer).
+PARTIAL_AFTER_RECORD = """
+import json, os, sys
+from pathlib import Path
+
+subcommand, arguments = sys.argv[1], sys.argv[2:]
+options = dict(a[2:].split("=", 1) for a in arguments if a.startswith("--") and "=" in a)
+run = Path(options["trainer.logger.init_args.save_dir"]) / options["trainer.logger.init_args.name"]
+run = run / options["trainer.logger.init_args.version"]
+if subcommand == "fit":
+    (run / "checkpoints").mkdir(parents=True)
+    good = run / "checkpoints" / "epoch=0-step=4.ckpt"
+    good.write_text("complete")
+    (run / "checkpoint.json").write_text(json.dumps({"checkpoint": os.path.abspath(good)}))
+    partial = run / "checkpoints" / "epoch=1-step=8.ckpt"
+    partial.write_text("trunc")
+    os.utime(partial, (os.path.getmtime(good) + 60,) * 2)  # newer whatever the clock's resolution
+else:
+    assert subcommand == "test"
+    ckpt = next(a.split("=", 1)[1] for a in arguments if a.startswith("--ckpt_path="))
+    (run / "tested.txt").write_text(ckpt)
+    sys.exit(0 if Path(ckpt).read_text() == "complete" else 4)
+"""
+
+
+def test_sweep_tests_the_checkpoint_the_fit_recorded_not_the_newest_file(tmp_path: Path) -> None:
+    script = tmp_path / "partial_train.py"
+    script.write_text(PARTIAL_AFTER_RECORD)
+    assert main(_sweep_argv(tmp_path, script)) == 0
+    run_dir = tmp_path / "sweeps" / "quickstart" / "bs8_seed0"
+    good = run_dir / "checkpoints" / "epoch=0-step=4.ckpt"
+    assert (run_dir / "tested.txt").read_text() == str(good)
+    record = json.loads((run_dir / "sweep.json").read_text())
+    assert (record["status"], record["test_checkpoint"]) == ("finished", str(good))
+
+    # A fit that recorded no checkpoint is not tested with a guess.
+    unrecorded = PARTIAL_AFTER_RECORD.replace('(run / "checkpoint.json").write_text', "print")
+    (tmp_path / "no_record.py").write_text(unrecorded)
+    assert main([*_sweep_argv(tmp_path, tmp_path / "no_record.py"), "--name", "unrecorded"]) == 0
+    record = json.loads((tmp_path / "sweeps" / "unrecorded" / "bs8_seed0" / "sweep.json").read_text())
+    assert "test_command" not in record and record["test"].startswith("skipped: fit wrote no checkpoint.json")

@@ -39,8 +39,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lightning_hessian.attacks.native import eval_mode, pgd
+from lightning_hessian.errors import UserInputError
 
-__all__ = ["ADVERSARIAL_TRAINING_METHODS", "AdversarialTraining", "TrainingLoss"]
+__all__ = ["ADVERSARIAL_TRAINING_METHODS", "PIXEL_RANGE", "AdversarialTraining", "TrainingLoss"]
+
+#: The input range that ``epsilon`` refers to: the package's pixel space.
+PIXEL_RANGE: tuple[float, float] = (0.0, 1.0)
 
 #: Valid values of :attr:`AdversarialTraining.method`.
 ADVERSARIAL_TRAINING_METHODS: tuple[str, ...] = (
@@ -79,6 +83,7 @@ class AdversarialTraining:
             ``uniform_noise`` (see the module docstring for the maths).
         epsilon: Linf radius of the perturbation in the model's input space (pixel space [0, 1]);
             for ``gaussian_noise`` the standard deviation, for ``uniform_noise`` the half width.
+            A value above the pixel range width 1 is refused (``8/255``, not ``8``).
         steps: attack steps for ``pgd`` and ``trades`` (FGSM variants take one step).
         step_size: absolute attack step; ``None`` picks the method's usual default: ``epsilon``
             (fgsm), ``1.25 * epsilon`` (fgsm_rs, Wong et al.), ``2.5 * epsilon / steps`` (pgd,
@@ -101,20 +106,37 @@ class AdversarialTraining:
 
     def __post_init__(self) -> None:
         if self.method not in ADVERSARIAL_TRAINING_METHODS:
-            raise ValueError(
+            raise UserInputError(
                 f"unknown adversarial training method {self.method!r}; "
                 f"valid methods: {', '.join(ADVERSARIAL_TRAINING_METHODS)}"
             )
         if not self.epsilon >= 0:
-            raise ValueError(f"epsilon must be >= 0 (pixel space [0, 1]), got {self.epsilon}")
+            raise UserInputError(f"epsilon must be >= 0 (pixel space [0, 1]), got {self.epsilon}")
+        self.check_bounds(PIXEL_RANGE)
         if not 1 <= self.steps:
-            raise ValueError(f"steps must be >= 1, got {self.steps}")
+            raise UserInputError(f"steps must be >= 1, got {self.steps}")
         if self.step_size is not None and not self.step_size > 0:
-            raise ValueError(f"step_size must be > 0 or None for the method's default, got {self.step_size}")
+            raise UserInputError(f"step_size must be > 0 or None for the method's default, got {self.step_size}")
         if not 0 < self.ratio <= 1:
-            raise ValueError(f"ratio (fraction of the batch perturbed) must be in (0, 1], got {self.ratio}")
+            raise UserInputError(f"ratio (fraction of the batch perturbed) must be in (0, 1], got {self.ratio}")
         if not self.beta >= 0:
-            raise ValueError(f"beta (TRADES weight) must be >= 0, got {self.beta}")
+            raise UserInputError(f"beta (TRADES weight) must be >= 0, got {self.beta}")
+
+    def check_bounds(self, input_range: tuple[float, float]) -> None:
+        """Raise :class:`UserInputError` if ``epsilon`` is wider than ``input_range``.
+
+        A Linf radius (or noise scale) of the whole range width or more replaces the image by
+        noise clipped to the range: training "works" at chance accuracy. The same rule as
+        :meth:`~lightning_hessian.attacks.specs.AttackSpec.check_bounds` for evaluation attacks.
+        """
+        lower, upper = input_range
+        width = upper - lower
+        if self.enabled and self.epsilon > width:
+            raise UserInputError(
+                f"adversarial training: epsilon {self.epsilon:g} is larger than the input range width {width:g} for "
+                f"inputs in [{lower:g}, {upper:g}]; epsilon is in the model's input space (pixel space [0, 1]), "
+                f"e.g. 8/255 = {8 / 255:.4f}, not 8"
+            )
 
     @property
     def enabled(self) -> bool:

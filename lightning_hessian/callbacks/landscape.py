@@ -33,6 +33,7 @@ from typing_extensions import override
 from lightning_hessian.callbacks.base import AnalysisSamples, EpochAnalysisCallback, batch_loss
 from lightning_hessian.callbacks.spectrum import HessianSpectrumCallback
 from lightning_hessian.curvature.context import analysis_mode
+from lightning_hessian.errors import UserInputError
 from lightning_hessian.landscape import (
     Direction,
     LossCurve,
@@ -59,7 +60,7 @@ _NORMALIZATIONS = ("auto", "filter", "unit")
 
 def _check_direction(name: str) -> str:
     if not isinstance(name, str) or not _DIRECTION_NAME.match(name):
-        raise ValueError(
+        raise UserInputError(
             f"LossLandscapeCallback: unknown direction {name!r}; use 'eig<k>' (k-th top Hessian eigenvector,"
             " k >= 1), 'gradient', or 'random<k>' (k-th filter-normalised random direction)."
         )
@@ -77,7 +78,9 @@ class LossLandscapeCallback(EpochAnalysisCallback):
     computed here with Lanczos, warm-started from the previous epoch.
 
     The loss is ``pl_module.hessian_loss(batch)`` when the module defines it, else the
-    cross-entropy of ``pl_module(x)`` against ``y``; accuracy is top-1 against integer targets.
+    cross-entropy of ``pl_module(x)`` against ``y``. Accuracy is ``pl_module.hessian_accuracy(batch)``
+    when the module defines it, else top-1 of ``pl_module(x)`` against integer targets for
+    modules without ``hessian_loss``, else not computed (NaN); ``accuracy=False`` turns it off.
     The analysis runs in eval mode (BatchNorm running statistics) with autocast and TF32 off.
 
     Logged metrics (scalars to every logger, at ``trainer.global_step``):
@@ -115,6 +118,7 @@ class LossLandscapeCallback(EpochAnalysisCallback):
             automatically on out-of-memory).
         evaluation: ``"auto"`` (vmap, falling back to one point per pass for models vmap cannot
             run), ``"vmap"`` or ``"sequential"``.
+        accuracy: also evaluate the accuracy along the curves and surfaces (see above).
         log_figures: log the figures to TensorBoard.
         save_raw: write the ``.npz``/``.csv`` files.
         every_n_epochs, every_n_train_steps, num_samples, split, seed, analysis_batch_size,
@@ -153,6 +157,7 @@ class LossLandscapeCallback(EpochAnalysisCallback):
         eig_max_iter: int | None = None,
         chunk_size: int = 16,
         evaluation: Literal["auto", "vmap", "sequential"] = "auto",
+        accuracy: bool = True,
         log_figures: bool = True,
         save_raw: bool = True,
         every_n_epochs: int | None = 1,
@@ -179,34 +184,34 @@ class LossLandscapeCallback(EpochAnalysisCallback):
         for pair in surfaces:
             pair = pair.split(",") if isinstance(pair, str) else list(pair)
             if len(pair) != 2 or pair[0] == pair[1]:
-                raise ValueError(
+                raise UserInputError(
                     f"LossLandscapeCallback: a surface needs two different directions, got {pair!r};"
                     " e.g. surfaces=[('eig1', 'eig2')]."
                 )
             pairs.append((_check_direction(pair[0].strip()), _check_direction(pair[1].strip())))
         self.surfaces = pairs
         if not self.curves and not self.surfaces and not sharpness:
-            raise ValueError("LossLandscapeCallback: nothing to compute; give curves, surfaces or sharpness=True.")
+            raise UserInputError("LossLandscapeCallback: nothing to compute; give curves, surfaces or sharpness=True.")
         for name, value in (("curve_points", curve_points), ("surface_points", surface_points)):
             if value < 3 or value % 2 == 0:
-                raise ValueError(
+                raise UserInputError(
                     f"LossLandscapeCallback: {name}={value} must be an odd number >= 3 so that t = 0 (the"
                     f" model itself) is a grid point; use {max(3, value + 1 - value % 2)}."
                 )
         for name, value in (("curve_range", curve_range), ("surface_range", surface_range),
                             ("sharpness_epsilon", sharpness_epsilon), ("eig_tol", eig_tol)):
             if not value > 0:
-                raise ValueError(f"LossLandscapeCallback: {name}={value} must be > 0.")
+                raise UserInputError(f"LossLandscapeCallback: {name}={value} must be > 0.")
         if normalization not in _NORMALIZATIONS:
-            raise ValueError(f"LossLandscapeCallback: normalization={normalization!r} is not one of {_NORMALIZATIONS}.")
+            raise UserInputError(f"LossLandscapeCallback: normalization={normalization!r} is not one of {_NORMALIZATIONS}.")
         if evaluation not in ("auto", "vmap", "sequential"):
-            raise ValueError(f"LossLandscapeCallback: evaluation={evaluation!r} is not 'auto', 'vmap' or 'sequential'.")
+            raise UserInputError(f"LossLandscapeCallback: evaluation={evaluation!r} is not 'auto', 'vmap' or 'sequential'.")
         if sharpness_steps < 1 or chunk_size < 1:
-            raise ValueError(
+            raise UserInputError(
                 f"LossLandscapeCallback: sharpness_steps={sharpness_steps} and chunk_size={chunk_size} must be >= 1."
             )
         if eig_max_iter is not None and eig_max_iter < 1:
-            raise ValueError(f"LossLandscapeCallback: eig_max_iter={eig_max_iter} must be >= 1 or None.")
+            raise UserInputError(f"LossLandscapeCallback: eig_max_iter={eig_max_iter} must be >= 1 or None.")
         self.curve_range = float(curve_range)
         self.curve_points = curve_points
         self.surface_range = float(surface_range)
@@ -219,12 +224,12 @@ class LossLandscapeCallback(EpochAnalysisCallback):
         self.eig_max_iter = eig_max_iter
         self.chunk_size = chunk_size
         self.evaluation = evaluation
+        self.accuracy = accuracy
         self.log_figures = log_figures
         self.save_raw = save_raw
         self._eigenvectors: list[Direction] | None = None  # our own, for the next warm start
         self._last_curves: list[LossCurve] = []
         self._last_surfaces: list[LossSurface] = []
-        self._last_metrics: dict[str, float] = {}
 
     # ----------------------------------------------------------------------------------------
     # public state
@@ -245,19 +250,18 @@ class LossLandscapeCallback(EpochAnalysisCallback):
         """The 2-D surfaces of the last analysis."""
         return list(self._last_surfaces)
 
-    @property
-    def last_metrics(self) -> dict[str, float]:
-        """The scalar metrics of the last analysis."""
-        return dict(self._last_metrics)
-
     # ----------------------------------------------------------------------------------------
     # Lightning hooks
+
+    @override
+    def unavailable_metrics(self) -> dict[str, float]:
+        return {"landscape/loss": math.nan, "landscape/sharpness": math.nan} if self.sharpness else {"landscape/loss": math.nan}
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
         if not any(p.requires_grad for p in pl_module.parameters()):
-            raise ValueError(
+            raise UserInputError(
                 f"LossLandscapeCallback: {type(pl_module).__name__} has no parameters with requires_grad=True;"
                 " there is no landscape to draw. Unfreeze the parameters to analyse."
             )
@@ -297,11 +301,11 @@ class LossLandscapeCallback(EpochAnalysisCallback):
         start = time.perf_counter()
         all_reduce = self.all_reduce_sum(trainer)
         micro_batches = samples.micro_batches(self.analysis_batch_size)
-        # Evaluation fuses cross-entropy and accuracy in one forward pass unless the module has
-        # its own loss; gradients and eigenvectors always go through `batch_loss`.
-        custom_loss = callable(getattr(pl_module, "hessian_loss", None))
+        # batch_loss=None: the module's hooks decide the loss and accuracy (one forward pass for
+        # the default cross-entropy and its accuracy)
         eval_kwargs: dict[str, Any] = {
-            "batch_loss": batch_loss if custom_loss else None,
+            "batch_loss": None,
+            "accuracy": self.accuracy,
             "method": self.evaluation,
             "chunk_size": self.chunk_size,
             "all_reduce": all_reduce,

@@ -15,13 +15,13 @@ misclassified sample, :math:`\infty` where the attack failed).
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import pytorch_lightning as pl
 import torch
-from pytorch_lightning.trainer.states import TrainerFn
 from pytorch_lightning.utilities.rank_zero import rank_zero_warn
 from torch import Tensor
 from typing_extensions import override
@@ -32,6 +32,7 @@ from lightning_hessian.attacks.preprocessing import NormalizedInput, to_pixel_sp
 from lightning_hessian.attacks.specs import ATTACKS, AttackSpec
 from lightning_hessian.callbacks.base import AnalysisSamples, EpochAnalysisCallback, Split
 from lightning_hessian.curvature.context import analysis_mode
+from lightning_hessian.errors import UserInputError
 
 __all__ = ["AdversarialRobustnessCallback", "default_attacks"]
 
@@ -140,28 +141,27 @@ class AdversarialRobustnessCallback(EpochAnalysisCallback):
             time_budget=time_budget,
         )
         if backend not in _BACKENDS:
-            raise ValueError(f"unknown backend {backend!r}; valid backends: {', '.join(_BACKENDS)}")
+            raise UserInputError(f"unknown backend {backend!r}; valid backends: {', '.join(_BACKENDS)}")
         lower, upper = (float(b) for b in bounds)
         if not lower < upper:
-            raise ValueError(f"bounds must be (lower, upper) with lower < upper, got {tuple(bounds)}")
+            raise UserInputError(f"bounds must be (lower, upper) with lower < upper, got {tuple(bounds)}")
         specs = default_attacks() if attacks is None else [self._as_spec(attack) for attack in attacks]
         if not specs:
-            raise ValueError(f"give at least one attack; valid attacks: {', '.join(ATTACKS)}")
+            raise UserInputError(f"give at least one attack; valid attacks: {', '.join(ATTACKS)}")
         names = [spec.name for spec in specs]
         if len(set(names)) != len(names):
-            raise ValueError(f"each attack may appear once (merge their epsilons), got {names}")
+            raise UserInputError(f"each attack may appear once (merge their epsilons), got {names}")
         for spec in specs:
             spec.check_bounds((lower, upper))
         self.attacks: list[AttackSpec] = specs
         self.backend: Backend = backend
         self.bounds = (lower, upper)
         if (mean is None) != (std is None):
-            raise ValueError(f"give both mean and std of the data normalisation, or neither; got mean={mean}, std={std}")
+            raise UserInputError(f"give both mean and std of the data normalisation, or neither; got mean={mean}, std={std}")
         if std is not None and any(value <= 0 for value in std):
-            raise ValueError(f"std must be positive, got {std}")
+            raise UserInputError(f"std must be positive, got {std}")
         self.mean = None if mean is None else [float(v) for v in mean]
         self.std = None if std is None else [float(v) for v in std]
-        self._checked_splits: set[str] = set()
 
     @property
     @override
@@ -177,7 +177,7 @@ class AdversarialRobustnessCallback(EpochAnalysisCallback):
             return attack
         if isinstance(attack, Mapping):
             return AttackSpec(**attack)
-        raise TypeError(f"attacks must be AttackSpec objects or dicts of their fields, got {type(attack).__name__}")
+        raise UserInputError(f"attacks must be AttackSpec objects or dicts of their fields, got {type(attack).__name__}")
 
     def _attacked(self, pl_module: pl.LightningModule, inputs: Tensor) -> tuple[torch.nn.Module, Tensor]:
         """The model with a pixel-space input, and ``inputs`` in pixel space."""
@@ -188,15 +188,11 @@ class AdversarialRobustnessCallback(EpochAnalysisCallback):
     # ----------------------------------------------------------------------------------------
     # checks before the first attack
 
-    def _check_model_and_samples(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """Check samples and outputs on the first micro-batch, before training/evaluation starts."""
-        split = self._split_for(trainer)
-        if split in self._checked_splits:
-            return
-        samples = self._samples.get(split)
-        if samples is None:
-            samples = self._samples[split] = self._select_samples(trainer, pl_module, split)
-        model, inputs = self._attacked(pl_module, samples.inputs)
+    @override
+    def check_samples(self, trainer: pl.Trainer, pl_module: pl.LightningModule, samples: AnalysisSamples) -> None:
+        """Inputs within ``bounds``, epsilons that fit the inputs, logits for CW: checked on the
+        samples before training/evaluation starts."""
+        model, inputs = self._attacked(pl_module, samples.inputs_and_targets(pl_module, type(self).__name__)[0])
         check_inputs_in_bounds(inputs, self.bounds)
         for spec in self.attacks:
             spec.check_bounds(self.bounds, tuple(inputs.shape[1:]))
@@ -205,31 +201,23 @@ class AdversarialRobustnessCallback(EpochAnalysisCallback):
             with analysis_mode(pl_module), torch.no_grad():
                 outputs = model(inputs[: min(len(inputs), self.analysis_batch_size)].clone())
             check_logits(outputs, logit_attacks[0])
-        self._checked_splits.add(split)
-
-    @override
-    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self.every_n_epochs or self.every_n_train_steps:
-            self._check_model_and_samples(trainer, pl_module)
-
-    @override
-    def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if not trainer.sanity_checking and trainer.state.fn == TrainerFn.VALIDATING:
-            self._check_model_and_samples(trainer, pl_module)
-
-    @override
-    def on_test_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._check_model_and_samples(trainer, pl_module)
 
     # ----------------------------------------------------------------------------------------
     # the analysis
 
     @override
+    def unavailable_metrics(self) -> dict[str, float]:
+        metrics = {"robust/clean_acc": math.nan}
+        for spec in self.attacks:
+            metrics.update({f"robust/{spec.name}/eps_{_format_epsilon(e)}": math.nan for e in spec.epsilons})
+        return metrics
+
+    @override
     def analyse(self, trainer: pl.Trainer, pl_module: pl.LightningModule, samples: AnalysisSamples) -> dict[str, float]:
         start = time.perf_counter()
         reduce = self.all_reduce_sum(trainer)
-        model, inputs = self._attacked(pl_module, samples.inputs)
-        targets = samples.targets
+        inputs, targets = samples.inputs_and_targets(pl_module, type(self).__name__)
+        model, inputs = self._attacked(pl_module, inputs)
         device = inputs.device
         generator = torch.Generator(device=device).manual_seed(self.seed + trainer.global_rank)
 

@@ -28,7 +28,7 @@ from pytorch_lightning.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 from typing_extensions import override
 
-from lightning_hessian.callbacks.base import AnalysisSamples, EpochAnalysisCallback, batch_loss
+from lightning_hessian.callbacks.base import AnalysisSamples, EpochAnalysisCallback
 from lightning_hessian.curvature import (
     DensityResult,
     EigenResult,
@@ -39,6 +39,8 @@ from lightning_hessian.curvature import (
     spectral_density,
     top_eigenvalues,
 )
+from lightning_hessian.curvature.objective import BatchLoss, batch_loss, has_custom_loss, replace_inputs
+from lightning_hessian.errors import UserInputError
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -186,21 +188,21 @@ class HessianSpectrumCallback(EpochAnalysisCallback):
             quantities = [quantities]
         unknown = [q for q in quantities if q not in QUANTITIES]
         if unknown:
-            raise ValueError(
+            raise UserInputError(
                 f"HessianSpectrumCallback: unknown quantities {unknown}; choose from {list(QUANTITIES)}."
             )
         if not quantities and layers is None:
-            raise ValueError(
+            raise UserInputError(
                 f"HessianSpectrumCallback: nothing to compute; pass quantities from {list(QUANTITIES)} or `layers`."
             )
         if backend not in BACKENDS:
-            raise ValueError(
+            raise UserInputError(
                 f"HessianSpectrumCallback: unknown backend {backend!r}; choose from {list(BACKENDS)}."
             )
         if backend == "pyhessian":
             unsupported = [q for q in quantities if q not in _PYHESSIAN_QUANTITIES]
             if unsupported or layers is not None:
-                raise ValueError(
+                raise UserInputError(
                     f"HessianSpectrumCallback: backend='pyhessian' computes only {list(_PYHESSIAN_QUANTITIES)}"
                     f" (no per-layer spectra); got {unsupported or 'layers'}. Use backend='native'."
                 )
@@ -215,9 +217,9 @@ class HessianSpectrumCallback(EpochAnalysisCallback):
             _check_int("max_iter", max_iter, 1)
         for name, value in (("eig_tol", eig_tol), ("trace_rel_tol", trace_rel_tol), ("progress_interval", progress_interval)):
             if not value > 0:
-                raise ValueError(f"HessianSpectrumCallback: `{name}` must be > 0, got {value}.")
+                raise UserInputError(f"HessianSpectrumCallback: `{name}` must be > 0, got {value}.")
         if density_sigma is not None and not density_sigma > 0:
-            raise ValueError(f"HessianSpectrumCallback: `density_sigma` must be > 0, got {density_sigma}.")
+            raise UserInputError(f"HessianSpectrumCallback: `density_sigma` must be > 0, got {density_sigma}.")
         if isinstance(layers, str):
             layers = [layers]
 
@@ -243,8 +245,6 @@ class HessianSpectrumCallback(EpochAnalysisCallback):
         self._eigenvectors: list[dict[str, Tensor]] | None = None
         self._layer_eigenvectors: dict[str, list[dict[str, Tensor]]] = {}
         self._layer_params: dict[str, list[str]] = {}
-        self._last_metrics: dict[str, float] = {}
-        self._analysed_step = -1  # trainer.global_step of the last analysis
         self._layout_writers: set[int] = set()
 
     # ----------------------------------------------------------------------------------------
@@ -275,11 +275,6 @@ class HessianSpectrumCallback(EpochAnalysisCallback):
         return self._eigenvectors
 
     @property
-    def last_metrics(self) -> dict[str, float]:
-        """The scalar metrics of the last analysis (what was logged)."""
-        return dict(self._last_metrics)
-
-    @property
     def metric_names(self) -> list[str]:
         """Names of the scalar metrics this configuration logs (before per-layer names are known)."""
         names: list[str] = []
@@ -299,28 +294,32 @@ class HessianSpectrumCallback(EpochAnalysisCallback):
     # Lightning hooks
 
     @override
+    def unavailable_metrics(self) -> dict[str, float]:
+        return dict.fromkeys(self.metric_names, math.nan)
+
+    @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         super().setup(trainer, pl_module, stage)  # options, num_samples vs split, *-true precision
         trainable = [(n, p) for n, p in pl_module.named_parameters() if p.requires_grad]
         if not trainable:
-            raise ValueError(
+            raise UserInputError(
                 f"HessianSpectrumCallback: {type(pl_module).__name__} has no parameters with requires_grad=True;"
                 " there is no Hessian to analyse. Unfreeze the parameters to analyse."
             )
         half = sorted({str(p.dtype) for _, p in trainable if p.dtype in _LOW_PRECISION_PARAMS})
         if half:
-            raise ValueError(
+            raise UserInputError(
                 f"HessianSpectrumCallback: trainable parameters in {half}; the analysis needs float32 or"
                 " float64 parameters. Keep the model in float32 and use precision='bf16-mixed'/'16-mixed'."
             )
         num_trainable = sum(p.numel() for _, p in trainable)
         if "eigenvalues" in self.quantities and self.top_k > num_trainable:
-            raise ValueError(
+            raise UserInputError(
                 f"HessianSpectrumCallback: top_k={self.top_k} exceeds the {num_trainable} trainable parameters of"
                 f" {type(pl_module).__name__}; use top_k <= {num_trainable}."
             )
         if self.backend == "pyhessian" and trainer.world_size > 1:
-            raise ValueError(
+            raise UserInputError(
                 "HessianSpectrumCallback: backend='pyhessian' cannot all-reduce across processes; use"
                 f" backend='native' under {type(trainer.strategy).__name__} (world size {trainer.world_size})."
             )
@@ -334,7 +333,6 @@ class HessianSpectrumCallback(EpochAnalysisCallback):
 
     @override
     def analyse(self, trainer: pl.Trainer, pl_module: pl.LightningModule, samples: AnalysisSamples) -> dict[str, float]:
-        self._analysed_step = trainer.global_step
         budget = _Budget(self.time_budget, self.all_reduce_sum(trainer), pl_module.device)
         progress = _Progress(self.progress_interval, f"epoch {trainer.current_epoch}", budget.start)
         micro_batches = samples.micro_batches(self.analysis_batch_size)
@@ -475,11 +473,10 @@ class HessianSpectrumCallback(EpochAnalysisCallback):
         return HessianOperator(
             pl_module,
             loss_fn=None,
-            data=micro_batches,
+            batches=micro_batches,
             batch_loss=batch_loss,
             param_filter=None if selected is None else (lambda name, _param: name in selected),
             all_reduce=all_reduce,
-            micro_batch_size=self.analysis_batch_size,
         )
 
     def _top_eigenvalues(
@@ -513,12 +510,23 @@ class HessianSpectrumCallback(EpochAnalysisCallback):
     ) -> tuple[float, float]:
         """Means over all analysis samples (all ranks) of the per-sample top eigenvalue of the
         input Hessian and of the per-sample input-gradient norm: local sums, one all-reduce."""
+        inputs, targets = samples.inputs_and_targets(pl_module, "HessianSpectrumCallback's input_hessian quantity")
+        loss: BatchLoss = batch_loss
+        if has_custom_loss(pl_module):
+            # hessian_loss sees the user's batch structure, restricted to the rows being
+            # differentiated and with the perturbed inputs put in place of the originals
+            rebuild = replace_inputs(pl_module, samples.batch)
+            targets = torch.arange(samples.num_local, device=inputs.device)
+
+            def loss(module: torch.nn.Module, pair: Any) -> Tensor:
+                return batch_loss(module, rebuild(pair[0], pair[1]))
+
         curvature = input_curvature(
             pl_module,
             None,
-            samples.inputs,
-            samples.targets,
-            batch_loss=batch_loss,
+            inputs,
+            targets,
+            batch_loss=loss,
             batch_size=self.analysis_batch_size,
             tol=self.eig_tol,
             seed=self.seed,
@@ -544,7 +552,7 @@ class HessianSpectrumCallback(EpochAnalysisCallback):
         writer = self.tensorboard(trainer)
         if writer is not None:
             histogram = density_histogram(grid, values, num_params)
-            writer.add_histogram_raw("hessian/density", global_step=trainer.global_step, **histogram)
+            writer.add_histogram_raw("hessian/density", global_step=self.log_step(trainer), **histogram)
         self.log_figure(trainer, "hessian/density_plot", _density_figure(grid, values, top_values, trainer.current_epoch))
 
     def _log_layout(self, trainer: pl.Trainer) -> None:
@@ -629,7 +637,7 @@ def _select_layers(model: nn.Module, patterns: Sequence[str]) -> dict[str, list[
             selected[name] = params
     unmatched = [p for p in patterns if not any(fnmatch.fnmatchcase(n, p) for n in selected)]
     if unmatched:
-        raise ValueError(
+        raise UserInputError(
             f"HessianSpectrumCallback: `layers` patterns {unmatched} match no module with trainable parameters;"
             f" valid module names: {candidates}."
         )
@@ -656,7 +664,7 @@ def _to_cpu(vectors: list[dict[str, Tensor]] | None) -> list[dict[str, Tensor]] 
 
 def _check_int(name: str, value: Any, minimum: int) -> None:
     if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
-        raise ValueError(f"HessianSpectrumCallback: `{name}` must be an integer >= {minimum}, got {value!r}.")
+        raise UserInputError(f"HessianSpectrumCallback: `{name}` must be an integer >= {minimum}, got {value!r}.")
 
 
 def _padded_flags(flags: Tensor, count: int) -> list[bool]:

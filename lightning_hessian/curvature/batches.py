@@ -12,9 +12,10 @@ from typing import Any
 
 from torch import Tensor
 
-__all__ = ["batch_size", "find_inputs_targets", "map_tensors", "slice_batch"]
+__all__ = ["INPUT_TARGET_KEYS", "batch_size", "find_inputs_targets", "map_tensors", "slice_batch"]
 
-_INPUT_TARGET_KEYS = (("x", "y"), ("input", "target"), ("inputs", "targets"), ("image", "label"))
+#: dict keys searched, in order, for the inputs and targets of a dict batch
+INPUT_TARGET_KEYS = (("x", "y"), ("input", "target"), ("inputs", "targets"), ("image", "label"))
 
 
 def map_tensors(batch: Any, fn: Callable[[Tensor], Tensor]) -> Any:
@@ -55,7 +56,7 @@ def batch_size(batch: Any) -> int:
 def find_inputs_targets(batch: Any) -> tuple[Tensor, Tensor] | None:
     """``(x, y)`` of a tuple/list ``(x, y, ...)`` or a dict with x/y-style keys; ``None`` otherwise."""
     if isinstance(batch, Mapping):
-        for x_key, y_key in _INPUT_TARGET_KEYS:
+        for x_key, y_key in INPUT_TARGET_KEYS:
             if x_key in batch and y_key in batch:
                 return batch[x_key], batch[y_key]
         return None

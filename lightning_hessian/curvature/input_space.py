@@ -28,7 +28,8 @@ from torch import Tensor, nn
 from lightning_hessian.curvature.context import analysis_mode
 from lightning_hessian.curvature.lanczos import BatchedLanczos, batched_lanczos
 from lightning_hessian.curvature.linear import random_normal, seeded_generator
-from lightning_hessian.curvature.operator import BatchLoss, LossFunction, _BatchLossModule
+from lightning_hessian.curvature.objective import BatchLoss, BatchLossModule, loss_of_outputs
+from lightning_hessian.curvature.operator import LossFunction
 
 __all__ = [
     "InputCurvature",
@@ -98,7 +99,7 @@ def _sum_loss(model: nn.Module, loss_fn: LossFunction | None, batch_loss: BatchL
     """``(x, y) -> sum of per-sample losses`` through ``functional_call`` with detached weights."""
     if loss_fn is None and batch_loss is None:
         raise ValueError("Pass `loss_fn(output, y)` or `batch_loss(module, batch)`.")
-    wrapper = _BatchLossModule(model, loss_fn, batch_loss)
+    wrapper = BatchLossModule(model, batch_loss or loss_of_outputs(loss_fn))  # type: ignore[arg-type]
     tensors = {}
     for name, tensor in (*model.named_parameters(), *model.named_buffers()):
         tensor = tensor.detach()

@@ -31,34 +31,14 @@ from torch import Tensor, nn
 
 from lightning_hessian.curvature.batches import batch_size, map_tensors, slice_batch
 from lightning_hessian.curvature.context import analysis_mode
+from lightning_hessian.curvature.objective import BatchLoss, BatchLossModule, loss_of_outputs
 
 __all__ = ["HessianOperator", "LossFunction", "BatchLoss"]
 
 LossFunction = Callable[[Tensor, Any], Tensor]
-BatchLoss = Callable[[nn.Module, Any], Tensor]
 ParamFilter = str | re.Pattern | Callable[[str, nn.Parameter], bool]
 
 _HVP_MODES = ("auto", "func", "double_backward")
-
-
-class _BatchLossModule(nn.Module):
-    """Wraps a model so that ``forward(batch)`` is its batch-mean loss.
-
-    ``torch.func.functional_call`` on this wrapper (with names prefixed ``inner.``) differentiates
-    any loss definition, including a LightningModule's ``hessian_loss(batch)``, through public API.
-    """
-
-    def __init__(self, inner: nn.Module, loss_fn: LossFunction | None, batch_loss: BatchLoss | None) -> None:
-        super().__init__()
-        self.inner = inner
-        self._loss_fn = loss_fn
-        self._batch_loss = batch_loss
-
-    def forward(self, batch: Any) -> Tensor:
-        if self._batch_loss is not None:
-            return self._batch_loss(self.inner, batch)
-        inputs, targets = batch[0], batch[1]
-        return self._loss_fn(self.inner(inputs), targets)
 
 
 def _is_oom(error: BaseException) -> bool:
@@ -101,7 +81,10 @@ class HessianOperator:
         data: one batch (a tuple/list of tensors ``(x, y, ...)``, a dict of tensors, or a tensor),
             split into micro-batches of ``micro_batch_size``; or an iterable of such batches. The
             sample count of a batch is dim 0 of its first tensor. Tensors are moved to the model's
-            device once (and cloned if created under ``inference_mode``).
+            device once (and cloned if created under ``inference_mode``). A list of tensors is
+            read as one ``(x, y, ...)`` batch; pass ``batches=`` instead to be unambiguous.
+        batches: instead of ``data``: a sequence of batches, each passed to the loss exactly as
+            it is (a bare-tensor batch stays a tensor), split only if ``micro_batch_size`` is set.
         params: the parameters to differentiate, default all parameters requiring grad.
         batch_loss: ``batch_loss(module, batch)`` returning the batch-mean loss, for models whose
             loss is not ``loss_fn(model(x), y)``.
@@ -127,6 +110,7 @@ class HessianOperator:
         data: Any = None,
         params: Iterable[nn.Parameter] | None = None,
         *,
+        batches: Sequence[Any] | None = None,
         batch_loss: BatchLoss | None = None,
         param_filter: ParamFilter | None = None,
         all_reduce: Callable[[Tensor], Tensor] | None = None,
@@ -137,8 +121,11 @@ class HessianOperator:
     ) -> None:
         if loss_fn is None and batch_loss is None:
             raise ValueError("HessianOperator needs `loss_fn(output, y)` or `batch_loss(module, batch)`.")
-        if data is None:
-            raise ValueError("HessianOperator needs `data`: a batch `(x, y)` or an iterable of batches.")
+        if (data is None) == (batches is None):
+            raise ValueError(
+                "HessianOperator needs exactly one of `data` (a batch `(x, y)` or an iterable of batches) and"
+                " `batches` (a sequence of batches, each passed to the loss as it is)."
+            )
         if hvp_mode not in _HVP_MODES:
             raise ValueError(f"hvp_mode={hvp_mode!r} is not one of {_HVP_MODES}.")
         if max_chunk is not None and max_chunk < 1:
@@ -157,7 +144,7 @@ class HessianOperator:
         self._chunk: int | None = None
         self._warm: set[str] = set()
         self._tuned: dict[str, str] = {}
-        self._wrapper = _BatchLossModule(model, loss_fn, batch_loss)
+        self._wrapper = BatchLossModule(model, batch_loss or loss_of_outputs(loss_fn))  # type: ignore[arg-type]
 
         named = list(model.named_parameters())
         if params is not None:
@@ -184,10 +171,15 @@ class HessianOperator:
         self.dtype: torch.dtype = dtype
 
         with torch.inference_mode(False), torch.no_grad():
-            batches = [data] if _is_single_batch(data) else list(data)
-            if len(batches) == 1 and _is_single_batch(batches[0]):
-                batches = _split_batch(batches[0], micro_batch_size or 512)
-            elif micro_batch_size is not None:
+            if batches is not None:
+                batches = list(batches)
+            elif _is_single_batch(data):
+                batches = _split_batch(data, micro_batch_size or 512)
+            else:
+                batches = list(data)
+                if len(batches) == 1 and _is_single_batch(batches[0]):
+                    batches = _split_batch(batches[0], micro_batch_size or 512)
+            if micro_batch_size is not None:
                 batches = [piece for batch in batches for piece in _split_batch(batch, micro_batch_size)]
             self.batches: list[Any] = [map_tensors(b, self._prepare_tensor) for b in batches]
             self.batch_sizes: list[int] = [batch_size(b) for b in self.batches]

@@ -30,11 +30,12 @@ from torch.utils.data import DataLoader, Dataset
 from typing_extensions import override
 
 from lightning_hessian.data.augment import random_crop_flip
+from lightning_hessian.errors import InputNotFoundError, UserInputError
 
 __all__ = ["DataNotFoundError", "ImageDataModule", "ImageTensorDataset", "per_device_batch_size"]
 
 
-class DataNotFoundError(FileNotFoundError):
+class DataNotFoundError(InputNotFoundError):
     """The dataset files are missing and ``download`` is off; the message says how to get them."""
 
 
@@ -42,11 +43,11 @@ def per_device_batch_size(global_batch_size: int, world_size: int, accumulate_gr
     """Samples per device and micro-batch: ``global / (world_size * accumulate_grad_batches)``.
 
     Raises:
-        ValueError: if the global batch does not divide evenly.
+        UserInputError: if the global batch does not divide evenly.
     """
     parts = world_size * accumulate_grad_batches
     if global_batch_size < 1 or global_batch_size % parts:
-        raise ValueError(
+        raise UserInputError(
             f"the global batch_size {global_batch_size} must be a positive multiple of "
             f"world_size x accumulate_grad_batches = {world_size} x {accumulate_grad_batches} = {parts}; "
             f"change data.batch_size, trainer.devices/num_nodes or trainer.accumulate_grad_batches"
@@ -68,7 +69,9 @@ class ImageTensorDataset(Dataset):
 
     def __init__(self, images: Tensor, labels: Tensor) -> None:
         if images.ndim != 4 or labels.ndim != 1 or len(images) != len(labels):
-            raise ValueError(f"expected images (N, C, H, W) and labels (N,), got {tuple(images.shape)}, {tuple(labels.shape)}")
+            raise UserInputError(
+                f"expected images (N, C, H, W) and labels (N,), got {tuple(images.shape)}, {tuple(labels.shape)}"
+            )
         self.images = images
         self.labels = labels.long()
 
@@ -161,13 +164,13 @@ class ImageDataModule(pl.LightningDataModule):
     ) -> None:
         super().__init__()
         if batch_size < 1:
-            raise ValueError(f"batch_size must be positive, got {batch_size}")
+            raise UserInputError(f"batch_size must be positive, got {batch_size}")
         if not 0 < val_fraction < 1:
-            raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
+            raise UserInputError(f"val_fraction must be in (0, 1), got {val_fraction}")
         if num_workers < 0:
-            raise ValueError(f"num_workers must be >= 0, got {num_workers}")
+            raise UserInputError(f"num_workers must be >= 0, got {num_workers}")
         if eval_batch_size is not None and eval_batch_size < 1:
-            raise ValueError(f"eval_batch_size must be positive or None, got {eval_batch_size}")
+            raise UserInputError(f"eval_batch_size must be positive or None, got {eval_batch_size}")
         # batch_size is left out: the model logs it, and Lightning refuses differing duplicates.
         self.save_hyperparameters(
             {
@@ -223,6 +226,49 @@ class ImageDataModule(pl.LightningDataModule):
         """Whether :meth:`load_split` can read the data without downloading."""
         return True
 
+    def describe_source(self, train: bool) -> str:
+        """Where :meth:`load_split` reads the split from, for error messages."""
+        return f"data_dir {str(self.data_dir)!r}"
+
+    def check_split(self, images: Tensor, labels: Tensor, *, train: bool) -> tuple[Tensor, Tensor]:
+        """``(images, labels)`` unchanged if they fit this module, else :class:`UserInputError`.
+
+        Checked before training, because a mismatch otherwise surfaces mid-run as a raw torch error
+        (a shape mismatch in the first layer, a device-side assert in the loss) or not at all
+        (float pixels in 0..255): images ``(N, *input_shape)``, uint8 or float in ``[0, 1]``;
+        integer labels in ``[0, num_classes)``.
+        """
+        name, split = type(self).__name__, "train" if train else "test"
+        source = self.describe_source(train)
+        expected = tuple(int(size) for size in self.input_shape)
+        if images.ndim != 4 or tuple(images.shape[1:]) != expected:
+            raise UserInputError(
+                f"{name}: the {split} images from {source} have shape {tuple(images.shape)}, but {name} needs "
+                f"(N, C, H, W) with (C, H, W) = input_shape {expected}; point data.data_dir at {name}'s files "
+                f"or pick the data module of this dataset (--data=<name>)"
+            )
+        if images.is_floating_point() and images.numel():
+            low, high = float(images.min()), float(images.max())
+            if not 0.0 <= low <= high <= 1.0:
+                raise UserInputError(
+                    f"{name}: the {split} images from {source} are floats in [{low:g}, {high:g}]; float images "
+                    "must be pixels in [0, 1] (divide by 255, or return uint8)"
+                )
+        if labels.is_floating_point() or labels.dtype == torch.bool:
+            raise UserInputError(
+                f"{name}: the {split} labels from {source} are {labels.dtype}; labels must be integer class indices"
+            )
+        if labels.numel():
+            smallest, largest = int(labels.min()), int(labels.max())
+            if smallest < 0 or largest >= self.num_classes:
+                bad = smallest if smallest < 0 else largest
+                raise UserInputError(
+                    f"{name}: the {split} labels from {source} must be class indices in [0, {self.num_classes}) "
+                    f"(num_classes={self.num_classes}), found {bad}; these files are not {name}'s, or use a data "
+                    f"module whose num_classes covers labels {smallest}..{largest}"
+                )
+        return images, labels
+
     # -- Lightning hooks -----------------------------------------------------------------------
     @override
     def prepare_data(self) -> None:
@@ -237,11 +283,11 @@ class ImageDataModule(pl.LightningDataModule):
         self.per_device_batch_size = per_device_batch_size(self.batch_size, world_size, accumulate)
         self.per_device_eval_batch_size = max(1, (self.eval_batch_size or self.batch_size) // world_size)
         if self.train_dataset is None:
-            train = ImageTensorDataset(*self.load_split(train=True))
-            test = ImageTensorDataset(*self.load_split(train=False))
+            train = ImageTensorDataset(*self.check_split(*self.load_split(train=True), train=True))
+            test = ImageTensorDataset(*self.check_split(*self.load_split(train=False), train=False))
             num_val = max(1, round(self.val_fraction * len(train)))
             if num_val >= len(train):
-                raise ValueError(f"val_fraction {self.val_fraction} leaves no training samples out of {len(train)}")
+                raise UserInputError(f"val_fraction {self.val_fraction} leaves no training samples out of {len(train)}")
             order = torch.randperm(len(train), generator=torch.Generator().manual_seed(self.seed))
             self.val_dataset, self.train_dataset = train.subset(order[:num_val]), train.subset(order[num_val:])
             self.test_dataset = test
@@ -270,7 +316,7 @@ class ImageDataModule(pl.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         loader = self._loader(self.train_dataset, train=True)
         if len(loader) == 0:
-            raise ValueError(
+            raise UserInputError(
                 f"the training set ({len(self.train_dataset)} samples) is smaller than one per-device "
                 f"batch ({self.per_device_batch_size}); lower data.batch_size"
             )

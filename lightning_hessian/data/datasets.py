@@ -42,6 +42,10 @@ class Digits(ImageDataModule):
     test_fraction = 0.2
 
     @override
+    def describe_source(self, train: bool) -> str:
+        return "scikit-learn's load_digits()"
+
+    @override
     def load_split(self, train: bool) -> tuple[Tensor, Tensor]:
         from sklearn.datasets import load_digits
 
@@ -67,7 +71,14 @@ class _TorchvisionImages(ImageDataModule):
 
         dataset_class = getattr(torchvision.datasets, self.torchvision_name)
         for train in (True, False):
-            dataset_class(str(self.data_dir), train=train, download=True)
+            try:
+                dataset_class(str(self.data_dir), train=train, download=True)
+            except (RuntimeError, OSError) as error:  # torchvision's "Error downloading ...", no network, full disk
+                message = " ".join(str(error).split())
+                raise DataNotFoundError(
+                    f"{type(self).__name__}: downloading into {self.data_dir} failed: {message}. Check the network "
+                    f"connection, or put the files into data.data_dir yourself and set data.download=false."
+                ) from error
 
 
 class _IdxImages(_TorchvisionImages):
@@ -92,6 +103,11 @@ class _IdxImages(_TorchvisionImages):
     @override
     def is_available(self) -> bool:
         return all(path is not None for split in (True, False) for path in self._files(split))
+
+    @override
+    def describe_source(self, train: bool) -> str:
+        found = [str(path) for path in self._files(train) if path is not None]
+        return " and ".join(found) if found else super().describe_source(train)
 
     @override
     def load_split(self, train: bool) -> tuple[Tensor, Tensor]:
@@ -147,6 +163,10 @@ class _PickledCifar(_TorchvisionImages):
 
     def _folder(self) -> Path:
         return self.data_dir / self.folder
+
+    @override
+    def describe_source(self, train: bool) -> str:
+        return str(self._folder())
 
     @override
     def is_available(self) -> bool:

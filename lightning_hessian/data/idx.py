@@ -7,14 +7,18 @@ IDX: two zero bytes, a type byte (0x08 = unsigned byte), the number of dimension
 from __future__ import annotations
 
 import gzip
+import zlib
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import Tensor
 
+from lightning_hessian.errors import UserInputError
+
 __all__ = ["find_idx_file", "read_idx"]
 
+_FIX = "delete it and download the dataset again (data.download=true), or point data.data_dir at intact files"
 _DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
 
 
@@ -22,15 +26,20 @@ def read_idx(path: str | Path) -> Tensor:
     """Read an IDX file (``.gz`` decompressed transparently) into a tensor."""
     path = Path(path)
     opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rb") as handle:
-        data = handle.read()
+    try:
+        with opener(path, "rb") as handle:
+            data = handle.read()
+    except (EOFError, gzip.BadGzipFile, zlib.error) as error:  # a cut-off download, a disk that filled up
+        raise UserInputError(f"{path} is truncated or not a gzip file ({error}); {_FIX}") from error
     if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] not in _DTYPES:
-        raise ValueError(f"{path} is not an IDX file (bad magic number {data[:4]!r})")
+        raise UserInputError(f"{path} is not an IDX file (bad magic number {data[:4]!r}); {_FIX}")
     ndim = data[3]
     shape = tuple(int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
-    array = np.frombuffer(data, dtype=_DTYPES[data[2]], offset=4 + 4 * ndim)
-    if array.size != int(np.prod(shape)):
-        raise ValueError(f"{path}: header says shape {shape} but holds {array.size} values")
+    item_size = np.dtype(_DTYPES[data[2]]).itemsize
+    values = (len(data) - 4 - 4 * ndim) // item_size
+    if len(data) < 4 + 4 * ndim or values != int(np.prod(shape)):
+        raise UserInputError(f"{path}: the header says shape {shape} but the file holds {values} values; {_FIX}")
+    array = np.frombuffer(data, dtype=_DTYPES[data[2]], offset=4 + 4 * ndim, count=values)
     return torch.from_numpy(array.reshape(shape).astype(array.dtype.newbyteorder("=")).copy())
 
 

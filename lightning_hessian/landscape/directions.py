@@ -31,7 +31,8 @@ import torch
 from torch import Tensor, nn
 
 from lightning_hessian.curvature import HessianOperator, top_eigenvalues
-from lightning_hessian.landscape.evaluation import BatchLoss, autograd_ready, batch_size, default_batch_loss
+from lightning_hessian.curvature.objective import BatchLoss, batch_loss as default_batch_loss
+from lightning_hessian.landscape.evaluation import autograd_ready, batch_size
 
 __all__ = [
     "Direction",
@@ -203,7 +204,7 @@ def eigenvector_directions(
     named = dict(model.named_parameters())
     names = list(trainable_parameters(model)) if params is None else list(params)
     operator = HessianOperator(
-        model, None, list(batches), params=[named[n] for n in names], batch_loss=batch_loss or default_batch_loss,
+        model, None, params=[named[n] for n in names], batches=list(batches), batch_loss=batch_loss or default_batch_loss,
         all_reduce=all_reduce,
     )
     result = top_eigenvalues(operator, k, **eigen_kwargs)

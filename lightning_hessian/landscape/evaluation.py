@@ -15,7 +15,6 @@ an ``all_reduce`` (sum over processes) the sums run over all ranks' samples.
 
 from __future__ import annotations
 
-import math
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -23,11 +22,11 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call, vmap
 
-from lightning_hessian.curvature.batches import batch_size, find_inputs_targets
+from lightning_hessian.curvature.batches import batch_size
+from lightning_hessian.curvature.objective import BatchLoss, BatchLossModule, batch_loss
 
 __all__ = [
     "BatchLoss",
@@ -43,21 +42,13 @@ __all__ = [
     "loss_surface",
 ]
 
-#: ``batch_loss(module, batch) -> Tensor``: the batch-mean loss of ``module`` on ``batch``
-BatchLoss = Callable[[nn.Module, Any], Tensor]
 EvaluationMethod = Literal["auto", "vmap", "sequential"]
 _METHODS = ("auto", "vmap", "sequential")
 
 
 def default_batch_loss(module: nn.Module, batch: Any) -> Tensor:
-    """Cross-entropy of ``module(x)`` against ``y`` for an ``(x, y, ...)`` batch."""
-    pair = find_inputs_targets(batch)
-    if pair is None:
-        raise TypeError(
-            f"Cannot find inputs and targets in a batch of type {type(batch).__name__}; pass batch_loss="
-        )
-    inputs, targets = pair
-    return F.cross_entropy(module(inputs), targets)
+    """Deprecated alias of :func:`lightning_hessian.curvature.objective.batch_loss`."""
+    return batch_loss(module, batch)
 
 
 def autograd_ready(batch: Any) -> Any:
@@ -75,41 +66,6 @@ def autograd_ready(batch: Any) -> Any:
     if isinstance(batch, (list, tuple)):
         return type(batch)(autograd_ready(v) for v in batch)
     return batch
-
-
-def _accuracy(logits: Tensor, targets: Tensor) -> Tensor:
-    if targets.is_floating_point() or logits.dim() < 2 or logits.shape[:-1] != targets.shape:
-        return torch.full((), math.nan, device=logits.device)
-    return (logits.argmax(dim=-1) == targets).to(torch.float32).mean()
-
-
-class _Objective(nn.Module):
-    """Wraps ``module`` so that ``functional_call`` can run any loss, not only ``forward``.
-
-    ``forward(batch)`` returns ``(loss, accuracy)``: one forward pass for the default
-    cross-entropy, the module's ``batch_loss`` plus (if ``accuracy``) a forward pass for the
-    accuracy otherwise. Accuracy is NaN where the batch has no integer class targets.
-    """
-
-    def __init__(self, module: nn.Module, batch_loss: BatchLoss | None, accuracy: bool) -> None:
-        super().__init__()
-        self.module = module
-        self.batch_loss = batch_loss
-        self.accuracy = accuracy
-
-    def forward(self, batch: Any) -> tuple[Tensor, Tensor]:
-        pair = find_inputs_targets(batch)
-        if self.batch_loss is None:
-            if pair is None:
-                raise TypeError(f"batch of type {type(batch).__name__} has no (x, y); pass batch_loss=")
-            logits = self.module(pair[0])
-            loss = F.cross_entropy(logits, pair[1])
-            accuracy = _accuracy(logits, pair[1]) if self.accuracy else torch.full((), math.nan, device=loss.device)
-            return loss, accuracy
-        loss = self.batch_loss(self.module, batch)
-        if self.accuracy and pair is not None:
-            return loss, _accuracy(self.module(pair[0]), pair[1])
-        return loss, torch.full((), math.nan, device=loss.device)
 
 
 def evaluate_stacked(
@@ -135,8 +91,12 @@ def evaluate_stacked(
         num_points: number of points.
         build_chunk: the stacked tensors of a range of points.
         batches: micro-batches; each point's loss is their sample-weighted mean.
-        batch_loss: ``batch_loss(module, batch)``, the batch-mean loss; cross-entropy by default.
-        accuracy: also compute top-1 accuracy (NaN where targets are not class indices).
+        batch_loss: ``batch_loss(module, batch)``, the batch-mean loss; default
+            :func:`~lightning_hessian.curvature.objective.batch_loss` (the module's
+            ``hessian_loss`` hook, else cross-entropy).
+        accuracy: also compute top-1 accuracy
+            (:func:`~lightning_hessian.curvature.objective.batch_accuracy`: the module's
+            ``hessian_accuracy`` hook; NaN where accuracy is not defined).
         method: ``"vmap"`` (batched over points), ``"sequential"`` (one point per pass) or
             ``"auto"`` (vmap, falling back to sequential with a warning if the model cannot be
             vmapped, e.g. data-dependent control flow or ``.item()`` in ``forward``).
@@ -152,20 +112,20 @@ def evaluate_stacked(
         raise ValueError(f"chunk_size={chunk_size} must be >= 1")
     if not batches:
         raise ValueError("evaluate_stacked needs at least one batch of data")
-    objective = _Objective(model, batch_loss, accuracy)
+    objective = BatchLossModule(model, batch_loss, accuracy=accuracy)
     device = next((t.device for t in (*model.parameters(), *model.buffers())), torch.device("cpu"))
     loss_sums = torch.zeros(num_points, dtype=torch.float64, device=device)
     accuracy_sums = torch.zeros(num_points, dtype=torch.float64, device=device)
     sizes = [batch_size(b) for b in batches]
 
     def run_vmap(stacked: dict[str, Tensor], batch: Any) -> tuple[Tensor, Tensor]:
-        prefixed = {f"module.{name}": value for name, value in stacked.items()}
+        prefixed = {f"inner.{name}": value for name, value in stacked.items()}
         return vmap(lambda tensors: functional_call(objective, tensors, (batch,)), in_dims=(0,))(prefixed)
 
     def run_sequential(stacked: dict[str, Tensor], batch: Any) -> tuple[Tensor, Tensor]:
         count = next(iter(stacked.values())).shape[0] if stacked else 1
         results = [
-            functional_call(objective, {f"module.{n}": v[i] for n, v in stacked.items()}, (batch,)) for i in range(count)
+            functional_call(objective, {f"inner.{n}": v[i] for n, v in stacked.items()}, (batch,)) for i in range(count)
         ]
         return torch.stack([r[0] for r in results]), torch.stack([r[1] for r in results])
 

@@ -21,7 +21,8 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from lightning_hessian.landscape.evaluation import BatchLoss, autograd_ready, batch_size, default_batch_loss
+from lightning_hessian.curvature.objective import BatchLoss, BatchLossModule, batch_loss as default_batch_loss
+from lightning_hessian.landscape.evaluation import autograd_ready, batch_size
 
 __all__ = ["SharpnessResult", "epsilon_sharpness"]
 
@@ -69,19 +70,9 @@ def _loss_and_grads(
     return float(loss_sum) / count, grads
 
 
-class _LossOf(nn.Module):
-    def __init__(self, module: nn.Module, batch_loss: BatchLoss) -> None:
-        super().__init__()
-        self.module = module
-        self.batch_loss = batch_loss
-
-    def forward(self, batch: Any) -> Tensor:
-        return self.batch_loss(self.module, batch)
-
-
 def _call_loss(model: nn.Module, params: dict[str, Tensor], batch: Any, batch_loss: BatchLoss) -> Tensor:
-    wrapper = _LossOf(model, batch_loss)
-    return functional_call(wrapper, {f"module.{k}": v for k, v in params.items()}, (batch,))
+    wrapper = BatchLossModule(model, batch_loss)
+    return functional_call(wrapper, {f"inner.{k}": v for k, v in params.items()}, (batch,))
 
 
 def epsilon_sharpness(

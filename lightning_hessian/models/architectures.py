@@ -40,6 +40,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from lightning_hessian.errors import UserInputError
+
 __all__ = [
     "ACTIVATIONS",
     "ARCHITECTURES",
@@ -96,10 +98,10 @@ def make_activation(name: str, softplus_beta: float = 1.0) -> LayerFactory:
         ValueError: for an unknown name or a non-positive ``softplus_beta``.
     """
     if name not in ACTIVATIONS:
-        raise ValueError(f"unknown activation {name!r}; valid names: {', '.join(ACTIVATIONS)}")
+        raise UserInputError(f"unknown activation {name!r}; valid names: {', '.join(ACTIVATIONS)}")
     if name == "softplus":
         if softplus_beta <= 0:
-            raise ValueError(f"softplus_beta must be positive, got {softplus_beta}")
+            raise UserInputError(f"softplus_beta must be positive, got {softplus_beta}")
         return lambda: nn.Softplus(beta=softplus_beta)
     # Not in-place: analyses take second derivatives through these graphs.
     return {"relu": nn.ReLU, "elu": nn.ELU, "gelu": nn.GELU}[name]
@@ -128,12 +130,12 @@ def build_architecture(
         ValueError: unknown name or activation, or an input too small for the network.
     """
     if name not in ARCHITECTURES:
-        raise ValueError(f"unknown architecture {name!r}; valid names: {', '.join(sorted(ARCHITECTURES))}")
+        raise UserInputError(f"unknown architecture {name!r}; valid names: {', '.join(sorted(ARCHITECTURES))}")
     shape = tuple(int(s) for s in input_shape)
     if len(shape) != 3 or min(shape) < 1:
-        raise ValueError(f"input_shape must be (channels, height, width), got {tuple(input_shape)}")
+        raise UserInputError(f"input_shape must be (channels, height, width), got {tuple(input_shape)}")
     if num_classes < 2:
-        raise ValueError(f"num_classes must be at least 2, got {num_classes}")
+        raise UserInputError(f"num_classes must be at least 2, got {num_classes}")
     options = BuildOptions(shape, num_classes, make_activation(activation, softplus_beta), batch_norm)
     return ARCHITECTURES[name](options)
 
@@ -147,7 +149,7 @@ def _flat_features(features: nn.Module, input_shape: tuple[int, int, int]) -> in
         with torch.no_grad():
             out = features(torch.zeros(1, *input_shape))
     except RuntimeError as err:
-        raise ValueError(f"input shape {input_shape} is too small for this architecture: {err}") from err
+        raise UserInputError(f"input shape {input_shape} is too small for this architecture: {err}") from err
     finally:
         features.train(was_training)
     return out.flatten(1).shape[1]
@@ -167,9 +169,9 @@ class Normalize(nn.Module):
     def __init__(self, mean: Sequence[float], std: Sequence[float]) -> None:
         super().__init__()
         if len(mean) != len(std):
-            raise ValueError(f"mean and std must have the same length, got {len(mean)} and {len(std)}")
+            raise UserInputError(f"mean and std must have the same length, got {len(mean)} and {len(std)}")
         if any(s <= 0 for s in std):
-            raise ValueError(f"std must be positive, got {list(std)}")
+            raise UserInputError(f"std must be positive, got {list(std)}")
         self.register_buffer("mean", torch.tensor(list(mean), dtype=torch.float32).view(1, -1, 1, 1))
         self.register_buffer("std", torch.tensor(list(std), dtype=torch.float32).view(1, -1, 1, 1))
 
@@ -342,7 +344,7 @@ class WideResNet(nn.Module):
     def __init__(self, o: BuildOptions, depth: int, widen: int) -> None:
         super().__init__()
         if (depth - 4) % 6:
-            raise ValueError(f"Wide ResNet depth must be 6n+4, got {depth}")
+            raise UserInputError(f"Wide ResNet depth must be 6n+4, got {depth}")
         n = (depth - 4) // 6
         self.stem = nn.Conv2d(o.input_shape[0], 16, 3, 1, 1, bias=not o.batch_norm)
         blocks: list[nn.Module] = []

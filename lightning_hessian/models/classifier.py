@@ -23,6 +23,7 @@ from torchmetrics.classification import MulticlassAccuracy
 from typing_extensions import override
 
 from lightning_hessian.attacks.training import AdversarialTraining
+from lightning_hessian.errors import UserInputError
 from lightning_hessian.models.architectures import Normalize, build_architecture
 from lightning_hessian.models.optim import (
     LR_SCALING_RULES,
@@ -63,7 +64,7 @@ class ImageClassifier(pl.LightningModule):
         base_batch_size: batch size at which ``lr`` applies unscaled.
         batch_size: global batch size (linked from the data module by ``hessian-train``).
         lr_scaling: ``linear``, ``sqrt`` or ``none``: ``lr * f(batch_size / base_batch_size)``.
-        momentum: SGD momentum (Adam: ``beta1``).
+        momentum: SGD momentum (Adam: ``beta1``), in ``[0, 1)``.
         nesterov: Nesterov momentum for SGD.
         weight_decay: L2 weight decay.
         warmup_epochs: linear warm-up length in epochs (fractions allowed), counted in steps.
@@ -107,16 +108,24 @@ class ImageClassifier(pl.LightningModule):
             ("LR schedule", lr_schedule, LR_SCHEDULES),
         ):
             if name not in valid:
-                raise ValueError(f"unknown {kind} {name!r}; valid names: {', '.join(valid)}")
-        if lr <= 0:
-            raise ValueError(f"lr must be positive, got {lr}")
-        if warmup_epochs < 0:
-            raise ValueError(f"warmup_epochs must be >= 0, got {warmup_epochs}")
+                raise UserInputError(f"unknown {kind} {name!r}; valid names: {', '.join(valid)}")
+        if not lr > 0:
+            raise UserInputError(f"lr must be positive, got {lr}")
+        if not warmup_epochs >= 0:
+            raise UserInputError(f"warmup_epochs must be >= 0, got {warmup_epochs}")
+        if not 0 <= momentum < 1:  # also NaN; momentum >= 1 makes the steps grow without bound
+            raise UserInputError(
+                f"momentum must be in [0, 1) (SGD momentum, Adam's beta1), got {momentum}; the usual value is 0.9"
+            )
+        if not weight_decay >= 0:
+            raise UserInputError(f"weight_decay must be >= 0, got {weight_decay}; e.g. 5e-4, or 0 for none")
         channels = int(input_shape[0])
         mean = tuple(float(m) for m in mean) if mean is not None else (0.0,) * channels
         std = tuple(float(s) for s in std) if std is not None else (1.0,) * channels
         if len(mean) != channels or len(std) != channels:
-            raise ValueError(f"mean/std need {channels} entries for input_shape {tuple(input_shape)}, got {mean}/{std}")
+            raise UserInputError(
+                f"mean/std need {channels} entries for input_shape {tuple(input_shape)}, got {mean}/{std}"
+            )
 
         # Plain YAML types in hparams.yaml (readable with yaml.safe_load): save_hyperparameters
         # reads these locals, so convert them first; `adversarial` is saved as a dictionary.
@@ -208,7 +217,7 @@ class ImageClassifier(pl.LightningModule):
         milestones = [m * steps_per_epoch for m in hp.lr_milestones]
         schedule = hp.lr_schedule
         if schedule == "cosine" and not math.isfinite(total_steps):
-            raise ValueError("lr_schedule 'cosine' needs a finite run: set trainer.max_epochs or trainer.max_steps")
+            raise UserInputError("lr_schedule 'cosine' needs a finite run: set trainer.max_epochs or trainer.max_steps")
 
         def multiplier(step: int) -> float:
             return lr_multiplier(

@@ -19,6 +19,8 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
+from lightning_hessian.errors import UserInputError
+
 __all__ = ["LR_SCALING_RULES", "LR_SCHEDULES", "OPTIMIZERS", "lr_multiplier", "scaled_learning_rate"]
 
 LR_SCALING_RULES: tuple[str, ...] = ("linear", "sqrt", "none")
@@ -28,7 +30,7 @@ OPTIMIZERS: tuple[str, ...] = ("sgd", "adam")
 
 def _check_name(kind: str, name: str, valid: Sequence[str]) -> None:
     if name not in valid:
-        raise ValueError(f"unknown {kind} {name!r}; valid names: {', '.join(valid)}")
+        raise UserInputError(f"unknown {kind} {name!r}; valid names: {', '.join(valid)}")
 
 
 def scaled_learning_rate(base_lr: float, batch_size: int, base_batch_size: int, rule: str) -> float:
@@ -39,7 +41,7 @@ def scaled_learning_rate(base_lr: float, batch_size: int, base_batch_size: int, 
     """
     _check_name("LR scaling rule", rule, LR_SCALING_RULES)
     if batch_size < 1 or base_batch_size < 1:
-        raise ValueError(f"batch sizes must be positive, got batch_size={batch_size}, base_batch_size={base_batch_size}")
+        raise UserInputError(f"batch sizes must be positive, got batch_size={batch_size}, base_batch_size={base_batch_size}")
     ratio = batch_size / base_batch_size
     factor = {"linear": ratio, "sqrt": math.sqrt(ratio), "none": 1.0}[rule]
     return base_lr * factor
@@ -71,7 +73,7 @@ def lr_multiplier(
         return gamma ** sum(1 for milestone in milestones if step >= milestone)
     if schedule == "cosine":
         if not math.isfinite(total_steps):
-            raise ValueError("the cosine schedule needs a finite number of steps (set max_epochs or max_steps)")
+            raise UserInputError("the cosine schedule needs a finite number of steps (set max_epochs or max_steps)")
         span = max(1.0, total_steps - warmup_steps)
         progress = min(1.0, (step - warmup_steps) / span)
         return 0.5 * (1.0 + math.cos(math.pi * progress))

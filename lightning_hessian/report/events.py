@@ -5,25 +5,44 @@ A *run directory* is any directory that directly holds TensorBoard event files
 Only the logged tags are read, so runs of any project that attaches this package's callbacks can
 be reported. Several event files in one directory (``hessian-train fit`` then ``hessian-train
 test`` into the same logger version, or a resumed run) are merged by TensorBoard's own
-``EventAccumulator``, which also drops events orphaned by a restart.
+``EventAccumulator``, which also drops events orphaned by a restart (a purge marker, as
+``hessian-train fit --ckpt_path last`` writes, discards the earlier events at its step and later).
+
+Each tag has at most one value per step: when several events share a tag and a step (a run
+resumed by a writer that did not purge, two commands logging into one directory), the one written
+last (read last) is kept.
 
 The *final* value of a tag is the value logged last (latest wall time; ties go to the larger
 step), so ``test/acc`` logged by a ``test`` after ``fit`` is the test accuracy of the model that
 ``test`` evaluated.
+
+**Damaged event files.** TensorBoard stops reading a file at a truncated or corrupt record without
+a word (a killed writer, a full disk), which silently drops the rest of the file, for example the
+test phase's ``hessian/*`` values. :func:`read_events` checks every record's framing and CRC32C
+checksums first (:func:`check_event_file`); for a damaged file it warns
+(:class:`DamagedEventFileWarning`, naming the file and the record) and keeps what can be read: the
+records before the damage, and the run's other event files. ``RunEvents.problems`` lists them.
 """
 
 from __future__ import annotations
 
+import struct
+import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 
+from lightning_hessian.errors import InputNotFoundError
+
 __all__ = [
+    "DamagedEventFileWarning",
     "HistogramPoint",
     "RunEvents",
     "ScalarPoint",
+    "check_event_file",
     "final_value",
     "find_run_dirs",
     "has_event_files",
@@ -31,6 +50,13 @@ __all__ = [
 ]
 
 EVENT_FILE_MARKER = "tfevents"
+
+
+class DamagedEventFileWarning(UserWarning):
+    """An event file is truncated or corrupt; only the records before the damage are read."""
+
+
+_Point = TypeVar("_Point", "ScalarPoint", "HistogramPoint")
 
 
 @dataclass(frozen=True)
@@ -58,6 +84,8 @@ class RunEvents:
 
     scalars: dict[str, list[ScalarPoint]] = field(default_factory=dict)
     histograms: dict[str, list[HistogramPoint]] = field(default_factory=dict)
+    #: one line per damaged event file: the file, what is wrong, what was kept
+    problems: list[str] = field(default_factory=list)
 
     def final(self, tag: str) -> float | None:
         """The last logged value of ``tag``, or ``None`` if the tag was never logged."""
@@ -80,12 +108,12 @@ def find_run_dirs(paths: Iterable[str | Path]) -> list[Path]:
     and ``checkpoints`` directories are not searched.
 
     Raises:
-        FileNotFoundError: a path does not exist.
+        InputNotFoundError: a path does not exist (a ``FileNotFoundError``).
     """
     found: set[Path] = set()
     for path in map(Path, paths):
         if not path.exists():
-            raise FileNotFoundError(f"Run directory {str(path)!r} does not exist.")
+            raise InputNotFoundError(f"Run directory {str(path)!r} does not exist.")
         if path.is_file():
             # An event file given directly stands for its directory.
             path = path.parent
@@ -99,11 +127,53 @@ def find_run_dirs(paths: Iterable[str | Path]) -> list[Path]:
     return sorted(found)
 
 
+def check_event_file(path: str | Path) -> str | None:
+    """``None`` if every record of the event file is whole and its checksums match, else what is
+    wrong (and how many intact records come before it).
+
+    The TFRecord framing of event files: a little-endian uint64 length, the masked CRC32C of
+    those 8 bytes, the data, the masked CRC32C of the data.
+    """
+    from tensorboard.compat.tensorflow_stub.pywrap_tensorflow import masked_crc32c
+
+    records = 0
+    with open(path, "rb") as handle:
+        while True:
+            header = handle.read(12)
+            if not header:
+                return None
+            where = f"after {records} intact records"
+            if len(header) < 12:
+                return f"truncated {where} (the file ends inside a record header)"
+            (length,) = struct.unpack("<Q", header[:8])
+            if masked_crc32c(header[:8]) != struct.unpack("<I", header[8:])[0]:
+                return f"corrupt {where} (record length checksum mismatch)"
+            data = handle.read(length)
+            footer = handle.read(4)
+            if len(data) < length or len(footer) < 4:
+                return f"truncated {where} (the file ends inside a record of {length} bytes)"
+            if masked_crc32c(data) != struct.unpack("<I", footer)[0]:
+                return f"corrupt {where} (record data checksum mismatch)"
+            records += 1
+
+
 def read_events(run_dir: str | Path) -> RunEvents:
-    """All scalars and histograms logged in ``run_dir`` (its own event files, not subfolders)."""
+    """All scalars and histograms logged in ``run_dir`` (its own event files, not subfolders).
+
+    A damaged event file is reported with a :class:`DamagedEventFileWarning` and in
+    ``RunEvents.problems``; the records before the damage, and the other files, are still read.
+    """
     # Imported here: the accumulator pulls in a part of TensorBoard that the rest does not need.
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     from tensorboard.util import tensor_util
+
+    problems = []
+    for path in sorted(Path(run_dir).iterdir()):
+        if path.is_file() and EVENT_FILE_MARKER in path.name:
+            problem = check_event_file(path)
+            if problem is not None:
+                problems.append(f"{path}: {problem}; the records before it are read, the rest is lost")
+                warnings.warn(f"damaged event file {problems[-1]}", DamagedEventFileWarning, stacklevel=2)
 
     # Size guidance 0 keeps every event (the default keeps one histogram per tag).
     accumulator = EventAccumulator(
@@ -111,10 +181,10 @@ def read_events(run_dir: str | Path) -> RunEvents:
     )
     accumulator.Reload()
     tags = accumulator.Tags()
-    events = RunEvents()
+    events = RunEvents(problems=problems)
     for tag in tags.get("scalars", []):
         points = [ScalarPoint(int(e.step), float(e.wall_time), float(e.value)) for e in accumulator.Scalars(tag)]
-        events.scalars[tag] = sorted(points, key=lambda p: (p.wall_time, p.step))
+        events.scalars[tag] = sorted(_last_per_step(points), key=lambda p: (p.wall_time, p.step))
     # Scalars written as tensor summaries (TF2-style writers, `new_style=True`): one-element floats.
     for tag in tags.get("tensors", []):
         if tag in events.scalars:
@@ -125,14 +195,24 @@ def read_events(run_dir: str | Path) -> RunEvents:
             if array.size == 1 and array.dtype.kind in "fiu":
                 points.append(ScalarPoint(int(e.step), float(e.wall_time), float(array.reshape(()))))
         if points:
-            events.scalars[tag] = sorted(points, key=lambda p: (p.wall_time, p.step))
+            events.scalars[tag] = sorted(_last_per_step(points), key=lambda p: (p.wall_time, p.step))
     for tag in tags.get("histograms", []):
         histograms = []
         for e in accumulator.Histograms(tag):
             edges, counts = _histogram_edges(e.histogram_value)
             histograms.append(HistogramPoint(int(e.step), float(e.wall_time), edges, counts))
-        events.histograms[tag] = sorted(histograms, key=lambda p: (p.wall_time, p.step))
+        events.histograms[tag] = sorted(_last_per_step(histograms), key=lambda p: (p.wall_time, p.step))
     return events
+
+
+def _last_per_step(points: Sequence[_Point]) -> list[_Point]:
+    """One point per step: of several at the same step, the one written last (``points`` are in
+    the order the event files were read)."""
+    by_step: dict[int, _Point] = {}
+    for point in points:
+        by_step.pop(point.step, None)  # re-insert: the dict keeps the order of the last writes
+        by_step[point.step] = point
+    return list(by_step.values())
 
 
 def final_value(points: Sequence[ScalarPoint]) -> float | None:

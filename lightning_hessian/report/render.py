@@ -27,6 +27,8 @@ class ReportContent:
     figures: list[FigureFile]
     missing: list[str] = field(default_factory=list)
     skipped: list[tuple[Path, str]] = field(default_factory=list)
+    #: damaged event files of the reported runs (the numbers come from what could be read)
+    damaged: list[str] = field(default_factory=list)
 
 
 def _table_cells(table: VariantTable) -> tuple[list[str], list[list[str]]]:
@@ -101,6 +103,8 @@ def render_markdown(content: ReportContent) -> str:
     lines += _markdown_table(*_run_rows(content))
     if content.skipped:
         lines += ["", "Skipped:", ""] + [f"- `{_display_path(path)}`: {why}" for path, why in content.skipped]
+    if content.damaged:
+        lines += ["", "Damaged event files (read up to the damage):", ""] + [f"- {item}" for item in content.damaged]
     return "\n".join(lines) + "\n"
 
 
@@ -154,6 +158,10 @@ def render_html(content: ReportContent) -> str:
     if content.skipped:
         parts.append("<p>Skipped:</p><ul>")
         parts += [f"<li><code>{escape(_display_path(path))}</code>: {escape(why)}</li>" for path, why in content.skipped]
+        parts.append("</ul>")
+    if content.damaged:
+        parts.append("<p>Damaged event files (read up to the damage):</p><ul>")
+        parts += [f"<li>{escape(item)}</li>" for item in content.damaged]
         parts.append("</ul>")
     parts.append("</body></html>")
     return "\n".join(parts) + "\n"

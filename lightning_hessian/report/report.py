@@ -16,6 +16,8 @@ training variant and batch size (see :mod:`lightning_hessian.report.runs`), and 
   every run).
 
 Runs whose ``sweep.json`` says they did not finish are skipped unless ``--include-unfinished``.
+A truncated or corrupt event file is reported (a warning naming the file, and a list in the report)
+and read up to the damage; a run with nothing readable is skipped with the reason.
 ``--min-accuracy PERCENT`` also leaves out runs whose final accuracy (``test/acc``, else
 ``val/acc``) is below it: runs that diverged to chance accuracy would otherwise swamp the means of
 their batch size. Every left-out run is listed in the report with the reason.
@@ -26,11 +28,13 @@ from __future__ import annotations
 import argparse
 import shlex
 import sys
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
+from lightning_hessian.errors import UserInputError, format_user_error, run_console_script
 from lightning_hessian.report import figures as figure_module
-from lightning_hessian.report.events import find_run_dirs
+from lightning_hessian.report.events import DamagedEventFileWarning, find_run_dirs
 from lightning_hessian.report.render import (
     ReportContent,
     render_html,
@@ -70,7 +74,7 @@ def load_runs(
         ValueError: no run directory was found, or ``min_accuracy`` is not in [0, 100].
     """
     if min_accuracy is not None and not 0 <= min_accuracy <= 100:
-        raise ValueError(f"min_accuracy is a percentage in [0, 100], got {min_accuracy}; for 30% pass 30, not 0.3")
+        raise UserInputError(f"min_accuracy is a percentage in [0, 100], got {min_accuracy}; for 30% pass 30, not 0.3")
     run_dirs = find_run_dirs(paths)
     skipped: list[tuple[Path, str]] = []
     # Sweep runs that failed before logging anything have a sweep.json but no event files.
@@ -82,7 +86,7 @@ def load_runs(
                 status = load_run(directory, read=False).status
                 skipped.append((directory, f"sweep.json status is {status!r}, no event files"))
     if not run_dirs and not skipped:
-        raise ValueError(
+        raise UserInputError(
             f"No TensorBoard event files found under {[str(p) for p in paths]}. Pass run directories "
             "(for example runs/sweeps/NAME or lightning_logs/version_0) or folders containing them."
         )
@@ -93,6 +97,12 @@ def load_runs(
             skipped.append((run_dir, f"sweep.json status is {run.status!r} (use --include-unfinished)"))
             continue
         run = load_run(run_dir)
+        if run.events.problems and not run.events.scalars:
+            skipped.append((run_dir, "nothing readable: " + "; ".join(run.events.problems)))
+            continue
+        if not run.events.scalars:  # e.g. a run that failed before its first logged step
+            skipped.append((run_dir, "no scalars logged (the run stopped before training?)"))
+            continue
         accuracy, tag = run_accuracy(run)
         if min_accuracy is not None and accuracy is not None and 100 * accuracy < min_accuracy:
             skipped.append((run_dir, f"{tag} {100 * accuracy:.2f}% is below --min-accuracy {min_accuracy:g}% (did not train)"))
@@ -116,7 +126,8 @@ def build_report(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     if not runs:
-        raise ValueError(f"All {len(skipped)} runs found were skipped: {skipped}")
+        reasons = "; ".join(f"{path}: {why}" for path, why in skipped)
+        raise UserInputError(f"all {len(skipped)} runs found were skipped: {reasons}")
     figures, missing = [], []
     for plot, missing_note in _FIGURES:
         written = plot(runs, out)
@@ -132,6 +143,7 @@ def build_report(
         figures=figures,
         missing=missing,
         skipped=skipped,
+        damaged=[problem for run in runs for problem in run.events.problems],
     )
     (out / "report.md").write_text(render_markdown(content))
     (out / "report.html").write_text(render_html(content))
@@ -162,21 +174,31 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``hessian-report`` console script."""
+    """Entry point of the ``hessian-report`` console script: 0, or 2 with one line
+    ``hessian-report: error: ...`` for bad input (a missing path, no runs)."""
+    return run_console_script("hessian-report", lambda: _main(sys.argv[1:] if argv is None else argv))
+
+
+def _main(argv: Sequence[str]) -> int:
     arguments = _parser().parse_args(argv)
-    command = "hessian-report " + " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
-    try:
-        content = build_report(
-            arguments.run_dirs,
-            arguments.out,
-            title=arguments.title,
-            include_unfinished=arguments.include_unfinished,
-            min_accuracy=arguments.min_accuracy,
-            command=command,
-        )
-    except (FileNotFoundError, ValueError) as error:
-        print(f"hessian-report: error: {error}", file=sys.stderr)
-        return 2
+    command = "hessian-report " + " ".join(shlex.quote(a) for a in argv)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", DamagedEventFileWarning)
+        try:
+            content = build_report(
+                arguments.run_dirs,
+                arguments.out,
+                title=arguments.title,
+                include_unfinished=arguments.include_unfinished,
+                min_accuracy=arguments.min_accuracy,
+                command=command,
+            )
+        finally:
+            for warning in caught:  # the damaged event files, one line each; other warnings as usual
+                if issubclass(warning.category, DamagedEventFileWarning):
+                    print(f"hessian-report: warning: {format_user_error(warning.message)}", file=sys.stderr)
+                else:
+                    warnings.showwarning(warning.message, warning.category, warning.filename, warning.lineno)
     out = Path(arguments.out)
     print(f"Read {len(content.runs)} runs ({len(content.skipped)} skipped); wrote {out / 'report.md'}, {out / 'report.html'}")
     for item in content.missing:

@@ -209,6 +209,12 @@ def read_run_metadata(run_dir: Path) -> tuple[dict[str, Any], dict[str, str]]:
             offer("batch_size", int(match.group(1)), "directory name")
         if (match := _SEED_PATTERN.search(part)) is not None:
             offer("seed", int(match.group(1)), "directory name")
+    if fields["batch_size"] is None and fields["variant"] is None:
+        # Not a run of this package's sweeps: never pool it with unlike runs. Its project (the
+        # model class, else the logger's directory) is what tells it apart.
+        model_class = (config or {}).get("model", {}).get("class_path") if isinstance((config or {}).get("model"), Mapping) else None
+        project = run_dir.parent.name if run_dir.name.startswith("version_") else run_dir.name
+        offer("variant", f"{project} ({model_class.rsplit('.', 1)[-1]})" if model_class else project, "run directory")
     offer("variant", STANDARD_VARIANT, "default")
     return fields, sources
 

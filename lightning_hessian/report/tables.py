@@ -176,12 +176,14 @@ def _summarize_variant(variant: str, runs: list[Run]) -> VariantTable:
     elif used == {VAL_ACC_TAG}:
         accuracy_title = "val acc (%)"
         notes.append("No run logged `test/acc`: the accuracy column is the last `val/acc`.")
-    else:
+    elif used:
         accuracy_title = "test acc* (%)"
         fallback = sorted(run.name for run in runs if accuracy_source[run.path][1] == VAL_ACC_TAG)
         notes.append(
             "*Last `val/acc` for runs without `test/acc`: " + ", ".join(f"`{name}`" for name in fallback) + "."
         )
+    else:  # no run logged an accuracy (a regressor, say): no accuracy column
+        accuracy_title = ""
 
     all_tags = sorted({tag for run in runs for tag in run.events.scalars})
     columns = [Column(ACCURACY_KEY, accuracy_title, percent=True)] if used else []
