@@ -5,6 +5,7 @@ The public API; each name is documented in its module and in the README.
 
 from lightning_hessian.attacks import AdversarialTraining, AttackSpec, fgsm, pgd
 from lightning_hessian.callbacks import (
+    AdaptiveBatchSizeCallback,
     AdversarialRobustnessCallback,
     EpochAnalysisCallback,
     HessianSpectrumCallback,
@@ -33,6 +34,7 @@ __all__ = [
     "CIFAR10",
     "CIFAR100",
     "MNIST",
+    "AdaptiveBatchSizeCallback",
     "AdversarialRobustnessCallback",
     "AdversarialTraining",
     "AttackSpec",

@@ -40,6 +40,7 @@ from __future__ import annotations
 import importlib
 import os
 import re
+import sys
 import warnings
 from pathlib import Path
 from typing import Any
@@ -98,7 +99,12 @@ class HessianArgumentParser(LightningArgumentParser):
                 f"\nValid data modules: {', '.join(DATASETS)} "
                 "(data.class_path: lightning_hessian.data.<name>, or --data=<name>)"
             )
-        return super().error(message, *args, **kwargs)
+        if not self.exit_on_error:  # nested parsers: the error goes up to the top-level parser
+            return super().error(message, *args, **kwargs)
+        # the same `PROG: error: ...` line (and exit status 2) as every other user error
+        prog = (self.prog or "hessian-train").split()[0]
+        sys.stderr.write(f"{prog}: error: {message}\n")
+        raise SystemExit(2)
 
 
 class HessianCLI(LightningCLI):

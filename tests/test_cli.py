@@ -87,7 +87,7 @@ def test_robust_training_from_the_command_line(in_tmp_dir: Path) -> None:
     [
         ("--model.arch=vgg99", "unknown architecture 'vgg99'; valid names: c1, c2, lenet5, m1, mlp, resnet18"),
         ("--model.activation=swish", "unknown activation 'swish'; valid names: relu, softplus, elu, gelu"),
-        ("--model.optimizer=lamb", "unknown optimizer 'lamb'; valid names: sgd, adam"),
+        ("--model.optimizer=rmsprop", "unknown optimizer 'rmsprop'; valid names: sgd, adam, lars, lamb"),
         ("--model.adversarial.method=free", "valid methods: none, fgsm"),
         ("--data=ImageNet", "Valid data modules: Digits, MNIST, FashionMNIST, CIFAR10, CIFAR100"),
     ],

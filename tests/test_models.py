@@ -129,7 +129,7 @@ def test_out_of_range_optimiser_settings_fail_before_training(kwargs: dict, matc
     [
         ({"arch": "vgg99"}, "architecture 'vgg99'"),
         ({"activation": "swish"}, "activation 'swish'"),
-        ({"optimizer": "lamb"}, "optimizer 'lamb'"),
+        ({"optimizer": "rmsprop"}, "optimizer 'rmsprop'"),
         ({"lr_scaling": "cubic"}, "LR scaling rule 'cubic'"),
         ({"lr_schedule": "onecycle"}, "LR schedule 'onecycle'"),
     ],

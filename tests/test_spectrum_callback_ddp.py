@@ -75,6 +75,9 @@ def test_two_gloo_processes_equal_one_process(tmp_path: Path) -> None:
     for name, value in single["metrics"].items():
         if name in ("hessian/seconds", "hessian/hvps"):
             continue
+        if math.isnan(value):  # not computed in either run (e.g. Adam's preconditioned sharpness under SGD)
+            assert math.isnan(rank0["metrics"][name]), name
+            continue
         assert rank0["metrics"][name] == pytest.approx(value, rel=1e-5, abs=1e-9), name
     for left, right in zip(single["eigenvectors"], rank0["eigenvectors"]):
         overlap = sum(float((left[n] * right[n]).sum()) for n in left)

@@ -29,6 +29,8 @@ from torch import Tensor, nn
 from typing_extensions import override
 
 from lightning_hessian.callbacks.base import AnalysisSamples, EpochAnalysisCallback
+from lightning_hessian.callbacks.packages import trainer_fn
+from lightning_hessian.callbacks.stability import stability_limit
 from lightning_hessian.curvature import (
     DensityResult,
     EigenResult,
@@ -40,6 +42,7 @@ from lightning_hessian.curvature import (
     top_eigenvalues,
 )
 from lightning_hessian.curvature.objective import BatchLoss, batch_loss, has_custom_loss, replace_inputs
+from lightning_hessian.curvature.preconditioned import DiagonallyScaledOperator
 from lightning_hessian.errors import UserInputError
 
 if TYPE_CHECKING:
@@ -79,6 +82,15 @@ class HessianSpectrumCallback(EpochAnalysisCallback):
       eigenvalue of the per-sample input Hessian and of the input-gradient norm (``input_hessian``).
     - ``hessian/layer/{module}/eig_{i}``: top ``layer_top_k`` eigenvalues of each selected module's
       diagonal Hessian block (``layers``).
+    - ``hessian/eig_1_x_lr``, ``hessian/stability`` (``stability=True``, during ``fit``): the top
+      eigenvalue times the learning rate of the last step, and its ratio to the optimizer's
+      quadratic stability limit, ``eig_1 * lr / (2 (1 + momentum))`` for SGD with heavy-ball
+      momentum (Nesterov: ``eig_1 * lr (1 + 2 momentum) / (2 + 2 momentum)``); above 1 the step is
+      beyond the limit (Cohen et al. 2021, "edge of stability"). For Adam/AdamW,
+      ``hessian/preconditioned_eig_1``, the top eigenvalue of ``P^-1/2 H P^-1/2`` with Adam's
+      preconditioner ``P``, and ``stability = preconditioned_eig_1 * lr (1 - beta1) / (2 + 2 beta1)``
+      (Cohen et al. 2022). Read from the live optimizer; NaN for other optimizers (see
+      :mod:`lightning_hessian.callbacks.stability`).
     - ``hessian/hvps``: Hessian-vector products spent (each one a pass over the samples).
     - ``hessian/seconds``: wall time of the analysis.
     - ``hessian/converged``: fraction of the requested eigenpairs that met ``eig_tol`` (less than 1
@@ -127,6 +139,7 @@ class HessianSpectrumCallback(EpochAnalysisCallback):
         layer_top_k: number of eigenvalues per selected module.
         backend: one of :data:`BACKENDS`.
         warm_start: start Lanczos from the previous analysis's eigenvectors.
+        stability: also log the optimizer's stability ratio (see the logged metrics above).
         analyse_on_train_end: when ``fit`` ends on weights that no scheduled analysis has seen
             (``max_epochs`` not a multiple of ``every_n_epochs``, early stopping, ``max_steps``),
             analyse them once more: every run's curve ends at its final weights.
@@ -173,6 +186,7 @@ class HessianSpectrumCallback(EpochAnalysisCallback):
         backend: str = "native",
         warm_start: bool = True,
         analyse_on_train_end: bool = True,
+        stability: bool = True,
         progress_interval: float = 30.0,
     ) -> None:
         super().__init__(
@@ -240,6 +254,7 @@ class HessianSpectrumCallback(EpochAnalysisCallback):
         self.backend = backend
         self.warm_start = warm_start
         self.analyse_on_train_end = analyse_on_train_end
+        self.stability = stability
         self.progress_interval = progress_interval
 
         self._eigenvectors: list[dict[str, Tensor]] | None = None
@@ -280,6 +295,8 @@ class HessianSpectrumCallback(EpochAnalysisCallback):
         names: list[str] = []
         if "eigenvalues" in self.quantities:
             names += [f"hessian/eig_{i}" for i in range(1, self.top_k + 1)]
+            if self.stability:
+                names += ["hessian/eig_1_x_lr", "hessian/stability", "hessian/preconditioned_eig_1"]
         if "smallest_eigenvalue" in self.quantities:
             names.append("hessian/eig_min")
         if "trace" in self.quantities:
@@ -364,6 +381,8 @@ class HessianSpectrumCallback(EpochAnalysisCallback):
             if len(result.eigenvectors) == self.top_k:
                 self._eigenvectors = [{n: t.detach() for n, t in v.items()} for v in result.eigenvectors]
             progress.report("top eigenvalues", hvps)
+            if self.stability and top_values:
+                hvps += self._stability(trainer, pl_module, operator, top_values[0], metrics, budget, progress.with_base(hvps))
 
         if "smallest_eigenvalue" in self.quantities:
             if budget.spent():
@@ -478,6 +497,33 @@ class HessianSpectrumCallback(EpochAnalysisCallback):
             param_filter=None if selected is None else (lambda name, _param: name in selected),
             all_reduce=all_reduce,
         )
+
+    def _stability(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        operator: HessianOperator,
+        top_eigenvalue: float,
+        metrics: dict[str, float],
+        budget: _Budget,
+        progress: _Progress,
+    ) -> int:
+        """Fill the stability metrics from the live optimizer; returns the products spent."""
+        if trainer_fn(trainer) != "fit" or not trainer.optimizers:
+            return 0
+        named = dict(pl_module.named_parameters())
+        limit = stability_limit(trainer.optimizers[0], [named[n] for n in operator.param_names])
+        if limit is None:
+            return 0
+        metrics["hessian/eig_1_x_lr"] = top_eigenvalue * limit.lr
+        if limit.preconditioner is None:
+            metrics["hessian/stability"] = top_eigenvalue * limit.lr / limit.threshold
+            return 0
+        scaled = DiagonallyScaledOperator(operator, limit.preconditioner.rsqrt())
+        result = self._top_eigenvalues(scaled, 1, "largest", None, budget, progress)  # type: ignore[arg-type]
+        metrics["hessian/preconditioned_eig_1"] = float(result.eigenvalues[0])
+        metrics["hessian/stability"] = float(result.eigenvalues[0]) * limit.lr / limit.threshold
+        return result.hvp_count
 
     def _top_eigenvalues(
         self,

@@ -125,7 +125,9 @@ class ImageDataModule(pl.LightningDataModule):
 
     Args:
         data_dir: directory holding (or receiving) the dataset files.
-        batch_size: **global** batch size per optimiser step (see :func:`per_device_batch_size`).
+        batch_size: **global** batch size per optimiser step (see :func:`per_device_batch_size`);
+            read again by every ``train_dataloader()`` call, so it may change between epochs
+            (:class:`~lightning_hessian.callbacks.absa.AdaptiveBatchSizeCallback`).
         download: download missing files in ``prepare_data`` (rank 0).
         augment: random crop (zero padding ``crop_padding``) and horizontal flip (if the dataset
             allows it) of training batches; validation and test data are never augmented.
@@ -314,6 +316,11 @@ class ImageDataModule(pl.LightningDataModule):
 
     @override
     def train_dataloader(self) -> DataLoader:
+        trainer = self.trainer
+        if trainer is not None:  # batch_size may have changed since setup (AdaptiveBatchSizeCallback)
+            self.per_device_batch_size = per_device_batch_size(
+                self.batch_size, trainer.world_size, trainer.accumulate_grad_batches
+            )
         loader = self._loader(self.train_dataset, train=True)
         if len(loader) == 0:
             raise UserInputError(

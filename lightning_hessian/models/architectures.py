@@ -5,7 +5,18 @@ Every architecture takes the same options:
 * ``activation``: ``relu``, ``softplus`` (``softplus(x) = log(1 + exp(beta * x)) / beta``; it is
   twice differentiable and approaches ReLU as ``beta`` grows, which the paper's reviewers asked for),
   ``elu`` or ``gelu``;
-* ``batch_norm``: with ``False`` every BatchNorm layer becomes an identity.
+* ``batch_norm``: with ``False`` every BatchNorm layer becomes an identity;
+* ``bn_virtual_batch_size``: Ghost BatchNorm (Hoffer et al. 2017): every ``nn.BatchNorm1d``/``2d``
+  of the built network is swapped for
+  :class:`~lightning_hessian.models.ghost_batch_norm.GhostBatchNorm1d`/``2d``, which in training
+  normalises each slice of that many samples with its own statistics (exactly as accumulating those
+  slices as micro-batches); evaluation and ``state_dict`` are plain BatchNorm's;
+* ``init``: ``default`` (PyTorch's initialisation of each layer) or ``he_normal``: every
+  ``nn.Conv2d`` weight (3x3, 5x5 and the 1x1 projection shortcuts alike) drawn from
+  ``N(0, 2 / fan_out)`` with ``fan_out = out_channels * kernel_height * kernel_width``
+  (``kaiming_normal_(mode="fan_out", nonlinearity="relu")``), as the authors' ResNet code
+  (HessianFlow ``models/resnet.py``: ``normal_(0, sqrt(2 / n))``, ``n = k * k * out_channels``) does;
+  convolution biases, linear layers and BatchNorm (weight 1, bias 0) keep PyTorch's initialisation.
 
 Networks map a batch ``(N, C, H, W)`` to logits ``(N, num_classes)``. The input size of the first
 fully connected layer is computed with a dummy forward pass of the convolutional part, so every
@@ -41,19 +52,23 @@ import torch
 from torch import Tensor, nn
 
 from lightning_hessian.errors import UserInputError
+from lightning_hessian.models.ghost_batch_norm import check_virtual_batch_size, convert_to_ghost_batch_norm
 
 __all__ = [
     "ACTIVATIONS",
     "ARCHITECTURES",
     "ArchitectureBuilder",
+    "INITS",
     "LayerFactory",
     "Normalize",
     "build_architecture",
+    "he_normal_init",
     "make_activation",
     "register_architecture",
 ]
 
 ACTIVATIONS: tuple[str, ...] = ("relu", "softplus", "elu", "gelu")
+INITS: tuple[str, ...] = ("default", "he_normal")
 
 LayerFactory = Callable[[], nn.Module]
 """A zero-argument callable that returns a fresh activation module."""
@@ -115,6 +130,8 @@ def build_architecture(
     activation: str = "relu",
     softplus_beta: float = 1.0,
     batch_norm: bool = True,
+    bn_virtual_batch_size: int | None = None,
+    init: str = "default",
 ) -> nn.Module:
     """Build the registered architecture ``name`` (see :data:`ARCHITECTURES`).
 
@@ -125,9 +142,14 @@ def build_architecture(
         activation: one of :data:`ACTIVATIONS`.
         softplus_beta: sharpness of ``softplus`` (ignored for other activations).
         batch_norm: use BatchNorm layers (identity otherwise).
+        bn_virtual_batch_size: Ghost BatchNorm: in training, BatchNorm statistics per this many
+            samples (:mod:`~lightning_hessian.models.ghost_batch_norm`); ``None``: over the whole
+            batch. No effect on a network without BatchNorm layers (``batch_norm=False``).
+        init: weight initialisation, one of :data:`INITS` (module docstring).
 
     Raises:
-        ValueError: unknown name or activation, or an input too small for the network.
+        ValueError: unknown name, activation or initialisation, a ``bn_virtual_batch_size`` that is
+            not a positive integer, or an input too small for the network.
     """
     if name not in ARCHITECTURES:
         raise UserInputError(f"unknown architecture {name!r}; valid names: {', '.join(sorted(ARCHITECTURES))}")
@@ -136,8 +158,28 @@ def build_architecture(
         raise UserInputError(f"input_shape must be (channels, height, width), got {tuple(input_shape)}")
     if num_classes < 2:
         raise UserInputError(f"num_classes must be at least 2, got {num_classes}")
+    if init not in INITS:
+        raise UserInputError(f"unknown initialisation {init!r}; valid names: {', '.join(INITS)}")
+    if bn_virtual_batch_size is not None:
+        bn_virtual_batch_size = check_virtual_batch_size(bn_virtual_batch_size)
     options = BuildOptions(shape, num_classes, make_activation(activation, softplus_beta), batch_norm)
-    return ARCHITECTURES[name](options)
+    network = ARCHITECTURES[name](options)
+    if init == "he_normal":
+        he_normal_init(network)
+    if bn_virtual_batch_size is not None:
+        network = convert_to_ghost_batch_norm(network, bn_virtual_batch_size)
+    return network
+
+
+def he_normal_init(network: nn.Module) -> nn.Module:
+    """He-normal initialisation of every ``nn.Conv2d`` weight in ``network`` (in place):
+    ``w ~ N(0, 2 / fan_out)``, ``fan_out = out_channels * prod(kernel_size)``, the authors' ResNet
+    initialisation (HessianFlow ``models/resnet.py``); biases and other layers are untouched.
+    Returns ``network``."""
+    for module in network.modules():
+        if isinstance(module, nn.Conv2d):
+            nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
+    return network
 
 
 def _flat_features(features: nn.Module, input_shape: tuple[int, int, int]) -> int:

@@ -29,6 +29,8 @@ from lightning_hessian.models.optim import (
     LR_SCALING_RULES,
     LR_SCHEDULES,
     OPTIMIZERS,
+    build_optimizer,
+    check_optimizer_settings,
     lr_multiplier,
     scaled_learning_rate,
 )
@@ -59,14 +61,25 @@ class ImageClassifier(pl.LightningModule):
         activation: ``relu``, ``softplus``, ``elu`` or ``gelu``.
         softplus_beta: sharpness of ``softplus`` (large values approach ReLU).
         batch_norm: use BatchNorm layers.
-        optimizer: ``sgd`` or ``adam``.
+        bn_virtual_batch_size: Ghost BatchNorm (Hoffer et al. 2017): in training, BatchNorm
+            statistics per this many samples of the per-device batch, exactly as accumulating
+            micro-batches of that size through plain BatchNorm, running statistics included
+            (:mod:`~lightning_hessian.models.ghost_batch_norm`); evaluation is plain BatchNorm.
+            ``None`` (default): statistics over the whole per-device batch.
+        init: ``default`` (PyTorch's layer initialisation) or ``he_normal`` (every conv weight
+            ``N(0, 2 / fan_out)``, the authors' ResNet initialisation).
+        optimizer: ``sgd``, ``adam``, ``lars`` or ``lamb`` (the layer-wise adaptive large-batch
+            optimisers from ``pytorch-optimizer``; biases and BatchNorm parameters are neither
+            decayed nor adapted: :func:`~lightning_hessian.models.optim.build_optimizer`).
         lr: base learning rate, meant for ``base_batch_size``.
         base_batch_size: batch size at which ``lr`` applies unscaled.
         batch_size: global batch size (linked from the data module by ``hessian-train``).
         lr_scaling: ``linear``, ``sqrt`` or ``none``: ``lr * f(batch_size / base_batch_size)``.
-        momentum: SGD momentum (Adam: ``beta1``), in ``[0, 1)``.
-        nesterov: Nesterov momentum for SGD.
+        momentum: SGD and LARS momentum (Adam and LAMB: ``beta1``), in ``[0, 1)``.
+        nesterov: Nesterov momentum for ``sgd`` and ``lars`` (refused with ``lamb``).
         weight_decay: L2 weight decay.
+        trust_coefficient: LARS's trust coefficient ``eta`` (local rate ``eta ||w|| / (||g|| +
+            weight_decay ||w||)``); ``lars`` only (another value with another optimiser is an error).
         warmup_epochs: linear warm-up length in epochs (fractions allowed), counted in steps.
         lr_schedule: ``constant``, ``step`` or ``cosine`` after warm-up.
         lr_milestones: epochs at which ``step`` multiplies the rate by ``lr_gamma``.
@@ -85,6 +98,8 @@ class ImageClassifier(pl.LightningModule):
         activation: str = "relu",
         softplus_beta: float = 1.0,
         batch_norm: bool = True,
+        bn_virtual_batch_size: int | None = None,
+        init: str = "default",
         optimizer: str = "sgd",
         lr: float = 0.1,
         base_batch_size: int = 128,
@@ -93,6 +108,7 @@ class ImageClassifier(pl.LightningModule):
         momentum: float = 0.9,
         nesterov: bool = False,
         weight_decay: float = 5e-4,
+        trust_coefficient: float = 1e-3,
         warmup_epochs: float = 0.0,
         lr_schedule: str = "cosine",
         lr_milestones: Sequence[int] = (),
@@ -119,6 +135,7 @@ class ImageClassifier(pl.LightningModule):
             )
         if not weight_decay >= 0:
             raise UserInputError(f"weight_decay must be >= 0, got {weight_decay}; e.g. 5e-4, or 0 for none")
+        check_optimizer_settings(optimizer, nesterov=nesterov, trust_coefficient=trust_coefficient)
         channels = int(input_shape[0])
         mean = tuple(float(m) for m in mean) if mean is not None else (0.0,) * channels
         std = tuple(float(s) for s in std) if std is not None else (1.0,) * channels
@@ -145,6 +162,8 @@ class ImageClassifier(pl.LightningModule):
                 activation=activation,
                 softplus_beta=softplus_beta,
                 batch_norm=batch_norm,
+                bn_virtual_batch_size=bn_virtual_batch_size,
+                init=init,
             ),
         )
         # validate_args=False: the input checks cost a device sync per step.
@@ -199,19 +218,17 @@ class ImageClassifier(pl.LightningModule):
     @override
     def configure_optimizers(self) -> Any:
         hp = self.hparams
-        # Batch norm and bias parameters are decayed too, as in the paper's and Goyal et al.'s setups.
-        if hp.optimizer == "sgd":
-            optimizer: torch.optim.Optimizer = torch.optim.SGD(
-                self.parameters(),
-                lr=self.learning_rate,
-                momentum=hp.momentum,
-                nesterov=hp.nesterov and hp.momentum > 0,
-                weight_decay=hp.weight_decay,
-            )
-        else:
-            optimizer = torch.optim.Adam(
-                self.parameters(), lr=self.learning_rate, betas=(hp.momentum, 0.999), weight_decay=hp.weight_decay
-            )
+        # sgd/adam decay every parameter (as in the paper's and Goyal et al.'s setups); lars/lamb
+        # exclude biases and BatchNorm parameters from decay and adaptation (optim.parameter_groups).
+        optimizer = build_optimizer(
+            hp.optimizer,
+            self,
+            lr=self.learning_rate,
+            momentum=hp.momentum,
+            nesterov=hp.nesterov,
+            weight_decay=hp.weight_decay,
+            trust_coefficient=hp.trust_coefficient,
+        )
         total_steps, steps_per_epoch = self._step_counts()
         warmup_steps = math.ceil(hp.warmup_epochs * steps_per_epoch)
         milestones = [m * steps_per_epoch for m in hp.lr_milestones]
