@@ -524,3 +524,8 @@ def test_package_classes_under_either_lightning_cli(namespace: str, tmp_path: Pa
                            save_config_callback=None)
     assert isinstance(run.trainer, ns.Trainer) and isinstance(run.datamodule, package.Digits)
     assert float(run.trainer.callback_metrics["hessian/eig_1"]) > 0
+    # the callback's state is in the checkpoint that package's trainer wrote
+    (checkpoint,) = tmp_path.rglob("*.ckpt")
+    states = torch.load(checkpoint, map_location="cpu", weights_only=False)["callbacks"]
+    (key,) = [k for k in states if k.startswith("HessianSpectrumCallback")]
+    assert states[key]["last_epoch"] == 0
