@@ -269,12 +269,12 @@ def test_per_device_batch_size_contract(tmp_path: Path) -> None:
 
 
 def _resume_run(
-    tmp_path: Path, max_epochs: int, ckpt_path: str | None = None
+    tmp_path: Path, max_epochs: int, ckpt_path: str | None = None, **model_options: Any
 ) -> tuple[Recorder, AdaptiveBatchSizeCallback, ImageClassifier]:
     pl.seed_everything(3)
     absa = AdaptiveBatchSizeCallback(max_batch_size=64, max_epochs_per_size=3)
     recorder = Recorder()
-    model = classifier()
+    model = classifier(**model_options)
     checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True, save_top_k=0)
     callbacks = [RNGStateCallback(), ScriptedSpectrum([10, 4, 3, 1.9]), absa, recorder, checkpoint]
     fit = trainer(callbacks, tmp_path, max_epochs=max_epochs, enable_checkpointing=True)
@@ -423,3 +423,20 @@ def test_bad_settings_fail_before_training(case: str, match: str, tmp_path: Path
         else:
             fit.fit(classifier(), datamodule=data)
     assert recorder.steps == []  # nothing trained
+
+
+def test_step_decay_lands_at_its_epoch_and_resumes_exactly(tmp_path: Path) -> None:
+    """Milestones count epochs even when ABSA shortens them, and a resumed run keeps the clock."""
+    step_decay = dict(lr_schedule="step", lr_milestones=[3], lr_gamma=0.1)
+    whole, _, whole_model = _resume_run(tmp_path / "whole", max_epochs=4, **step_decay)
+    _resume_run(tmp_path / "split", max_epochs=2, **step_decay)
+    last = str(tmp_path / "split" / "ckpt" / "last.ckpt")
+    second, _, second_model = _resume_run(tmp_path / "split", max_epochs=4, ckpt_path=last, **step_decay)
+    lr_by_epoch = {}
+    for epoch, _, _, lr, _ in whole.steps:
+        lr_by_epoch.setdefault(epoch, set()).add(round(lr, 12))
+    # batch 8 -> 16 after epoch 1 (lr x2), decay x0.1 from epoch 3 on: the configured epoch
+    assert lr_by_epoch == {0: {0.05}, 1: {0.05}, 2: {0.1}, 3: {0.01}}
+    assert second.steps == [s for s in whole.steps if s[0] >= 2]
+    for name, tensor in whole_model.state_dict().items():
+        assert torch.equal(tensor, second_model.state_dict()[name]), name

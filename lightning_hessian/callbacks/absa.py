@@ -96,13 +96,10 @@ class AdaptiveBatchSizeCallback(Callback):
     learning-rate schedulers compute the next rate from (``base_lrs``; ``initial_lr``/``max_lr``/
     ``min_lr`` in the groups; ``max_lrs`` of ``CyclicLR``), so a schedule keeps its shape on the
     new scale: with the package's ``LambdaLR`` (warm-up, ``step``, ``cosine``) the rate is
-    ``lr x factor x m(t)`` at optimizer step ``t``. Caveat: ``ImageClassifier`` converts its
-    epoch-denominated schedule (``warmup_epochs``, ``lr_milestones``, the cosine length) into
-    optimizer steps from the training loader's length when the optimizers are configured: at the
-    starting batch in a new run, at the checkpoint's batch in a resumed one. As the batch grows an
-    epoch has fewer steps, so those points come at later epochs than their nominal ones, and a
-    resumed run places them differently from the uninterrupted one (the batch sizes and the ABSA
-    factor are resumed exactly; ``lr_schedule="constant"`` is resumed exactly).
+    ``lr x factor x m(t)``. ``ImageClassifier``'s schedule runs on a clock of epochs
+    (``warmup_epochs``, ``lr_milestones`` and the cosine length land at their configured epochs
+    however short the epochs become, and its clock is in the checkpoint, so a resumed run repeats
+    the uninterrupted one); a module's own step-counted scheduler keeps counting steps.
 
     Resume: the state (sizes, learning-rate factor, reference eigenvalue, epochs at this size,
     steps, history) is saved in checkpoints, and on loading the datamodule's ``batch_size`` is set

@@ -116,6 +116,9 @@ class ImageClassifier(pl.LightningModule):
         adversarial: AdversarialTraining = AdversarialTraining(),
     ) -> None:
         super().__init__()
+        # the lr schedule's clock (see _schedule_step): (epoch, global step at its start, its steps)
+        self._schedule_steps_per_epoch: int | None = None
+        self._epoch_starts: list[tuple[int, int, int]] = []
         if isinstance(adversarial, Mapping):  # from hparams.yaml / a checkpoint
             adversarial = AdversarialTraining(**adversarial)
         for kind, name, valid in (
@@ -230,6 +233,12 @@ class ImageClassifier(pl.LightningModule):
             trust_coefficient=hp.trust_coefficient,
         )
         total_steps, steps_per_epoch = self._step_counts()
+        # The schedule counts epochs of the first epoch's length (kept across a resume), so that a
+        # batch size that changes during training (AdaptiveBatchSizeCallback) moves milestones,
+        # warm-up and the cosine to the configured epochs, not to step counts.
+        if self._schedule_steps_per_epoch is None:
+            self._schedule_steps_per_epoch = steps_per_epoch
+        steps_per_epoch = self._schedule_steps_per_epoch
         warmup_steps = math.ceil(hp.warmup_epochs * steps_per_epoch)
         milestones = [m * steps_per_epoch for m in hp.lr_milestones]
         schedule = hp.lr_schedule
@@ -238,7 +247,7 @@ class ImageClassifier(pl.LightningModule):
 
         def multiplier(step: int) -> float:
             return lr_multiplier(
-                step,
+                self._schedule_step(step),
                 total_steps=total_steps,
                 warmup_steps=warmup_steps,
                 schedule=schedule,
@@ -248,6 +257,40 @@ class ImageClassifier(pl.LightningModule):
 
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, multiplier)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def _schedule_step(self, step: int) -> float:
+        """Optimizer step ``step`` on the schedule's clock: completed epochs times the first epoch's
+        steps, plus the steps into the current epoch rescaled to that length. Equal to ``step``
+        while every epoch has the same number of steps (the usual case: bit-identical lr)."""
+        starts = [s for s in self._epoch_starts if s[1] <= step]
+        if not starts or self._schedule_steps_per_epoch is None:
+            return step
+        epoch, start, steps_in_epoch = max(starts, key=lambda s: (s[1], s[0]))
+        reference = self._schedule_steps_per_epoch
+        if steps_in_epoch == reference:
+            return epoch * reference + (step - start)
+        return epoch * reference + (step - start) * reference / steps_in_epoch
+
+    @override
+    def on_train_epoch_start(self) -> None:
+        trainer = self.trainer
+        epoch = trainer.current_epoch
+        if any(e == epoch for e, _, _ in self._epoch_starts):
+            return  # resumed inside this epoch: keep where it started
+        batches = trainer.num_training_batches
+        steps = math.ceil(batches / trainer.accumulate_grad_batches) if math.isfinite(batches) else None
+        self._epoch_starts.append((epoch, trainer.global_step, steps or self._schedule_steps_per_epoch or 1))
+
+    @override
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["lr_schedule_clock"] = {"steps_per_epoch": self._schedule_steps_per_epoch, "epoch_starts": self._epoch_starts}
+
+    @override
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        clock = checkpoint.get("lr_schedule_clock")
+        if clock is not None:
+            self._schedule_steps_per_epoch = clock["steps_per_epoch"]
+            self._epoch_starts = [tuple(s) for s in clock["epoch_starts"]]
 
     def _step_counts(self) -> tuple[float, int]:
         """Total optimiser steps of the run and optimiser steps per epoch."""
