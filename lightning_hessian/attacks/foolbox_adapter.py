@@ -1,6 +1,6 @@
 """Run foolbox 3.3.4 attacks on a PyTorch model with foolbox's traps handled.
 
-The traps (measured, see ``DESIGN.md``) and what :func:`run_foolbox_attack` does about them:
+The traps (measured, see ``docs/design.md``, "foolbox 3.3.4") and what :func:`run_foolbox_attack` does about them:
 
 - ``fb.PyTorchModel`` moves the model to ``cuda:0`` when no device is given: we pass the
   inputs' device.

@@ -48,7 +48,7 @@ __all__ = ["AnalysisSamples", "EpochAnalysisCallback", "batch_loss", "slice_batc
 
 Split = Literal["train", "val", "test"]
 _SPLITS = ("train", "val", "test")
-# Half-precision parameters cannot be analysed faithfully (DESIGN.md: precision).
+# Half-precision parameters cannot be analysed faithfully (docs/design.md: numerical guarantees, precision).
 _REFUSED_PRECISIONS = ("16-true", "bf16-true", "transformer-engine")
 
 

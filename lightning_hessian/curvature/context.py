@@ -6,7 +6,7 @@ that may be called under ``torch.no_grad`` (validation inside ``fit``), ``torch.
 a known state and :func:`preserved_state` promises that the model and the random number
 generators are bit-identical afterwards, so that attaching an analysis never changes training.
 
-Measured reasons (see ``DESIGN.md``): TF32 convolutions put the HVP of ResNet-18 1.9e-2 off
+Measured reasons (see ``docs/design.md``, "Numerical guarantees"): TF32 convolutions put the HVP of ResNet-18 1.9e-2 off
 (relative) against float64, 2.9e-4 with TF32 off; BatchNorm in train mode changes the top
 eigenvalue (83.4 vs 63.6) and overwrites the running statistics.
 """

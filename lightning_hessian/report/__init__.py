@@ -1,4 +1,4 @@
-"""report layer of lightning_hessian (see DESIGN.md): from runs to the paper's tables and figures.
+"""report layer of lightning_hessian (see docs/design.md, "Layers"): from runs to the paper's tables and figures.
 
 * :mod:`~lightning_hessian.report.sweep`: ``hessian-sweep``, one ``hessian-train fit``/``test``
   per batch size and seed, named so the report can group them.
