@@ -21,8 +21,8 @@ PYTHON=${PYTHON:-python}
 # One thread per process: on this shared, loaded 2-core machine torch's default of 2 threads made
 # a training step of the mlp several times slower in a quick check.
 export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1
-SWEEP="$PYTHON -m lightning_hessian.report.sweep"   # the hessian-sweep console script
-REPORT="$PYTHON -m lightning_hessian.report.report" # the hessian-report console script
+SWEEP="$PYTHON -m lightning_hessian.cli.sweep"     # the hessian-sweep console script
+REPORT="$PYTHON -m lightning_hessian.cli.report"   # the hessian-report console script
 CONFIG=configs/results_fashion_mnist.yaml
 ROOT=runs/results
 DOCS=docs/results/mlp

@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
 import pickle
 import statistics
 import tempfile
@@ -199,7 +200,7 @@ def plain_epochs(args: argparse.Namespace, model: ImageClassifier, dm: ImageData
     return rates, cpu_rates
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dataset", choices=["digits", "fashion_mnist", "cifar_random", "cifar10"], default="digits")
     parser.add_argument("--data-dir", default="data", help="for --dataset cifar10")
@@ -215,7 +216,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     parser.add_argument("--log-every-n-steps", type=int, default=10, help="Trainer option (configs/ use 10)")
     parser.add_argument("--progress-bar", action="store_true", help="Lightning sides with the TQDM bar (hessian-train's default)")
-    args = parser.parse_args()
+    parser.add_argument("--json", default=None, help="also write the medians to this file")
+    args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.dataset == "cifar_random" and args.num_samples == 0:
@@ -267,6 +269,7 @@ def main() -> None:
     # ratio: samples/s against plain; overhead: extra time per epoch, plain_rate / rate - 1
     print(f"{'side':20s} {'samples/s':>10s} {'ms/step':>8s} {'ratio':>6s} {'overhead':>8s}  "
           f"{'samples/CPU-s':>13s} {'ratio':>6s} {'overhead':>8s}  epochs (samples/s)")
+    summary: dict[str, dict[str, float]] = {}
     for side in sides:
         wall, cpu = statistics.median(rates[side]), statistics.median(cpu_rates[side])
         print(
@@ -274,6 +277,12 @@ def main() -> None:
             f"{cpu:13.1f} {cpu / plain_cpu:6.3f} {100 * (plain_cpu / cpu - 1):+7.1f}%  "
             f"{', '.join(f'{r:.0f}' for r in rates[side])}"
         )
+        summary[side] = {"samples_per_s": wall, "overhead": plain / wall - 1, "samples_per_cpu_s": cpu, "cpu_overhead": plain_cpu / cpu - 1}
+    if args.json:
+        with open(args.json, "w") as handle:
+            json.dump({"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu", "settings": vars(args),
+                       "sides": summary}, handle, indent=2)  # fmt: skip
+    return summary
 
 
 if __name__ == "__main__":

@@ -1,8 +1,10 @@
-"""EpochAnalysisCallback: schedule, fixed samples, stages, errors, and no effect on training."""
+"""EpochAnalysisCallback: schedule, fixed samples, stages, errors, no effect on training, and the
+time budget that the spectrum, robustness and landscape callbacks share."""
 
 from __future__ import annotations
 
 import copy
+import time
 
 import pytest
 import pytorch_lightning as pl
@@ -11,6 +13,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from lightning_hessian.callbacks.base import AnalysisSamples, EpochAnalysisCallback, batch_loss, slice_batch
+from lightning_hessian.callbacks.budget import TimeBudget
 
 
 class NoisyDataset(Dataset):
@@ -60,8 +63,6 @@ class TinyModule(pl.LightningModule):
 
 class RecordingCallback(EpochAnalysisCallback):
     """Records what it was given and does RNG- and grad-touching work, as real analyses do."""
-
-    metric_prefix = "probe"
 
     def __init__(self, **kwargs) -> None:
         super().__init__(**kwargs)
@@ -215,3 +216,87 @@ def test_getitems_datasets_and_clamping_under_test(tmp_path):
     with pytest.warns(UserWarning, match="analysing all 6 samples"):
         trainer.test(model)
     assert probe.calls[-1][2].num_global == 6
+
+
+# ------------------------------------------------------------------------------ the time budget
+
+
+class _Ranks:
+    """An ``all_reduce`` over simulated ranks: this rank's tensor plus the others' flags."""
+
+    def __init__(self, others_spent: bool) -> None:
+        self.others_spent = others_spent
+        self.calls = 0
+
+    def __call__(self, tensor: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        return tensor + float(self.others_spent)
+
+
+def test_time_budget_without_seconds_is_never_spent():
+    budget = TimeBudget(None, _Ranks(others_spent=True))
+    assert not budget.spent() and budget.local_remaining() is None
+    budget.note_stopped_early()
+    assert not budget.exhausted and budget.all_reduce.calls == 0  # no collective without a budget
+
+
+def test_time_budget_is_spent_when_its_seconds_pass_and_stays_spent():
+    budget = TimeBudget(0.05)
+    assert not budget.spent() and 0 < budget.local_remaining() <= 0.05
+    budget.note_stopped_early()  # an engine call that stopped early with time left: not the clock
+    assert not budget.exhausted
+    time.sleep(0.06)
+    assert budget.local_remaining() == 0.0
+    budget.note_stopped_early()
+    assert budget.exhausted and budget.spent()
+    budget.start = time.perf_counter()  # spent is remembered: the answer cannot flip back
+    assert budget.spent() and budget.elapsed() < 0.05
+
+
+def test_time_budget_decisions_are_collective():
+    """One rank out of time means all are (their next collective calls must match); under DDP an
+    engine call gets no clock of its own, and a stop it reports does not count by itself."""
+    ranks = _Ranks(others_spent=True)
+    budget = TimeBudget(3600.0, ranks)
+    assert budget.distributed and budget.local_remaining() is None
+    budget.start -= 7200.0
+    budget.note_stopped_early()
+    assert not budget.exhausted  # only spent() decides under DDP
+    budget.start += 7200.0
+    assert budget.spent() and ranks.calls == 1  # this rank has time; another has none
+    assert budget.spent() and ranks.calls == 1  # remembered: no further collective
+    in_time = TimeBudget(3600.0, _Ranks(others_spent=False))
+    assert not in_time.spent() and not in_time.spent() and in_time.all_reduce.calls == 2
+
+
+def test_time_budget_refuses_a_non_positive_budget():
+    with pytest.raises(ValueError, match="positive"):
+        TimeBudget(0.0)
+
+
+def test_every_analysis_callback_takes_its_budget_from_the_base(tmp_path):
+    """The spectrum, robustness and landscape callbacks all spend one TimeBudget made by
+    EpochAnalysisCallback.start_budget (none keeps a clock of its own)."""
+    from lightning_hessian import AdversarialRobustnessCallback, HessianSpectrumCallback, LossLandscapeCallback
+
+    made: list[tuple[str, float | None]] = []
+
+    def recording(self, trainer, pl_module):
+        budget = TimeBudget(self.time_budget, self.all_reduce_sum(trainer), pl_module.device)
+        made.append((type(self).__name__, budget.seconds))
+        return budget
+
+    callbacks = [
+        HessianSpectrumCallback(num_samples=16, time_budget=600.0),
+        AdversarialRobustnessCallback(num_samples=16, split="train", bounds=(-10.0, 10.0), time_budget=500.0),
+        LossLandscapeCallback(curves=["random1"], surfaces=[], curve_points=3, num_samples=16, time_budget=400.0),
+    ]
+    original = EpochAnalysisCallback.start_budget
+    EpochAnalysisCallback.start_budget = recording
+    try:
+        _fit(callbacks, tmp_path, epochs=1)
+    finally:
+        EpochAnalysisCallback.start_budget = original
+    assert made == [
+        ("HessianSpectrumCallback", 600.0), ("AdversarialRobustnessCallback", 500.0), ("LossLandscapeCallback", 400.0)
+    ]

@@ -254,3 +254,47 @@ def test_quickstart_ddp_two_cpu_processes_keep_the_global_batch(in_tmp_dir: Path
     assert sum(records[0]["sizes"][:1] + records[1]["sizes"][:1]) == 64 == cli.datamodule.batch_size
     assert "val/acc" in cli.trainer.callback_metrics  # returned from rank 0
     assert isinstance(cli.datamodule, ImageDataModule)
+
+
+# ------------------------------------------------------------------ the console scripts, in one place
+
+
+def test_every_console_script_is_a_main_in_lightning_hessian_cli() -> None:
+    """pyproject's [project.scripts] point into the cli package, each at a callable ``main``, and
+    the installed scripts (this environment's editable install) are the same entry points."""
+    import importlib
+    import tomllib
+    from importlib.metadata import entry_points
+
+    scripts = tomllib.loads((CONFIGS.parent / "pyproject.toml").read_text())["project"]["scripts"]
+    assert scripts == {
+        "hessian-train": "lightning_hessian.cli.train:main",
+        "hessian-sweep": "lightning_hessian.cli.sweep:main",
+        "hessian-report": "lightning_hessian.cli.report:main",
+        "hessian-landscape": "lightning_hessian.cli.landscape:main",
+    }
+    for target in scripts.values():
+        module, _, name = target.partition(":")
+        assert callable(getattr(importlib.import_module(module), name))
+    installed = {e.name: e.value for e in entry_points(group="console_scripts") if e.name.startswith("hessian-")}
+    assert installed == scripts
+    assert main is importlib.import_module("lightning_hessian.cli.train").main  # `from lightning_hessian.cli import main`
+
+
+@pytest.mark.parametrize(
+    ("module", "usage"),
+    [
+        ("lightning_hessian.cli", "usage: hessian-train"),  # what hessian-sweep runs
+        ("lightning_hessian.cli.sweep", "usage: hessian-sweep"),
+        ("lightning_hessian.cli.report", "usage: hessian-report"),
+        ("lightning_hessian.cli.landscape", "usage: hessian-landscape"),
+    ],
+)
+def test_python_dash_m_runs_each_console_script(module: str, usage: str) -> None:
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-m", module, "--help"], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith(usage)
+    assert "Warning" not in result.stderr  # neither deprecated nor imported twice (runpy)

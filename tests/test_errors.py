@@ -61,9 +61,9 @@ def test_console_wrapper_prints_one_line_for_user_errors_and_keeps_bugs(capsys: 
 
 
 def test_sweep_report_and_landscape_report_bad_input_in_one_line(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    from lightning_hessian.interpolate import main as landscape
-    from lightning_hessian.report.report import main as report
-    from lightning_hessian.report.sweep import main as sweep
+    from lightning_hessian.cli.landscape import main as landscape
+    from lightning_hessian.cli.report import main as report
+    from lightning_hessian.cli.sweep import main as sweep
 
     config = str(CONFIGS / "quickstart.yaml")
     cases = [

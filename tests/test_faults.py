@@ -14,7 +14,7 @@ import torch
 from lightning_hessian import AdversarialRobustnessCallback, HessianSpectrumCallback, LossLandscapeCallback
 from lightning_hessian.attacks import AttackSpec
 
-from test_spectrum_callback_helpers import PlainClassifier, RecordingSpectrum, exact_hessian
+from spectrum_support import PlainClassifier, RecordingSpectrum, exact_hessian
 
 pytestmark = [
     pytest.mark.usefixtures("one_thread"),

@@ -33,6 +33,10 @@ class TinyClassifier(pl.LightningModule):
         x, y = batch
         self.log("val_loss", F.cross_entropy(self(x), y))
 
+    def test_step(self, batch, batch_idx):
+        x, y = batch
+        self.log("test_loss", F.cross_entropy(self(x), y))
+
     def configure_optimizers(self):
         return torch.optim.SGD(self.parameters(), lr=0.1, momentum=0.9)
 
@@ -50,7 +54,7 @@ def _fit(tmp_path, callbacks, epochs: int = 2, logger: bool = True) -> tuple[pl.
     trainer = pl.Trainer(
         max_epochs=epochs, accelerator="cpu", devices=1, logger=TensorBoardLogger(tmp_path, name="run") if logger else False,
         callbacks=callbacks, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-        deterministic=True,
+        deterministic=True, default_root_dir=tmp_path,  # without a logger the raw grids go there
     )
     trainer.fit(model, train_dataloaders=_loader())
     return trainer, model
@@ -130,7 +134,7 @@ def test_validate_runs_once_with_its_own_file(tmp_path):
     )
     trainer.validate(TinyClassifier(), dataloaders=_loader())
     assert (tmp_path / "val" / "version_0" / "landscape" / "validate_epoch_000_curves.csv").exists()
-    assert landscape.last_metrics["landscape/sharpness"] > 0
+    assert landscape.last_metrics["landscape/val/sharpness"] > 0  # split-qualified under validate
 
 
 @pytest.mark.parametrize(
@@ -153,3 +157,56 @@ def test_too_many_samples_fail_before_training(tmp_path):
     landscape = LossLandscapeCallback(num_samples=1000)
     with pytest.raises(ValueError, match="num_samples=1000"):
         _fit(tmp_path, [landscape], epochs=1, logger=False)
+
+
+def test_time_budget_skips_what_no_longer_fits_with_a_warning(tmp_path):
+    """A spent budget (checked between curves, surfaces and the sharpness) skips the rest of the
+    analysis with a warning; what is skipped is not logged, the model's cost still is."""
+    landscape = LossLandscapeCallback(
+        curves=["random1", "random2"], surfaces=[("random1", "random2")], sharpness=True, curve_points=3,
+        surface_points=3, num_samples=32, time_budget=1e-9,
+    )  # fmt: skip
+    with pytest.warns(UserWarning, match=r"time_budget=1e-09 s spent; skipping curve random1 and what follows"):
+        _fit(tmp_path, [landscape], epochs=1, logger=False)
+    metrics = landscape.last_metrics
+    assert set(metrics) == {"landscape/seconds"} and landscape.last_curves == [] == landscape.last_surfaces
+
+    ample = LossLandscapeCallback(curves=["random1"], surfaces=[], curve_points=3, num_samples=32, time_budget=600.0)
+    _fit(tmp_path / "ample", [ample], epochs=1, logger=False)
+    assert {"landscape/loss", "landscape/rise/random1", "landscape/curvature/random1"} <= set(ample.last_metrics)
+    assert (tmp_path / "ample" / "landscape" / "epoch_000.npz").is_file()
+
+
+def test_analyse_on_train_end_gives_one_landscape_of_the_final_weights_with_its_split(tmp_path):
+    """``every_n_epochs=None, analyse_on_train_end=True``: one analysis, after the last epoch, on the
+    training samples; under trainer.test one more on the test samples, its tags and file named so.
+    The report reads both per split."""
+    from lightning_hessian.report.artifacts import latest_landscapes
+    from lightning_hessian.report.runs import load_run
+
+    landscape = LossLandscapeCallback(
+        curves=["random1"], surfaces=[], curve_points=5, num_samples=32, every_n_epochs=None, analyse_on_train_end=True
+    )
+    trainer, model = _fit(tmp_path, [landscape], epochs=3)
+    run_dir = tmp_path / "run" / "version_0"
+    files = sorted(p.name for p in (run_dir / "landscape").glob("*.npz"))
+    assert files == ["epoch_003.npz"]  # after the 3 epochs, once
+    _, _, extra = load_landscape(run_dir / "landscape" / "epoch_003.npz")
+    assert str(extra["split"]) == "train"
+    fit_loss = landscape.last_metrics["landscape/loss"]
+    with torch.no_grad():
+        x, y = landscape._samples["train"].batch
+        assert fit_loss == pytest.approx(float(F.cross_entropy(model.eval()(x), y)), rel=1e-5)  # the final weights
+
+    trainer.test(model, dataloaders=_loader(), verbose=False)
+    assert set(landscape.last_metrics) >= {"landscape/test/loss", "landscape/test/rise/random1"}
+    _, _, extra = load_landscape(run_dir / "landscape" / "test_epoch_003.npz")
+    assert str(extra["split"]) == "test"
+    curves, _ = latest_landscapes(load_run(run_dir, read=False))
+    assert set(curves) == {"train", "test"} and set(curves["train"]) == {"random1"}
+
+    # resumed from a state that already analysed the final step: no second analysis
+    again = LossLandscapeCallback(curves=["random1"], surfaces=[], curve_points=5, num_samples=32, every_n_epochs=None,
+                                  analyse_on_train_end=True)  # fmt: skip
+    again.load_state_dict(landscape.state_dict())
+    assert again._analysed_step == trainer.global_step

@@ -11,8 +11,9 @@ import torch
 import torch.nn.functional as F
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from lightning_hessian.cli import main as train_main
-from lightning_hessian.interpolate import build_from_config, load_state_dict, main, select_samples
+from lightning_hessian.cli.landscape import load_state_dict, main, select_samples
+from lightning_hessian.cli.train import build_from_config
+from lightning_hessian.cli.train import main as train_main
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "quickstart.yaml"
 
@@ -117,3 +118,91 @@ def test_unsafe_checkpoint_is_refused_unless_trusted(checkpoints, tmp_path, caps
     assert main(args) == 2
     assert "--trust-checkpoints" in capsys.readouterr().err
     assert main([*args, "--trust-checkpoints"]) == 0
+
+
+def test_the_old_module_path_still_runs_with_a_deprecation_warning(checkpoints, tmp_path):
+    """``python -m lightning_hessian.interpolate`` (the module before ``lightning_hessian.cli.landscape``)
+    warns and runs the same command."""
+    import subprocess
+    import sys
+
+    ckpt_a, ckpt_b = checkpoints
+    out = tmp_path / "old"
+    result = subprocess.run(
+        [
+            sys.executable, "-m", "lightning_hessian.interpolate", "interpolate", "--ckpt-a", str(ckpt_a),
+            "--ckpt-b", str(ckpt_b), "--config", str(CONFIG), "--num", "2", "--alpha-min", "0", "--alpha-max", "1",
+            "--num-samples", "32", "--splits", "test", "--output-dir", str(out), "--device", "cpu",
+        ],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "lightning_hessian.interpolate is deprecated" in result.stderr
+    assert "lightning_hessian.cli.landscape" in result.stderr
+    assert [float(row["alpha"]) for row in csv.DictReader((out / "interpolation.csv").open())] == [0.0, 1.0]
+
+
+def test_interpolation_json_names_the_eigenvalue_split(checkpoints, tmp_path):
+    ckpt_a, ckpt_b = checkpoints
+    out = tmp_path / "eig"
+    assert main([
+        "interpolate", "--ckpt-a", str(ckpt_a), "--ckpt-b", str(ckpt_b), "--config", str(CONFIG), "--num", "2",
+        "--alpha-min", "0", "--alpha-max", "1", "--num-samples", "64", "--splits", "test", "train", "--eigenvalue",
+        "--eig-tol", "0.01", "--output-dir", str(out), "--device", "cpu",
+    ]) == 0  # fmt: skip
+    summary = json.loads((out / "interpolation.json").read_text())
+    assert summary["eigenvalue_split"] == "test" and len(summary["top_eigenvalue"]) == 2
+    assert all(value > 0 for value in summary["top_eigenvalue"])
+
+
+def test_surface_of_a_checkpoint_along_its_top_eigenvectors(checkpoints, tmp_path):
+    """``hessian-landscape surface``: the grid's centre is the checkpoint's own loss on each split,
+    the directions are the top two Hessian eigenvectors of the training samples (the second
+    difference along the first axis at the centre is about the top eigenvalue), files the report reads."""
+    from lightning_hessian.cli.landscape import surface  # noqa: F401  (the library entry point exists)
+    from lightning_hessian.landscape import load_landscape
+
+    ckpt = checkpoints[0]
+    out = tmp_path / "landscape"
+    assert main([
+        "surface", "--ckpt", str(ckpt), "--config", str(CONFIG), "--splits", "train", "test", "--num-samples", "128",
+        "--points", "5", "--range", "0.02", "--batch-size", "64", "--output-dir", str(out), "--device", "cpu",
+        "--label", "B=32",
+    ]) == 0  # fmt: skip
+    summary = json.loads((out / "surface.json").read_text())
+    assert summary["directions"] == ["eig1", "eig2"] and summary["eigenvalue_split"] == "train"
+    lambda_1, lambda_2 = summary["eigenvalues"]
+    assert lambda_1 >= lambda_2
+    model, datamodule = build_from_config(CONFIG)
+    datamodule.setup("fit")
+    datamodule.setup("test")
+    model.load_state_dict(load_state_dict(ckpt))
+    model.eval()
+    for split in ("train", "test"):
+        curves, surfaces, extra = load_landscape(out / f"surface_{split}.npz")
+        (grid,) = surfaces
+        assert not curves and str(extra["split"]) == split and grid.loss.shape == (5, 5)
+        x, y = select_samples(datamodule, split, 128, 0)
+        with torch.no_grad():
+            assert grid.loss[2, 2] == pytest.approx(F.cross_entropy(model(x), y).item(), rel=1e-5)
+        assert (out / f"surface_{split}.png").read_bytes().startswith(b"\x89PNG")
+    _, (train_grid,), _ = load_landscape(out / "surface_train.npz")
+    h = train_grid.alphas[3] - train_grid.alphas[2]
+    second_difference = (train_grid.loss[3, 2] + train_grid.loss[1, 2] - 2 * train_grid.loss[2, 2]) / h**2
+    assert second_difference == pytest.approx(lambda_1, rel=0.05)
+
+
+@pytest.mark.parametrize(
+    ("arguments", "message"),
+    [
+        (["--points", "4"], "--points=4 must be an odd number"),
+        (["--directions", "eig1", "eig1"], "two different directions"),
+        (["--directions", "eig1", "grad"], "unknown direction 'grad'"),
+        (["--range", "0"], "--range=0.0 must be > 0"),
+    ],
+)
+def test_surface_bad_options_are_one_line_errors(checkpoints, tmp_path, capsys, arguments, message):
+    code = main(["surface", "--ckpt", str(checkpoints[0]), "--config", str(CONFIG), "--output-dir", str(tmp_path), *arguments])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err

@@ -79,3 +79,46 @@ def test_fashion_mnist_lenet5_paper_config_trains_on_the_cpu(in_tmp_dir: Path) -
     assert any(isinstance(m, GhostBatchNorm2d) for m in model.modules())
     plain = ImageClassifier(**{**model.hparams, "bn_virtual_batch_size": None})
     plain.load_state_dict(state, strict=True)
+
+
+#: overlay -> callback class names it installs (in order), extra trainer/model settings it must hold
+OVERLAYS = {
+    "absa": (["LearningRateMonitor", "HessianSpectrumCallback", "AdaptiveBatchSizeCallback"],
+             {"reload_dataloaders_every_n_epochs": 1}),
+    "stability_watch": (["LearningRateMonitor", "HessianSpectrumCallback"], {}),
+    "no_analysis": (["LearningRateMonitor"], {}),
+    "paper_study": (["LearningRateMonitor", "HessianSpectrumCallback", "HessianSpectrumCallback",
+                     "HessianSpectrumCallback", "LossLandscapeCallback", "AdversarialRobustnessCallback"], {}),
+    "paper_study_same_loss": (["LearningRateMonitor", "HessianSpectrumCallback", "HessianSpectrumCallback",
+                               "HessianSpectrumCallback", "LossLandscapeCallback", "AdversarialRobustnessCallback",
+                               "EarlyStopping"], {}),
+}
+
+
+def test_every_overlay_is_checked() -> None:
+    assert sorted(p.stem for p in (CONFIGS / "overlays").glob("*.yaml")) == sorted(OVERLAYS)
+
+
+@pytest.mark.parametrize("overlay", sorted(OVERLAYS))
+@pytest.mark.parametrize("name", ["paper_fashion_mnist_lenet5", "paper_cifar10_resnet20"])
+def test_overlay_replaces_the_callbacks_and_keeps_the_recipe(capsys: pytest.CaptureFixture, name: str, overlay: str) -> None:
+    callbacks, trainer_settings = OVERLAYS[overlay]
+    with pytest.raises(SystemExit) as info:
+        main(["fit", "--config", str(CONFIGS / f"{name}.yaml"), "--config", str(CONFIGS / "overlays" / f"{overlay}.yaml"),
+              "--print_config"])
+    assert info.value.code in (0, None)
+    config = yaml.safe_load(capsys.readouterr().out)
+    assert [c["class_path"].rsplit(".", 1)[-1] for c in config["trainer"]["callbacks"]] == callbacks
+    for key, value in trainer_settings.items():
+        assert config["trainer"][key] == value
+    base = yaml.safe_load((CONFIGS / f"{name}.yaml").read_text())
+    # The recipe's optimiser settings are untouched by an overlay.
+    for key in ("lr", "lr_scaling", "lr_milestones", "momentum", "bn_virtual_batch_size"):
+        assert config["model"][key] == base["model"][key]
+    if overlay == "absa":
+        absa = config["trainer"]["callbacks"][2]["init_args"]
+        assert (absa["growth_factor"], absa["eigenvalue_factor"], absa["max_epochs_per_size"]) == (2, 2.0, 10)
+        assert config["model"]["adversarial"]["method"] == "fgsm"
+    if overlay == "stability_watch":
+        spectrum = config["trainer"]["callbacks"][1]["init_args"]
+        assert spectrum["every_n_train_steps"] == 2 and spectrum["every_n_epochs"] == 1

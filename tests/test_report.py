@@ -13,17 +13,13 @@ import torch
 import yaml
 from torch.utils.tensorboard import SummaryWriter
 
-from lightning_hessian.callbacks.spectrum import density_histogram
+from lightning_hessian.cli.report import main
+from lightning_hessian.density_histogram import density_from_histogram, density_histogram
 from lightning_hessian.landscape.evaluation import LossCurve, LossSurface
 from lightning_hessian.landscape.export import save_landscape
 from lightning_hessian.report.events import find_run_dirs, read_events
-from lightning_hessian.report.figures import (
-    density_from_histogram,
-    find_landscape,
-    step_to_epoch,
-    training_trajectory,
-)
-from lightning_hessian.report.report import load_runs, main
+from lightning_hessian.report import load_runs
+from lightning_hessian.report.figures import find_landscape, step_to_epoch, training_trajectory
 from lightning_hessian.report.runs import describe_variant, load_run
 from lightning_hessian.report.tables import format_cell, summarize_runs
 
@@ -31,7 +27,8 @@ ATTACK_EPSILONS = ("0.0", "0.05", "0.1")
 
 
 def _final_metrics(batch_size: int, seed: int, robust: bool) -> dict[str, float]:
-    """Distinct, seed-dependent values with a known mean and std per batch size."""
+    """Distinct, seed-dependent values with a known mean and std per batch size: the fit's last
+    analyses of the training samples (unqualified tags) and the test's (``hessian/test/...``)."""
     shift = 0.01 * seed + (0.5 if robust else 0.0)
     return {
         "test/acc": 0.9 - batch_size / 10_000 + 0.02 * seed,
@@ -41,11 +38,15 @@ def _final_metrics(batch_size: int, seed: int, robust: bool) -> dict[str, float]
         "hessian/trace": 100.0 + batch_size + 7 * seed,
         "hessian/input_eig_1": 0.1 * batch_size + seed,
         "hessian/input_grad_norm": 2.0 + shift,
+        # the same quantities on test samples, different numbers
+        "hessian/test/eig_1": batch_size / 4 + 5.0 * seed,
+        "hessian/test/input_eig_1": 0.3 * batch_size + seed,
+        "hessian/test/input_grad_norm": 3.0 + shift,
         **{
-            f"robust/fgsm/eps_{eps}": max(0.0, 0.8 - float(eps) * (5 + batch_size / 64) + 0.01 * seed)
+            f"robust/test/fgsm/eps_{eps}": max(0.0, 0.8 - float(eps) * (5 + batch_size / 64) + 0.01 * seed)
             for eps in ATTACK_EPSILONS
         },
-        "robust/clean_acc": 0.8 + 0.01 * seed,
+        "robust/test/clean_acc": 0.8 + 0.01 * seed,
     }
 
 
@@ -64,13 +65,21 @@ def _write_run(
 ) -> dict[str, float]:
     """A fake run logged as `hessian-train fit` and then `hessian-train test` log it.
 
-    Returns the values the report must show: with a test phase, the test-split analyses (logged
-    at step 0 into a second event file, as a test from a checkpoint does); without, the analyses
-    after the last epoch.
+    During fit the analyses of the training samples log unqualified tags after every epoch,
+    reaching the returned values at the last epoch. The test phase (a second event file) logs
+    `test/acc` at step 0 and its analyses of the test samples under split-qualified tags at the
+    checkpoint's step, the fit's last step, as `EpochAnalysisCallback.log_step` does. Without a
+    test phase the robustness values are logged during fit, unqualified (the validation split).
     """
     run_dir.mkdir(parents=True)
     final = _final_metrics(batch_size, seed, robust)
-    analysis_tags = [tag for tag in final if tag.startswith(("hessian/", "robust/"))]
+    fit_tags = [tag for tag in final if tag.startswith("hessian/") and "/test/" not in tag]
+    test_tags = [tag for tag in final if "/test/" in tag]
+    if not test_phase:  # robustness during fit instead, on validation samples
+        fit_tags += [tag.replace("robust/test/", "robust/") for tag in test_tags if tag.startswith("robust/")]
+        final.update({tag.replace("robust/test/", "robust/"): final[tag] for tag in test_tags if tag.startswith("robust/")})
+        for tag in test_tags + ["test/acc"]:
+            del final[tag]
     steps_per_epoch = 4096 // batch_size
     writer = SummaryWriter(str(run_dir))
     for epoch in range(epochs):
@@ -80,20 +89,28 @@ def _write_run(
         writer.add_scalar("epoch", epoch, step - steps_per_epoch)
         writer.add_scalar("epoch", epoch, step - 1)
         writer.add_scalar("val/acc", 0.5 + 0.1 * epoch, step - 1)
-        for tag in analysis_tags:
-            writer.add_scalar(tag, _fit_value(final[tag], epoch, epochs, test_phase), step)
+        writer.add_scalar("train/loss", 1.0 / (epoch + 1) + batch_size / 10_000, step - 1)
+        for tag in fit_tags:
+            value = math.nan if nan_trace and tag == "hessian/trace" and epoch == epochs - 1 else final[tag]
+            writer.add_scalar(tag, _fit_value(value, epoch, epochs), step)
         grid = torch.linspace(-1.0, final["hessian/eig_1"], 32, dtype=torch.float64)
         density = torch.exp(-0.5 * (grid / (1 + epoch)) ** 2)
         writer.add_histogram_raw("hessian/density", global_step=step, **density_histogram(grid, density, 1000))
     writer.close()
+    last_step = epochs * steps_per_epoch
     if test_phase:
         test_writer = SummaryWriter(str(run_dir))  # hessian-train test into the same logger version
         test_writer.add_scalar("test/acc", final["test/acc"], 0)
         test_writer.add_scalar("epoch", 0, 0)
-        for tag in analysis_tags:
-            value = math.nan if nan_trace and tag == "hessian/trace" else final[tag]
-            test_writer.add_scalar(tag, value, 0)
+        for tag in test_tags:
+            test_writer.add_scalar(tag, final[tag], last_step)  # the checkpoint's step
+        grid = torch.linspace(-2.0, final["hessian/test/eig_1"], 32, dtype=torch.float64)
+        test_writer.add_histogram_raw(
+            "hessian/test/density", global_step=last_step, **density_histogram(grid, torch.exp(-grid.abs()), 1000)
+        )
         test_writer.close()
+    if nan_trace:
+        final["hessian/trace"] = math.nan
     if sweep is not None:
         (run_dir / "sweep.json").write_text(json.dumps(sweep))
     if hparams is not None:
@@ -108,9 +125,9 @@ def _write_run(
     return final
 
 
-def _fit_value(final: float, epoch: int, epochs: int, test_phase: bool) -> float:
-    """What the epoch-end analysis logged: growing to `final` (or short of it if a test follows)."""
-    return final * (epoch + 1) / (epochs + 1 if test_phase else epochs)
+def _fit_value(final: float, epoch: int, epochs: int) -> float:
+    """What the epoch-end analysis logged: growing to `final` at the last epoch."""
+    return final * (epoch + 1) / epochs
 
 
 @pytest.fixture(scope="module")
@@ -149,28 +166,44 @@ def test_report_table_numbers_and_figures(sweep_runs: tuple[Path, dict], tmp_pat
 
     standard_rows = {row["batch_size"]: row for row in tables["standard"]["rows"]}
     assert sorted(standard_rows) == [64, 256]  # the failed bs1024 run is skipped
+    titles = {}
     for batch_size, row in standard_rows.items():
         assert row["seeds"] == [0, 1]
-        for tag in ("hessian/eig_1", *(("hessian/trace",) if batch_size != 64 else ()), "hessian/input_eig_1", "hessian/input_grad_norm", "robust/fgsm/eps_0.1"):
+        # both the training-sample analyses of the fit and the test-sample ones of the test: the
+        # test logs at the fit's last step under split-qualified tags and replaces nothing
+        tags = ("hessian/eig_1", "hessian/test/eig_1", "hessian/input_eig_1", "hessian/test/input_eig_1",
+                "hessian/test/input_grad_norm", "robust/test/fgsm/eps_0.1", *(("hessian/trace",) if batch_size != 64 else ()))  # fmt: skip
+        for tag in tags:
             expected = [finals[("standard", batch_size, seed)][tag] for seed in (0, 1)]
             metric = row["metrics"][tag]
             assert metric["values"] == pytest.approx(expected, rel=1e-6)  # float32 in event files
             assert metric["mean"] == pytest.approx(np.mean(expected), rel=1e-6)
             assert metric["std"] == pytest.approx(np.std(expected, ddof=1), rel=1e-5)
+            titles[tag] = metric["title"]
         # the accuracy column is test/acc (logged from a second event file), not the last val/acc
         expected_acc = [finals[("standard", batch_size, seed)]["test/acc"] for seed in (0, 1)]
         assert row["metrics"]["acc"]["mean"] == pytest.approx(np.mean(expected_acc), rel=1e-6)
         assert row["metrics"]["acc"]["title"] == "test acc (%)"
+        # λ_min / λ₁ per run, then mean and std over seeds
+        ratios = [finals[("standard", batch_size, s)]["hessian/eig_min"] / finals[("standard", batch_size, s)]["hessian/eig_1"]
+                  for s in (0, 1)]  # fmt: skip
+        assert row["metrics"]["ratio:hessian/eig_min:hessian/eig_1"]["mean"] == pytest.approx(np.mean(ratios), rel=1e-5)
+        assert row["metrics"]["run/epochs"]["values"] == [3, 3]  # one epoch-mean train/loss per epoch
+    # every column names the split of its samples
+    assert titles["hessian/eig_1"] == "λ₁(θ), train" and titles["hessian/test/eig_1"] == "λ₁(θ), test"
+    assert titles["robust/test/fgsm/eps_0.1"] == "fgsm ε=0.1 (%), test"
 
     # bs64_seed1 logged NaN as its last trace (time budget): left out of that cell only
     trace_64 = standard_rows[64]["metrics"]["hessian/trace"]
     assert trace_64["values"] == pytest.approx([finals[("standard", 64, 0)]["hessian/trace"]]) and trace_64["std"] is None
-    assert trace_64["title"] == "trace"
+    assert trace_64["title"] == "trace, train"
 
     fgsm_row = tables["fgsm ε=0.1"]["rows"][0]
     assert fgsm_row["batch_size"] == 256 and fgsm_row["seeds"] == [None]
     assert fgsm_row["metrics"]["hessian/eig_1"]["values"] == pytest.approx([finals[("fgsm", 256, None)]["hessian/eig_1"]])
     assert fgsm_row["metrics"]["hessian/eig_1"]["std"] is None
+    # robustness logged during fit on validation samples (the callback's default split): named so
+    assert fgsm_row["metrics"]["robust/fgsm/eps_0.05"]["title"] == "fgsm ε=0.05 (%), val"
     # no test/acc in that run: the column falls back to the last val/acc and says so
     assert fgsm_row["metrics"]["acc"]["values"] == pytest.approx([0.7])
     assert fgsm_row["metrics"]["acc"]["title"] == "val acc (%)"
@@ -180,19 +213,24 @@ def test_report_table_numbers_and_figures(sweep_runs: tuple[Path, dict], tmp_pat
     assert f"{100 * np.mean(acc_64):.2f} ± {100 * np.std(acc_64, ddof=1):.2f}" in markdown
     eig_256 = [finals[("standard", 256, seed)]["hessian/eig_1"] for seed in (0, 1)]
     assert f"{np.mean(eig_256):.4g} ± {np.std(eig_256, ddof=1):.2g}" in markdown
-    assert "fgsm ε=0.05 (%)" in markdown and "No run logged `test/acc`" in markdown
+    test_eig_256 = [finals[("standard", 256, seed)]["hessian/test/eig_1"] for seed in (0, 1)]
+    assert f"{np.mean(test_eig_256):.4g} ± {np.std(test_eig_256, ddof=1):.2g}" in markdown
+    assert "fgsm ε=0.05 (%), test" in markdown and "No run logged `test/acc`" in markdown
+    assert "λ₁(θ), train" in markdown and "λ₁(θ), test" in markdown
     assert "bs1024_seed0" in markdown and "failed" in markdown  # listed as skipped
     html = (out / "report.html").read_text()
     assert "<table>" in html and "Training: fgsm ε=0.1" in html
 
     expected_figures = [
+        "training_vs_batch_size.png",
         "metrics_vs_batch_size.png",
         "top_eigenvalue_vs_epoch.png",
         "spectrum_vs_batch_size.png",
+        "topk_spectrum.png",
         "spectral_density.png",
         "robust_accuracy_vs_epsilon.png",
         "landscape_curves_0_standard.png",
-        "landscape_surface_0_standard_eig_1_eig_2.png",
+        "landscape_surface_0_standard_eig_1_eig_2_train.png",
     ]
     for file_name in expected_figures:
         assert (out / file_name).stat().st_size > 1000, file_name
@@ -235,16 +273,32 @@ def test_final_value_is_the_last_logged_and_epochs_map(sweep_runs: tuple[Path, d
     events = read_events(root / "sweep" / "bs64_seed1")
     final = finals[("standard", 64, 1)]["hessian/eig_1"]
     points = events.scalars["hessian/eig_1"]
-    assert [p.step for p in points] == [64, 128, 192, 0]  # logging order; the test logs at step 0
-    assert events.final("hessian/eig_1") == pytest.approx(final)  # the test-split analysis
+    assert [p.step for p in points] == [64, 128, 192]  # the fit's analyses; the test's are elsewhere
+    assert events.final("hessian/eig_1") == pytest.approx(final)  # the training samples' last value
+    assert [p.step for p in events.scalars["hessian/test/eig_1"]] == [192]  # the checkpoint's step
+    assert events.final("hessian/test/eig_1") == pytest.approx(finals[("standard", 64, 1)]["hessian/test/eig_1"])
     assert events.final("no/such/tag") is None
-    # the curve over training leaves the test's point out
     trajectory = training_trajectory(points)
-    assert [p.step for p in trajectory] == [64, 128, 192]
-    assert [p.value for p in trajectory] == pytest.approx([_fit_value(final, e, 3, True) for e in range(3)])
-    assert [p.step for p in training_trajectory(events.scalars["hessian/trace"])] == [64, 128, 192]
+    assert [p.value for p in trajectory] == pytest.approx([_fit_value(final, e, 3) for e in range(3)])
+    # the NaN of the last trace (time budget) is left out of the curve
+    assert [p.step for p in training_trajectory(events.scalars["hessian/trace"])] == [64, 128]
     # analyses after epochs 0, 1, 2; step 100 is in epoch 1
     assert step_to_epoch(events, [64, 128, 192, 100, 0]) == [0.0, 1.0, 2.0, 1.0, 0.0]
+
+
+def test_runs_logged_before_split_qualified_tags_keep_the_test_value(tmp_path: Path) -> None:
+    """Earlier runs logged the test's analyses under the fit's tags at step 0: the final value is the
+    test's (what those reports showed), and the curve over training leaves that point out."""
+    writer = SummaryWriter(str(tmp_path))
+    for step, value in ((10, 1.0), (20, 2.0)):
+        writer.add_scalar("hessian/eig_1", value, step)
+    writer.close()
+    legacy = SummaryWriter(str(tmp_path))
+    legacy.add_scalar("hessian/eig_1", 7.0, 0)
+    legacy.close()
+    points = read_events(tmp_path).scalars["hessian/eig_1"]
+    assert [p.step for p in points] == [10, 20, 0]
+    assert points[-1].value == 7.0 and [p.step for p in training_trajectory(points)] == [10, 20]
 
 
 def test_tensor_summaries_read_as_scalars(tmp_path: Path) -> None:
@@ -264,7 +318,7 @@ def test_density_histogram_round_trip(sweep_runs: tuple[Path, dict]) -> None:
     histogram = events.histograms["hessian/density"][-1]
     centres, density = density_from_histogram(histogram.edges, histogram.counts)
     grid = np.linspace(-1.0, finals[("standard", 256, 0)]["hessian/eig_1"], 32)
-    expected = np.exp(-0.5 * (grid / 3) ** 2)
+    expected = np.exp(-0.5 * (grid / 3) ** 2)  # the last epoch's (epoch 2) density
     expected /= expected.sum() * (grid[1] - grid[0])
     assert centres == pytest.approx(grid, rel=1e-5, abs=1e-5)
     assert density == pytest.approx(expected, rel=1e-4, abs=1e-7)
@@ -376,7 +430,8 @@ def test_damaged_event_files_are_reported_and_read_up_to_the_damage(
         events = read_events(damaged_run)
     assert events.final("test/acc") == pytest.approx(final["test/acc"])  # before the damage: kept
     assert events.final("val/acc") is not None  # the intact fit file: kept
-    assert events.final("hessian/eig_1") != pytest.approx(final["hessian/eig_1"])  # lost with the damage ...
+    assert events.final("hessian/eig_1") == pytest.approx(final["hessian/eig_1"])  # the fit's file is intact
+    assert events.final("hessian/test/eig_1") is None  # lost with the damage ...
     assert len(events.problems) == 1 and str(test_file) in events.problems[0]  # ... and said so
 
     out = tmp_path / "report"
@@ -400,8 +455,7 @@ def test_runs_of_unrelated_projects_are_never_pooled(tmp_path):
     note for runs without any accuracy, and a run that logged nothing is skipped, not a row."""
     from torch.utils.tensorboard import SummaryWriter
 
-    from lightning_hessian.report.report import load_runs
-    from lightning_hessian.report.tables import summarize_runs
+    from lightning_hessian.report import load_runs, summarize_runs
 
     for project, eig, extra in (("cnn", 5.0, {"val/acc": 0.8}), ("regressor", 50.0, {})):
         writer = SummaryWriter(str(tmp_path / project / "version_0"))
@@ -418,3 +472,43 @@ def test_runs_of_unrelated_projects_are_never_pooled(tmp_path):
     eigenvalues = sorted(row.cells["hessian/eig_1"].mean for table in tables for row in table.rows)
     assert eigenvalues == [5.0, 50.0]
     assert not any("runs without" in note for table in tables for note in table.notes)
+
+
+def test_the_old_module_path_still_writes_the_report_with_a_deprecation_warning(
+    sweep_runs: tuple[Path, dict], tmp_path: Path
+) -> None:
+    """``python -m lightning_hessian.report.report`` warns and runs ``hessian-report`` unchanged."""
+    import subprocess
+    import sys
+
+    root, _ = sweep_runs
+    out = tmp_path / "old_path_report"
+    result = subprocess.run(
+        [sys.executable, "-m", "lightning_hessian.report.report", str(root / "sweep"), "--out", str(out)],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "lightning_hessian.report.report is deprecated" in result.stderr
+    assert "lightning_hessian.cli.report" in result.stderr
+    assert (out / "report.md").is_file() and "Read 4 runs" in result.stdout
+
+
+def test_the_report_reads_the_tags_the_callbacks_write() -> None:
+    """The report's columns and figures name the tags of :mod:`lightning_hessian.metrics`, the
+    module the callbacks log with: writer and reader cannot drift apart."""
+    from lightning_hessian import metrics
+    from lightning_hessian.report import figures, tables
+
+    assert [column.key for column in tables._FIXED_COLUMNS] == [
+        "hessian/eig_1", "hessian/trace", "hessian/input_eig_1", "hessian/input_grad_norm", "landscape/sharpness",
+    ]  # fmt: skip
+    assert (tables.TEST_ACC_TAG, tables.VAL_ACC_TAG) == (metrics.accuracy_tag("test"), metrics.accuracy_tag("val"))
+    assert figures.DENSITY_TAG == metrics.DENSITY and figures.CLEAN_ACCURACY_TAG == metrics.CLEAN_ACC
+    tag = metrics.robust_accuracy_tag("linf_pgd", 8 / 255)
+    assert tag == "robust/linf_pgd/eps_0.0313725"
+    assert tables.robust_tags([tag, metrics.median_norm_tag("l2_cw"), "robust/clean_acc"]) == [
+        (tag, "linf_pgd", "0.0313725")
+    ]
+    assert tables.epsilon_value("0.0313725") == pytest.approx(8 / 255, rel=1e-5)
+    assert figures.EIGENVALUE_TAG.match(metrics.eigenvalue_tag(12)).group(1) == "12"
+    assert metrics.MEDIAN_NORM_PATTERN.match(metrics.median_norm_tag("l2_cw")).group("attack") == "l2_cw"

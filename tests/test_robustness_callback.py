@@ -111,9 +111,12 @@ def test_logs_robust_accuracy_median_norm_and_figures(tmp_path):
 
     # validate and test run under inference mode, on their own splits
     trainer.validate(model, verbose=False)
-    assert trainer.callback_metrics["robust/clean_acc"] == pytest.approx(clean)
+    assert trainer.callback_metrics["robust/val/clean_acc"] == pytest.approx(clean)  # split-qualified tag
     trainer.test(model, verbose=False)
     assert callback._samples["test"].num_global == 120
+    assert {"robust/test/clean_acc", "robust/test/fgsm/eps_0.05", "robust/test/l2_deepfool/median_norm"} <= set(
+        callback.last_metrics
+    )
 
 
 def _fit_weights(tmp_path, callbacks):
@@ -203,7 +206,7 @@ def _validate(tmp_path, **kwargs):
     )
     trainer = _trainer(tmp_path, [callback], **kwargs)
     trainer.validate(DigitsModule(), verbose=False)
-    return {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("robust/") and k != "robust/seconds"}
+    return {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("robust/") and k != "robust/val/seconds"}
 
 
 def test_ddp_ranks_attack_their_shards_and_sum(tmp_path):
@@ -222,8 +225,8 @@ def test_time_budget_skips_remaining_attacks_with_a_warning(tmp_path):
     trainer = _trainer(tmp_path, [callback])
     with pytest.warns(UserWarning, match=r"time_budget=1e-09s spent; skipped \['fgsm', 'linf_pgd'\]"):
         trainer.validate(DigitsModule(), verbose=False)
-    assert "robust/clean_acc" in trainer.callback_metrics
-    assert not any(name.startswith("robust/fgsm") for name in trainer.callback_metrics)
+    assert "robust/val/clean_acc" in trainer.callback_metrics
+    assert not any(name.startswith(("robust/fgsm", "robust/val/fgsm")) for name in trainer.callback_metrics)
 
 
 def test_data_normalised_outside_the_model_is_attacked_in_pixel_space(tmp_path):
@@ -239,8 +242,8 @@ def test_data_normalised_outside_the_model_is_attacked_in_pixel_space(tmp_path):
     assert 0 <= pixels.min() and pixels.max() <= 1
     expected = evaluate_attack(NormalizedInput(module, [0.5], [1.0]), pixels, samples.batch[1], AttackSpec("fgsm", [0.05, 0.1]))
     accuracies = expected.robust_correct.float().mean(1)
-    assert trainer.callback_metrics["robust/fgsm/eps_0.05"] == pytest.approx(accuracies[0].item())
-    assert trainer.callback_metrics["robust/fgsm/eps_0.1"] == pytest.approx(accuracies[1].item())
+    assert trainer.callback_metrics["robust/val/fgsm/eps_0.05"] == pytest.approx(accuracies[0].item())
+    assert trainer.callback_metrics["robust/val/fgsm/eps_0.1"] == pytest.approx(accuracies[1].item())
     assert accuracies[1] < expected.clean_correct.float().mean()
     with pytest.raises(ValueError, match="both mean and std"):
         AdversarialRobustnessCallback(mean=[0.5])

@@ -15,9 +15,9 @@ import torch
 from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
 
-from lightning_hessian.callbacks.spectrum import QUANTITIES, HessianSpectrumCallback, density_histogram
+from lightning_hessian.callbacks.spectrum import QUANTITIES, HessianSpectrumCallback
 from lightning_hessian.curvature import HessianOperator, hessian_trace, top_eigenvalues
-from test_spectrum_callback_helpers import (
+from spectrum_support import (
     HessianLossRegressor,
     PlainClassifier,
     exact_hessian,
@@ -151,16 +151,75 @@ def test_module_with_hessian_loss_under_validate_and_test(tmp_path: Path) -> Non
     val = spectrum._samples["val"]
     assert val.num_global == 32 and set(val.batch) == {"features", "response"}
     exact = torch.linalg.eigvalsh(exact_hessian(model, val.batch))
-    assert spectrum.last_metrics["hessian/eig_1"] == pytest.approx(float(exact[-1]), rel=1e-4)
-    assert spectrum.last_metrics["hessian/eig_2"] == pytest.approx(float(exact[-2]), rel=1e-4)
-    assert spectrum.last_metrics["hessian/eig_min"] == pytest.approx(float(exact[0]), rel=1e-4, abs=1e-7)
-    assert trainer.callback_metrics["hessian/eig_1"] == pytest.approx(float(exact[-1]), rel=1e-4)
+    # under validate/test the tags name the split of the samples (metrics.split_tag)
+    assert spectrum.last_metrics["hessian/val/eig_1"] == pytest.approx(float(exact[-1]), rel=1e-4)
+    assert spectrum.last_metrics["hessian/val/eig_2"] == pytest.approx(float(exact[-2]), rel=1e-4)
+    assert spectrum.last_metrics["hessian/val/eig_min"] == pytest.approx(float(exact[0]), rel=1e-4, abs=1e-7)
+    assert trainer.callback_metrics["hessian/val/eig_1"] == pytest.approx(float(exact[-1]), rel=1e-4)
+    assert "hessian/eig_1" not in trainer.callback_metrics
 
     trainer.test(model)
     test = spectrum._samples["test"]
     assert test.num_global == 32
     exact = torch.linalg.eigvalsh(exact_hessian(model, test.batch))
-    assert spectrum.last_metrics["hessian/eig_1"] == pytest.approx(float(exact[-1]), rel=1e-4)
+    assert spectrum.last_metrics["hessian/test/eig_1"] == pytest.approx(float(exact[-1]), rel=1e-4)
+
+
+def test_a_test_from_the_checkpoint_keeps_the_fits_training_sample_analysis(tmp_path: Path) -> None:
+    """What ``hessian-sweep`` does: fit, then ``trainer.test`` from the last checkpoint into the same
+    TensorBoard run. The test logs at the checkpoint's step, the step of the fit's last analysis, under
+    split-qualified tags; the report reads back the training-sample value (unqualified) and the
+    test-sample value (``hessian/test/...``), the density of both and the figures of both."""
+    from lightning_hessian.report import load_runs
+    from lightning_hessian.report.events import read_events
+    from lightning_hessian.report.tables import report_columns
+
+    pl.seed_everything(4)
+    spectrum = HessianSpectrumCallback(top_k=2, quantities=["eigenvalues", "density"], num_samples=40, eig_tol=1e-6,
+                                       density_probes=1, density_steps=8)  # fmt: skip
+    logger = TensorBoardLogger(tmp_path, name="run", version="bs16_seed0")
+    trainer = _trainer(tmp_path, [spectrum], logger=logger, max_epochs=2, enable_checkpointing=True)
+    trainer.fit(PlainClassifier())
+    fit_value, fit_step = spectrum.last_metrics["hessian/eig_1"], trainer.global_step
+    checkpoint = trainer.checkpoint_callback.best_model_path
+
+    tester = _trainer(tmp_path, [spectrum], logger=TensorBoardLogger(tmp_path, name="run", version="bs16_seed0"))
+    tester.test(PlainClassifier(), ckpt_path=checkpoint, verbose=False)
+    test_value = spectrum.last_metrics["hessian/test/eig_1"]
+    assert "hessian/eig_1" not in spectrum.last_metrics  # what the test logged, named by its split
+    test_samples = spectrum._samples["test"].batch
+    exact = torch.linalg.eigvalsh(exact_hessian(PlainClassifier.load_from_checkpoint(checkpoint), test_samples))
+    assert test_value == pytest.approx(float(exact[-1]), rel=1e-4)
+    assert test_value != pytest.approx(fit_value, rel=1e-3)
+
+    events = read_events(tmp_path / "run" / "bs16_seed0")
+    assert [p.step for p in events.scalars["hessian/test/eig_1"]] == [fit_step]  # the checkpoint's step ...
+    assert events.scalars["hessian/eig_1"][-1].step == fit_step  # ... where the fit's last analysis is, kept
+    assert events.final("hessian/eig_1") == pytest.approx(fit_value, rel=1e-6)
+    assert events.final("hessian/test/eig_1") == pytest.approx(test_value, rel=1e-6)
+    assert {"hessian/density", "hessian/test/density"} <= set(events.histograms)
+    (run,), _ = load_runs([tmp_path / "run"])
+    titles = {column.key: column.title for column in report_columns([run])}
+    assert titles["hessian/eig_1"] == "λ₁(θ), train" and titles["hessian/test/eig_1"] == "λ₁(θ), test"
+    tags, _ = _event_tags(tmp_path / "run" / "bs16_seed0")
+    assert {"hessian/density_plot", "hessian/test/density_plot"} <= set(tags["images"])
+
+
+def test_evaluation_stages_choose_where_the_callback_analyses_outside_fit(tmp_path: Path) -> None:
+    """``evaluation_stages=()`` analyses during fit only; ``["test"]`` under trainer.test only."""
+    fit_only = HessianSpectrumCallback(num_samples=16, evaluation_stages=())
+    test_only = HessianSpectrumCallback(num_samples=16, every_n_epochs=None, analyse_on_train_end=False,
+                                        evaluation_stages=["test"])  # fmt: skip
+    trainer = _trainer(tmp_path, [fit_only, test_only], max_epochs=1)
+    model = PlainClassifier()
+    trainer.fit(model)
+    assert "hessian/eig_1" in fit_only.last_metrics and test_only.last_metrics == {}
+    trainer.validate(model, verbose=False)
+    trainer.test(model, verbose=False)
+    assert set(fit_only._samples) == {"train"} and "hessian/eig_1" in fit_only.last_metrics  # not re-run
+    assert set(test_only._samples) == {"test"} and "hessian/test/eig_1" in test_only.last_metrics
+    with pytest.raises(ValueError, match=r"evaluation_stages \['fit'\]"):
+        HessianSpectrumCallback(evaluation_stages=["fit"])
 
 
 def test_image_classifier_with_batch_norm(tmp_path: Path) -> None:
@@ -336,17 +395,6 @@ def test_logger_without_figures_gets_scalars_and_one_warning(tmp_path: Path) -> 
     figure_warnings = [w for w in caught if "cannot take figures" in str(w.message)]
     assert len(figure_warnings) == 1
     assert [s for s, _ in _logged(tmp_path / "csv", "hessian/eig_1")] == [6, 12]
-
-
-def test_density_histogram_counts_eigenvalues() -> None:
-    grid = torch.linspace(-1.0, 3.0, 5)
-    density = torch.tensor([0.0, 1.0, 0.0, 1.0, 0.0])
-    histogram = density_histogram(grid, density, num_params=10)
-    assert histogram["bucket_counts"] == [0.0, 5.0, 0.0, 5.0, 0.0]
-    assert histogram["bucket_limits"] == [-0.5, 0.5, 1.5, 2.5, 3.5]
-    assert histogram["sum"] == pytest.approx(5 * 0.0 + 5 * 2.0)
-    assert histogram["sum_squares"] == pytest.approx(5 * 4.0)
-    assert histogram["num"] == 10 and histogram["min"] == -1.5 and histogram["max"] == 3.5
 
 
 def test_time_budget_stops_cleanly_with_honest_flags(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:

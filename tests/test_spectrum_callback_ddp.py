@@ -10,7 +10,7 @@ import pytest
 import pytorch_lightning as pl
 import torch
 
-from test_spectrum_callback_helpers import PlainClassifier, RecordingSpectrum, exact_hessian
+from spectrum_support import PlainClassifier, RecordingSpectrum, exact_hessian
 
 pytestmark = pytest.mark.filterwarnings(
     "ignore:.*does not have many workers.*",

@@ -1,200 +1,142 @@
-"""Tiny models, data and exact-Hessian oracles shared by the spectrum-callback tests (no tests here).
+"""The spectrum callback's helper modules on their own: the density histogram encoding and its
+decoding (``lightning_hessian.density_histogram``), the engine helpers (``callbacks/spectrum_engine``),
+the custom-scalars layout (``callbacks/spectrum_output``) and the progress lines (``callbacks/progress``).
 
-Module-level classes so that ``ddp_spawn`` can pickle them.
+The models and oracles shared by the spectrum-callback tests are in ``spectrum_support.py``.
 """
 
 from __future__ import annotations
 
-import copy
-from pathlib import Path
-from typing import Any
+import logging
+import time
+from types import SimpleNamespace
 
-import pytorch_lightning as pl
+import numpy as np
+import pytest
 import torch
-import torch.nn.functional as F
-from torch import Tensor, nn
-from torch.utils.data import DataLoader, Dataset, TensorDataset
+from torch import nn
 
-from lightning_hessian.callbacks.base import batch_loss
-from lightning_hessian.callbacks.spectrum import HessianSpectrumCallback
-
-IN_FEATURES, HIDDEN, CLASSES = 6, 8, 3
-
-
-def classification_data(n: int, seed: int) -> TensorDataset:
-    """Inputs from a Gaussian, labels from a random linear teacher with label noise."""
-    generator = torch.Generator().manual_seed(seed)
-    x = torch.randn(n, IN_FEATURES, generator=generator)
-    teacher = torch.randn(IN_FEATURES, CLASSES, generator=torch.Generator().manual_seed(1234))
-    y = (x @ teacher + 0.5 * torch.randn(n, CLASSES, generator=generator)).argmax(dim=1)
-    return TensorDataset(x, y)
+from lightning_hessian.callbacks.progress import AnalysisProgress
+from lightning_hessian.callbacks.spectrum_engine import padded_flags, select_layers, vectors_to_cpu, warm_start
+from lightning_hessian.callbacks.spectrum_output import density_figure, spectrum_layout
+from lightning_hessian.curvature import HessianOperator
+from lightning_hessian.density_histogram import density_from_histogram, density_histogram
 
 
-class PlainClassifier(pl.LightningModule):
-    """A LightningModule written the plain Lightning way, with nothing from this package."""
-
-    def __init__(
-        self, lr: float = 0.2, n_train: int = 96, batch_norm: bool = False, dropout: float = 0.0, shuffle: bool = True
-    ) -> None:
-        super().__init__()
-        layers: list[nn.Module] = [nn.Linear(IN_FEATURES, HIDDEN)]
-        if batch_norm:
-            layers.append(nn.BatchNorm1d(HIDDEN))
-        layers += [nn.Tanh(), nn.Dropout(dropout), nn.Linear(HIDDEN, CLASSES)]
-        self.net = nn.Sequential(*layers)
-        self.lr = lr
-        self.n_train = n_train
-        self.shuffle = shuffle
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.net(x)
-
-    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
-        x, y = batch
-        loss = F.cross_entropy(self(x), y)
-        self.log("train_loss", loss)
-        return loss
-
-    def validation_step(self, batch: Any, batch_idx: int) -> None:
-        x, y = batch
-        self.log("val_loss", F.cross_entropy(self(x), y))
-
-    def test_step(self, batch: Any, batch_idx: int) -> None:
-        x, y = batch
-        self.log("test_loss", F.cross_entropy(self(x), y))
-
-    def configure_optimizers(self) -> Any:
-        return torch.optim.SGD(self.parameters(), lr=self.lr, momentum=0.9, weight_decay=1e-3)
-
-    def train_dataloader(self) -> DataLoader:
-        return DataLoader(classification_data(self.n_train, seed=0), batch_size=16, shuffle=self.shuffle)
-
-    def val_dataloader(self) -> DataLoader:
-        return DataLoader(classification_data(48, seed=1), batch_size=16)
-
-    def test_dataloader(self) -> DataLoader:
-        return DataLoader(classification_data(40, seed=2), batch_size=16)
+# ------------------------------------------------------------------------------ density histogram
 
 
-class DictRegressionData(Dataset):
-    """Batches that are dicts with non-standard keys: only ``hessian_loss`` knows the loss."""
-
-    def __init__(self, n: int, seed: int) -> None:
-        generator = torch.Generator().manual_seed(seed)
-        self.features = torch.randn(n, IN_FEATURES, generator=generator)
-        self.response = torch.sin(self.features[:, :2].sum(dim=1, keepdim=True))
-
-    def __len__(self) -> int:
-        return len(self.features)
-
-    def __getitem__(self, i: int) -> dict[str, Tensor]:
-        return {"features": self.features[i], "response": self.response[i]}
+def test_density_histogram_counts_eigenvalues() -> None:
+    grid = torch.linspace(-1.0, 3.0, 5)
+    density = torch.tensor([0.0, 1.0, 0.0, 1.0, 0.0])
+    histogram = density_histogram(grid, density, num_params=10)
+    assert histogram["bucket_counts"] == [0.0, 5.0, 0.0, 5.0, 0.0]
+    assert histogram["bucket_limits"] == [-0.5, 0.5, 1.5, 2.5, 3.5]
+    assert histogram["sum"] == pytest.approx(5 * 0.0 + 5 * 2.0)
+    assert histogram["sum_squares"] == pytest.approx(5 * 4.0)
+    assert histogram["num"] == 10 and histogram["min"] == -1.5 and histogram["max"] == 3.5
 
 
-class HessianLossRegressor(pl.LightningModule):
-    """A regression module that defines ``hessian_loss(batch)`` (mean squared error)."""
+def test_density_histogram_decodes_to_the_density_it_encoded() -> None:
+    """Encoding then decoding (edges = the left edge plus the bucket limits, as the report reads
+    TensorBoard's histogram) gives the grid and the normalised density back; negative quadrature
+    noise counts as zero, and an all-zero density decodes to a uniform one."""
+    grid = torch.linspace(-2.0, 10.0, 49, dtype=torch.float64)
+    density = torch.exp(-0.5 * (grid - 3.0) ** 2) + 0.1 * torch.exp(-0.5 * (grid - 9.0) ** 2)
+    density[0] = -1e-6
+    histogram = density_histogram(grid, density, num_params=12345)
+    edges = np.array([histogram["min"], *histogram["bucket_limits"]])
+    counts = np.array(histogram["bucket_counts"])
+    assert counts.sum() == pytest.approx(12345)
+    centres, decoded = density_from_histogram(edges, counts)
+    expected = density.clamp_min(0).numpy()
+    expected /= expected.sum() * float(grid[1] - grid[0])
+    assert centres == pytest.approx(grid.numpy(), abs=1e-12)
+    assert decoded == pytest.approx(expected, rel=1e-9, abs=1e-15)
+    assert float(np.sum(decoded * np.diff(edges))) == pytest.approx(1.0)
 
+    flat = density_histogram(grid, torch.zeros_like(grid), num_params=49)
+    assert flat["bucket_counts"] == pytest.approx([1.0] * 49)
+    _, uniform = density_from_histogram(np.array([flat["min"], *flat["bucket_limits"]]), np.array(flat["bucket_counts"]))
+    assert uniform == pytest.approx(np.full(49, 1 / 12.25))  # 49 buckets of width 0.25
+
+
+def test_density_figure_marks_the_top_eigenvalues() -> None:
+    grid = torch.linspace(0.0, 4.0, 9, dtype=torch.float64)
+    figure = density_figure(grid, torch.ones(9, dtype=torch.float64), [3.0, 3.5], epoch=7)
+    (axes,) = figure.axes
+    assert axes.get_yscale() == "log" and axes.get_title() == "Hessian spectral density, epoch 7"
+    assert sorted(line.get_xdata()[0] for line in axes.lines[1:]) == [3.0, 3.5]
+
+
+# ------------------------------------------------------------------------------ engine helpers
+
+
+class _Net(nn.Module):
     def __init__(self) -> None:
         super().__init__()
-        self.net = nn.Sequential(nn.Linear(IN_FEATURES, 5), nn.Softplus(), nn.Linear(5, 1))
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.net(x)
-
-    def hessian_loss(self, batch: dict[str, Tensor]) -> Tensor:
-        return F.mse_loss(self(batch["features"]), batch["response"])
-
-    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
-        return self.hessian_loss(batch)
-
-    def validation_step(self, batch: Any, batch_idx: int) -> None:
-        self.log("val_mse", self.hessian_loss(batch))
-
-    def test_step(self, batch: Any, batch_idx: int) -> None:
-        self.log("test_mse", self.hessian_loss(batch))
-
-    def configure_optimizers(self) -> Any:
-        return torch.optim.SGD(self.parameters(), lr=0.05)
-
-    def train_dataloader(self) -> DataLoader:
-        return DataLoader(DictRegressionData(64, seed=0), batch_size=16, shuffle=True)
-
-    def val_dataloader(self) -> DataLoader:
-        return DataLoader(DictRegressionData(40, seed=1), batch_size=16)
-
-    def test_dataloader(self) -> DataLoader:
-        return DataLoader(DictRegressionData(36, seed=2), batch_size=16)
+        self.body = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2))
+        self.head = nn.Linear(2, 2)
+        self.frozen = nn.Linear(2, 2).requires_grad_(False)
 
 
-class _LossOf(nn.Module):
-    def __init__(self, inner: nn.Module) -> None:
-        super().__init__()
-        self.inner = inner
-
-    def forward(self, batch: Any) -> Tensor:
-        return batch_loss(self.inner, batch)
-
-
-def _to_double(batch: Any) -> Any:
-    if isinstance(batch, Tensor):
-        return batch.double() if batch.is_floating_point() else batch
-    if isinstance(batch, dict):
-        return {k: _to_double(v) for k, v in batch.items()}
-    if isinstance(batch, (list, tuple)):
-        return type(batch)(_to_double(v) for v in batch)
-    return batch
+def test_select_layers_matches_names_and_patterns() -> None:
+    model = _Net()
+    assert select_layers(model, ["head"]) == {"head": ["head.weight", "head.bias"]}
+    # "body.*" matches its two linear layers (the ReLU has no parameters); "body" the whole block
+    assert list(select_layers(model, ["body.*"])) == ["body.0", "body.2"]
+    assert select_layers(model, ["body"])["body"] == ["body.0.weight", "body.0.bias", "body.2.weight", "body.2.bias"]
+    with pytest.raises(ValueError, match=r"\['frozen', 'tail'\] match no module.*'body.0'.*'head'"):
+        select_layers(model, ["head", "frozen", "tail"])  # frozen: no trainable parameters
 
 
-def exact_hessian(module: nn.Module, batch: Any, names: list[str] | None = None) -> Tensor:
-    """The float64 Hessian (eval mode) of ``batch_loss(module, batch)`` w.r.t. the named parameters,
-    by ``torch.autograd.functional.hessian`` on a float64 copy: the oracle."""
-    model = copy.deepcopy(module).double().eval()
-    wrapper = _LossOf(model)
-    named = [(n, p.detach()) for n, p in model.named_parameters() if p.requires_grad and (names is None or n in names)]
-    sizes = [p.numel() for _, p in named]
-    constants = {"inner." + n: t.detach() for n, t in (*model.named_parameters(), *model.named_buffers())}
-    batch = _to_double(batch)
-
-    def loss(flat: Tensor) -> Tensor:
-        tensors = dict(constants)
-        for (name, param), piece in zip(named, flat.split(sizes)):
-            tensors["inner." + name] = piece.view_as(param)
-        return torch.func.functional_call(wrapper, tensors, (batch,))
-
-    flat = torch.cat([p.reshape(-1) for _, p in named])
-    return torch.autograd.functional.hessian(loss, flat)
+def test_warm_start_only_when_the_vectors_fit_the_operator() -> None:
+    model = nn.Linear(3, 2)
+    x, y = torch.randn(8, 3), torch.randint(0, 2, (8,))
+    operator = HessianOperator(model, nn.functional.cross_entropy, (x, y))
+    fitting = [{name: torch.randn_like(p) for name, p in model.named_parameters()}]
+    assert warm_start(fitting, operator) is fitting
+    assert warm_start(None, operator) is None and warm_start([], operator) is None
+    assert warm_start([{"weight": torch.randn(2, 3)}], operator) is None  # a parameter missing
+    assert warm_start([{"weight": torch.randn(3, 2), "bias": torch.randn(2)}], operator) is None  # another shape
 
 
-def exact_input_quantities(module: nn.Module, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
-    """Per-sample top eigenvalue of the input Hessian of the cross-entropy and per-sample
-    input-gradient norm, float64, exact."""
-    model = copy.deepcopy(module).double().eval()
-    eigs, norms = [], []
-    for xi, yi in zip(x.double(), y):
-        def loss(v: Tensor, target: Tensor = yi) -> Tensor:
-            return F.cross_entropy(model(v.unsqueeze(0)), target.unsqueeze(0))
-
-        eigs.append(torch.linalg.eigvalsh(torch.autograd.functional.hessian(loss, xi))[-1])
-        norms.append(torch.func.grad(loss)(xi).detach().norm())
-    return torch.stack(eigs).detach(), torch.stack(norms).detach()
+def test_padded_flags_and_cpu_copies() -> None:
+    assert padded_flags(torch.tensor([True, False]), 4) == [True, False, False, False]
+    assert padded_flags(torch.tensor([True]), 1) == [True]
+    vector = {"w": torch.ones(2, requires_grad=True) * 2}
+    (copy,) = vectors_to_cpu([vector])
+    assert not copy["w"].requires_grad and copy["w"].device.type == "cpu" and copy["w"] is not vector["w"]
+    assert vectors_to_cpu(None) is None
 
 
-class RecordingSpectrum(HessianSpectrumCallback):
-    """Writes each rank's metrics and eigenvectors to ``out_dir`` (for ``ddp_spawn`` tests, whose
-    callback objects live in the child processes)."""
+# ------------------------------------------------------------------------------ output and progress
 
-    def __init__(self, out_dir: str, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        self.out_dir = out_dir
 
-    def analyse(self, trainer: pl.Trainer, pl_module: pl.LightningModule, samples: Any) -> dict[str, float]:
-        metrics = super().analyse(trainer, pl_module, samples)
-        record = {
-            "metrics": metrics,
-            "num_local": samples.num_local,
-            "num_global": samples.num_global,
-            "eigenvectors": None if self.eigenvectors is None else [{k: v.cpu() for k, v in e.items()} for e in self.eigenvectors],
-            "state": {k: v.detach().cpu().clone() for k, v in pl_module.state_dict().items()},
-        }
-        torch.save(record, Path(self.out_dir) / f"rank{trainer.global_rank}_epoch{trainer.current_epoch}.pt")
-        return metrics
+def test_custom_scalars_layout_follows_the_quantities() -> None:
+    full = spectrum_layout(("eigenvalues", "trace", "input_hessian"), per_layer=True)["hessian spectrum"]
+    assert list(full) == ["eigenvalues", "trace", "input space", "per-layer top eigenvalue", "cost"]
+    assert full["eigenvalues"] == ["Multiline", [r"hessian/eig_\d+$", "hessian/eig_min"]]
+    assert full["cost"] == ["Multiline", ["hessian/hvps", "hessian/seconds"]]
+    assert list(spectrum_layout(("density",), per_layer=False)["hessian spectrum"]) == ["cost"]
+
+
+def test_progress_lines_are_periodic_and_count_earlier_products(caplog: pytest.LogCaptureFixture) -> None:
+    start = time.perf_counter()
+    progress = AnalysisProgress(3600.0, "HessianSpectrumCallback epoch 2", start)
+    with caplog.at_level(logging.INFO):
+        progress.report("trace", 10)  # within the interval: nothing
+        progress.done(10)
+        assert not caplog.records
+        progress.report("trace", 12, force=True)
+        on_step = progress.with_base(12).lanczos_callback("largest")
+        frequent = AnalysisProgress(1e-9, "probe", start).with_base(5)
+        # what the engine passes after a Lanczos step (only these fields are read)
+        step = SimpleNamespace(hvp_count=7, eigenvalues=torch.tensor([-1.5, 2.0]), num_converged=1)
+        frequent.lanczos_callback("smallest")(step)
+    messages = [record.getMessage() for record in caplog.records]
+    assert messages[0].startswith("HessianSpectrumCallback epoch 2: trace; 12 HVPs, ")
+    assert messages[1].startswith("probe: Lanczos (smallest), 1 converged, Ritz values [-1.5, 2]; 12 HVPs, ")
+    assert callable(on_step) and len(messages) == 2
+    with pytest.raises(ValueError, match="interval"):
+        AnalysisProgress(0.0, "probe", start)

@@ -10,8 +10,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from lightning_hessian.report.report import build_report
-from lightning_hessian.report.sweep import SweepSettings, main, plan_sweep, run_sweep
+from lightning_hessian.cli.sweep import main
+from lightning_hessian.report import build_report
+from lightning_hessian.sweep import SweepSettings, plan_sweep, run_sweep
 
 REPO = Path(__file__).resolve().parents[1]
 QUICKSTART = REPO / "configs" / "quickstart.yaml"
@@ -190,11 +191,14 @@ def test_real_hessian_train_end_to_end(tmp_path: Path) -> None:
     printed = re.search(r"test/acc\W+([0-9.]+)", (run_dir / "train.log").read_text())
     assert printed is not None
     assert cells["acc"].values == pytest.approx([float(printed.group(1))], abs=1e-6)
-    # ... and its top eigenvalue the test's analysis, read here from the test's own event file.
+    # ... and its test-sample top eigenvalue the test's analysis, read here from the test's own event
+    # file under its split-qualified tag, while the fit's training-sample value keeps its own tag.
     test_events = EventAccumulator(str(max(run_dir.glob("events.out.tfevents.*"), key=lambda p: p.stat().st_mtime)))
     test_events.Reload()
-    (test_point,) = test_events.Scalars("hessian/eig_1")
-    assert cells["hessian/eig_1"].values == pytest.approx([test_point.value])
+    (test_point,) = test_events.Scalars("hessian/test/eig_1")
+    assert "hessian/eig_1" not in test_events.Tags()["scalars"]
+    assert cells["hessian/test/eig_1"].values == pytest.approx([test_point.value])
+    assert cells["hessian/eig_1"].values and cells["hessian/eig_1"].values != cells["hessian/test/eig_1"].values
     assert (tmp_path / "report" / "top_eigenvalue_vs_epoch.png").is_file()
 
 
@@ -211,7 +215,7 @@ def test_sigterm_stops_the_running_command_and_marks_the_run(tmp_path: Path) -> 
     )
     sweep = subprocess.Popen(
         [
-            sys.executable, "-m", "lightning_hessian.report.sweep", "--config", str(QUICKSTART), "--batch-sizes", "8", "16",
+            sys.executable, "-m", "lightning_hessian.cli.sweep", "--config", str(QUICKSTART), "--batch-sizes", "8", "16",
             "--root", str(tmp_path / "sweeps"), "--train-command", f"{sys.executable} {slow}",
         ],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
@@ -306,7 +310,7 @@ def _start_sweep(tmp_path: Path, train_script: Path):
     log = (tmp_path / "sweep_output.txt").open("w")
     process = subprocess.Popen(
         [
-            sys.executable, "-m", "lightning_hessian.report.sweep", "--config", str(QUICKSTART), "--batch-sizes", "8",
+            sys.executable, "-m", "lightning_hessian.cli.sweep", "--config", str(QUICKSTART), "--batch-sizes", "8",
             "--root", str(tmp_path / "sweeps"), "--train-command", f"{sys.executable} {train_script}",
         ],
         stdout=log, stderr=subprocess.STDOUT, text=True,
@@ -383,7 +387,7 @@ def test_lock_with_a_live_pid_refuses_and_a_dead_pid_is_taken_over(tmp_path: Pat
     import socket
     import subprocess
 
-    from lightning_hessian.report.sweep import LOCK_FILE, RunBusyError, RunLock
+    from lightning_hessian.sweep import LOCK_FILE, RunBusyError, RunLock
 
     run_dir = tmp_path / "run"
     with RunLock(run_dir) as lock:
@@ -468,3 +472,43 @@ def test_sweep_tests_the_checkpoint_the_fit_recorded_not_the_newest_file(tmp_pat
     assert main([*_sweep_argv(tmp_path, tmp_path / "no_record.py"), "--name", "unrecorded"]) == 0
     record = json.loads((tmp_path / "sweeps" / "unrecorded" / "bs8_seed0" / "sweep.json").read_text())
     assert "test_command" not in record and record["test"].startswith("skipped: fit wrote no checkpoint.json")
+
+
+# ------------------------------------------------------------------ the deprecated module path
+
+
+def test_the_old_module_path_still_runs_the_sweep_with_a_deprecation_warning(tmp_path: Path, fake_train: Path) -> None:
+    """``python -m lightning_hessian.report.sweep`` (what older scripts and running studies call)
+    warns once and runs ``hessian-sweep`` unchanged; its names still import."""
+    import subprocess
+    import warnings
+
+    argv = [
+        "--config", str(QUICKSTART), "--batch-sizes", "32", "--root", str(tmp_path / "sweeps"),
+        "--train-command", f"{sys.executable} {fake_train}", "--no-test",
+    ]  # fmt: skip
+    result = subprocess.run(
+        [sys.executable, "-m", "lightning_hessian.report.sweep", *argv], capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "lightning_hessian.report.sweep is deprecated" in result.stderr and "lightning_hessian.cli.sweep" in result.stderr
+    assert "1 finished" in result.stdout
+    record = json.loads((tmp_path / "sweeps" / "quickstart" / "bs32_seed0" / "sweep.json").read_text())
+    assert record["status"] == "finished"
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        import lightning_hessian.report as report
+        import lightning_hessian.sweep as sweep
+
+        assert report.SweepSettings is sweep.SweepSettings and report.run_sweep is sweep.run_sweep
+    assert any(issubclass(w.category, DeprecationWarning) and "lightning_hessian.sweep" in str(w.message) for w in caught)
+
+
+def test_one_definition_of_the_sweep_record_file() -> None:
+    """The sweep writes and the report reads the same ``sweep.json``: one constant, one reader."""
+    from lightning_hessian.report import runs
+    from lightning_hessian.sweep import records
+
+    assert runs.SWEEP_FILE is records.SWEEP_FILE == "sweep.json"
+    assert runs.read_record is records.read_record

@@ -32,6 +32,7 @@ import torch
 from pytorch_lightning.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from typing_extensions import override
 
+from lightning_hessian import metrics as tags
 from lightning_hessian.attacks.training import AdversarialTraining
 from lightning_hessian.callbacks.packages import Callback
 from lightning_hessian.callbacks.spectrum import HessianSpectrumCallback
@@ -162,7 +163,7 @@ class AdaptiveBatchSizeCallback(Callback):
         growth_factor: float = 2,
         eigenvalue_factor: float | None = 2.0,
         max_epochs_per_size: int | None = 10,
-        metric: str = "hessian/eig_1",
+        metric: str = tags.TOP_EIGENVALUE,
         lr_scaling: str = "linear",
         stop_adversarial_at: float | None = None,
         batch_size_scope: Literal["auto", "global", "per_device"] = "auto",
@@ -604,12 +605,12 @@ class AdaptiveBatchSizeCallback(Callback):
         if trainer.optimizers and trainer.optimizers[0].param_groups:
             lr = float(trainer.optimizers[0].param_groups[0]["lr"])
         metrics = {
-            "absa/batch_size": float(self._batch_size),
-            "absa/lr": lr,
-            "absa/steps": float(trainer.global_step),
+            tags.ABSA_BATCH_SIZE: float(self._batch_size),
+            tags.ABSA_LR: lr,
+            tags.ABSA_STEPS: float(trainer.global_step),
         }
         if self._adversarial_off_epoch is not None:
-            metrics["absa/adversarial"] = float(next_epoch < self._adversarial_off_epoch)
+            metrics[tags.ABSA_ADVERSARIAL] = float(next_epoch < self._adversarial_off_epoch)
         for key, value in metrics.items():
             trainer.callback_metrics[key] = torch.tensor(value)
         if trainer.is_global_zero:

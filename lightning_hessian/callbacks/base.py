@@ -25,7 +25,7 @@ import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import pytorch_lightning as pl
@@ -38,16 +38,16 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, IterableDataset
 from typing_extensions import override
 
+from lightning_hessian.callbacks.budget import TimeBudget
 from lightning_hessian.callbacks.packages import Callback, split_dataloader, tensorboard_logger_types, trainer_fn
 from lightning_hessian.curvature.batches import batch_size, slice_batch
 from lightning_hessian.curvature.context import analysis_mode
 from lightning_hessian.curvature.objective import batch_loss, inputs_and_targets
 from lightning_hessian.errors import UserInputError
+from lightning_hessian.metrics import SPLITS, Split, split_tag
 
 __all__ = ["AnalysisSamples", "EpochAnalysisCallback", "batch_loss", "slice_batch"]
 
-Split = Literal["train", "val", "test"]
-_SPLITS = ("train", "val", "test")
 # Half-precision parameters cannot be analysed faithfully (docs/design.md: numerical guarantees, precision).
 _REFUSED_PRECISIONS = ("16-true", "bf16-true", "transformer-engine")
 
@@ -117,6 +117,12 @@ class EpochAnalysisCallback(Callback):
     :func:`~lightning_hessian.curvature.analysis_mode`: gradients on, autocast and TF32 off, eval
     mode, and the model's flags, ``.grad`` and the RNG states restored bit for bit.
 
+    Tags: during ``fit`` the metrics are logged under the names :meth:`analyse` returns; under
+    ``validate``/``test`` under the same names qualified by the split of the samples
+    (``hessian/eig_1`` -> ``hessian/test/eig_1``, :func:`lightning_hessian.metrics.split_tag`),
+    so that a test from the last checkpoint, which logs at the checkpoint's step, never replaces
+    the fit's last analysis of the training samples (see :meth:`analysis_tag`).
+
     Args:
         every_n_epochs: analyse at the end of every n-th training epoch; ``None`` or 0 to disable.
         every_n_train_steps: analyse every n optimizer steps; ``None`` or 0 to disable.
@@ -124,15 +130,14 @@ class EpochAnalysisCallback(Callback):
         split: ``"train"``, ``"val"`` or ``"test"``: where samples come from during ``fit``.
         seed: seed of the sample choice (and of the analysis' own random probes).
         analysis_batch_size: micro-batch size for the analysis' forward/backward passes.
-        time_budget: seconds one analysis may take; subclasses stop cleanly when it is spent.
+        time_budget: seconds one analysis may take; subclasses stop cleanly when it is spent,
+            checking the :class:`~lightning_hessian.callbacks.budget.TimeBudget` of
+            :meth:`start_budget`.
 
     Raises:
         ValueError: for a bad option (in ``__init__``) or a ``num_samples`` larger than the split,
             or a ``*-true`` half precision (in ``setup``).
     """
-
-    #: metric-name prefix of the subclass, e.g. ``"hessian"``
-    metric_prefix: str = "analysis"
 
     def __init__(
         self,
@@ -151,8 +156,8 @@ class EpochAnalysisCallback(Callback):
                 raise UserInputError(f"{name}={value} must be >= 0 (0 or None disables it)")
         if num_samples is not None and num_samples < 1:
             raise UserInputError(f"num_samples={num_samples} must be >= 1, or None for the whole split")
-        if split not in _SPLITS:
-            raise UserInputError(f"split={split!r} is not one of {_SPLITS}")
+        if split not in SPLITS:
+            raise UserInputError(f"split={split!r} is not one of {SPLITS}")
         if analysis_batch_size < 1:
             raise UserInputError(f"analysis_batch_size={analysis_batch_size} must be >= 1")
         if time_budget is not None and time_budget <= 0:
@@ -206,8 +211,10 @@ class EpochAnalysisCallback(Callback):
                 f" precision='{precision.split('-')[0]}-mixed' (parameters stay float32) instead."
             )
         split = self._split_for(trainer)
-        # Only the training run's own split is held to num_samples; validate/test clamp with a warning.
-        length = self._dataset_length(trainer, pl_module, split) if stage == "fit" else None
+        # Only the training run's own split is held to num_samples, and only when the callback analyses
+        # during fit (a callback for trainer.test alone, every_n_epochs=None, may exceed a small
+        # validation split); validate/test clamp with a warning.
+        length = self._dataset_length(trainer, pl_module, split) if stage == "fit" and self._analyses_in_fit() else None
         if length is not None and self.num_samples is not None and self.num_samples > length:
             raise UserInputError(
                 f"{type(self).__name__}: num_samples={self.num_samples} is larger than the {split} split"
@@ -215,9 +222,13 @@ class EpochAnalysisCallback(Callback):
                 " to use the whole split."
             )
 
+    def _analyses_in_fit(self) -> bool:
+        """Whether the callback analyses during ``fit`` at all (by epoch, by step or at the end)."""
+        return bool(self.every_n_epochs or self.every_n_train_steps or getattr(self, "analyse_on_train_end", False))
+
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self.every_n_epochs or self.every_n_train_steps or getattr(self, "analyse_on_train_end", False):
+        if self._analyses_in_fit():
             self._samples_for(trainer, pl_module)
 
     @override
@@ -288,6 +299,11 @@ class EpochAnalysisCallback(Callback):
             return None
         return lambda tensor: trainer.strategy.reduce(tensor, reduce_op="sum")
 
+    def start_budget(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> TimeBudget:
+        """The time budget of an analysis starting now: ``time_budget`` seconds (unlimited when
+        ``None``), decided collectively over the processes (:class:`~lightning_hessian.callbacks.budget.TimeBudget`)."""
+        return TimeBudget(self.time_budget, self.all_reduce_sum(trainer), pl_module.device)
+
     def tensorboard(self, trainer: pl.Trainer) -> Any | None:
         """The rank-zero TensorBoard ``SummaryWriter`` of the first TensorBoard logger, or ``None``."""
         if not trainer.is_global_zero:
@@ -307,16 +323,45 @@ class EpochAnalysisCallback(Callback):
                 return Path(log_dir)
         return Path(trainer.default_root_dir)
 
-    def log_figure(self, trainer: pl.Trainer, tag: str, figure: Any) -> None:
-        """Log a matplotlib figure as an image (TensorBoard) at ``trainer.global_step``; closes it.
+    def analysis_tag(self, trainer: pl.Trainer, tag: str) -> str:
+        """The name under which the current analysis logs ``tag``.
 
-        Loggers that cannot take figures get the scalars only, and one warning per logger type.
+        During ``fit``: ``tag`` itself. Under ``trainer.validate``/``trainer.test``: ``tag``
+        qualified by the split the samples come from (``hessian/test/eig_1``,
+        :func:`lightning_hessian.metrics.split_tag`). Those trainers log at the checkpoint's step
+        (:meth:`log_step`), the step of the fit's last analysis, and a report keeps one value per
+        tag and step: unqualified, a test-sample value would replace the training-sample one.
+
+        Args:
+            trainer: the running trainer.
+            tag: an unqualified tag (``hessian/eig_1``; any group but the model's own ``train/``,
+                ``val/``, ``test/``).
+
+        Returns:
+            The tag to log.
+        """
+        return self._tagger(trainer)(tag)
+
+    def _tagger(self, trainer: pl.Trainer) -> Callable[[str], str]:
+        """:meth:`analysis_tag` for many tags (the split is looked up once)."""
+        if trainer_fn(trainer) in ("validate", "test"):
+            split = self._split_for(trainer)
+            return lambda tag: split_tag(tag, split)
+        return lambda tag: tag
+
+    def log_figure(self, trainer: pl.Trainer, tag: str, figure: Any) -> None:
+        """Log a matplotlib figure as an image (TensorBoard) at :meth:`log_step`; closes it.
+
+        ``tag`` is unqualified; under ``validate``/``test`` it is logged under
+        :meth:`analysis_tag`. Loggers that cannot take figures get the scalars only, and one
+        warning per logger type.
         """
         import matplotlib.pyplot as plt
 
         try:
             if not trainer.is_global_zero:
                 return
+            tag = self.analysis_tag(trainer, tag)
             for logger in trainer.loggers:
                 if isinstance(logger, tensorboard_logger_types()):
                     logger.experiment.add_figure(tag, figure, global_step=self.log_step(trainer), close=False)
@@ -344,7 +389,8 @@ class EpochAnalysisCallback(Callback):
 
     @property
     def last_metrics(self) -> dict[str, float]:
-        """The scalar metrics of the last analysis (what was logged)."""
+        """The scalar metrics of the last analysis as they were logged: under
+        ``validate``/``test`` with split-qualified names (:meth:`analysis_tag`)."""
         return dict(self._last_metrics)
 
     def unavailable_metrics(self) -> dict[str, float]:
@@ -364,7 +410,6 @@ class EpochAnalysisCallback(Callback):
                 metrics = self.unavailable_metrics() if problem else self.analyse(trainer, pl_module, samples)
             except torch.linalg.LinAlgError as error:  # non-finite curvature despite a finite loss
                 problem, metrics = f"the analysis met non-finite values ({error})", self.unavailable_metrics()
-        self._last_metrics = dict(metrics)
         if problem:
             # An analysis never ends a training run: a diverged model gets NaN metrics and a warning.
             if not self._warned_non_finite:
@@ -408,6 +453,11 @@ class EpochAnalysisCallback(Callback):
         return None
 
     def _log_metrics(self, trainer: pl.Trainer, metrics: dict[str, float]) -> None:
+        """Log ``metrics`` (names as :meth:`analyse` returns them) under :meth:`analysis_tag`;
+        they become :attr:`last_metrics`."""
+        tagger = self._tagger(trainer)
+        metrics = {tagger(name): value for name, value in metrics.items()}
+        self._last_metrics = dict(metrics)
         if not metrics:
             return
         for name, value in metrics.items():

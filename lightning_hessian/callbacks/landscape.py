@@ -18,19 +18,19 @@ from __future__ import annotations
 
 import math
 import re
-import time
 from collections.abc import Sequence
 from typing import Any, Literal
 
 import numpy as np
 import pytorch_lightning as pl
-import torch
 from pytorch_lightning.trainer.states import TrainerFn
 from pytorch_lightning.utilities.rank_zero import rank_zero_warn
 from torch import Tensor
 from typing_extensions import override
 
+from lightning_hessian import metrics as tags
 from lightning_hessian.callbacks.base import AnalysisSamples, EpochAnalysisCallback, batch_loss
+from lightning_hessian.callbacks.budget import TimeBudget
 from lightning_hessian.callbacks.spectrum import HessianSpectrumCallback
 from lightning_hessian.curvature.context import analysis_mode
 from lightning_hessian.errors import UserInputError
@@ -51,6 +51,7 @@ from lightning_hessian.landscape import (
     save_landscape,
     trainable_parameters,
 )
+from lightning_hessian.metrics import Split
 
 __all__ = ["LossLandscapeCallback"]
 
@@ -93,10 +94,15 @@ class LossLandscapeCallback(EpochAnalysisCallback):
     - ``landscape/sharpness``: Keskar's :math:`\epsilon`-sharpness in percent (``sharpness=True``).
     - ``landscape/seconds``: wall time of the analysis.
 
+    Under ``trainer.validate``/``trainer.test`` the tags name the split of the samples after the
+    group (``landscape/test/loss``, :func:`lightning_hessian.metrics.split_tag`).
+
     Figures (TensorBoard images): ``landscape/curves`` (all 1-D curves, loss and accuracy), and
     for every surface ``landscape/contour/{d1}_{d2}`` and ``landscape/surface3d/{d1}_{d2}``. Raw
-    numbers go to ``<log_dir>/landscape/epoch_XXX.npz`` with ``_curves.csv`` and
-    ``_surface_{d1}_{d2}.csv`` next to it (see :func:`lightning_hessian.landscape.save_landscape`).
+    numbers go to ``<log_dir>/landscape/epoch_XXX.npz`` (``validate_``/``test_`` prefixes under
+    ``trainer.validate``/``trainer.test``; the ``.npz`` also holds ``split``, where the samples
+    came from) with ``_curves.csv`` and ``_surface_{d1}_{d2}.csv`` next to it (see
+    :func:`lightning_hessian.landscape.save_landscape`).
 
     Args:
         curves: directions of the 1-D curves.
@@ -121,6 +127,9 @@ class LossLandscapeCallback(EpochAnalysisCallback):
         accuracy: also evaluate the accuracy along the curves and surfaces (see above).
         log_figures: log the figures to TensorBoard.
         save_raw: write the ``.npz``/``.csv`` files.
+        analyse_on_train_end: when ``fit`` ends on weights that no scheduled analysis has seen,
+            analyse them once more (``every_n_epochs=None`` with this: one landscape of the final
+            weights per run, whatever its number of epochs, e.g. under early stopping).
         every_n_epochs, every_n_train_steps, num_samples, split, seed, analysis_batch_size,
             time_budget: see :class:`~lightning_hessian.callbacks.base.EpochAnalysisCallback`;
             with a ``time_budget`` the surfaces and sharpness that no longer fit are skipped.
@@ -137,8 +146,6 @@ class LossLandscapeCallback(EpochAnalysisCallback):
         >>> landscape = LossLandscapeCallback(surfaces=[("eig1", "eig2")], every_n_epochs=5)
         >>> trainer = Trainer(callbacks=[spectrum, landscape])
     """
-
-    metric_prefix = "landscape"
 
     def __init__(
         self,
@@ -160,10 +167,11 @@ class LossLandscapeCallback(EpochAnalysisCallback):
         accuracy: bool = True,
         log_figures: bool = True,
         save_raw: bool = True,
+        analyse_on_train_end: bool = False,
         every_n_epochs: int | None = 1,
         every_n_train_steps: int | None = None,
         num_samples: int | None = 1024,
-        split: Literal["train", "val", "test"] = "train",
+        split: Split = "train",
         seed: int = 0,
         analysis_batch_size: int = 512,
         time_budget: float | None = None,
@@ -227,6 +235,7 @@ class LossLandscapeCallback(EpochAnalysisCallback):
         self.accuracy = accuracy
         self.log_figures = log_figures
         self.save_raw = save_raw
+        self.analyse_on_train_end = analyse_on_train_end
         self._eigenvectors: list[Direction] | None = None  # our own, for the next warm start
         self._last_curves: list[LossCurve] = []
         self._last_surfaces: list[LossSurface] = []
@@ -255,7 +264,7 @@ class LossLandscapeCallback(EpochAnalysisCallback):
 
     @override
     def unavailable_metrics(self) -> dict[str, float]:
-        return {"landscape/loss": math.nan, "landscape/sharpness": math.nan} if self.sharpness else {"landscape/loss": math.nan}
+        return {tags.LANDSCAPE_LOSS: math.nan, tags.SHARPNESS: math.nan} if self.sharpness else {tags.LANDSCAPE_LOSS: math.nan}
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -280,8 +289,14 @@ class LossLandscapeCallback(EpochAnalysisCallback):
                 )
 
     @override
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.analyse_on_train_end and trainer.global_step > 0 and trainer.global_step != self._analysed_step:
+            self._run(trainer, pl_module)
+
+    @override
     def state_dict(self) -> dict[str, Any]:
         state = super().state_dict()
+        state["analysed_step"] = self._analysed_step
         state["eigenvectors"] = (
             None if self._eigenvectors is None else [{n: t.detach().cpu() for n, t in v.items()} for v in self._eigenvectors]
         )
@@ -291,6 +306,7 @@ class LossLandscapeCallback(EpochAnalysisCallback):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         state_dict = dict(state_dict)
         self._eigenvectors = state_dict.pop("eigenvectors", None)
+        self._analysed_step = state_dict.pop("analysed_step", -1)
         super().load_state_dict(state_dict)
 
     # ----------------------------------------------------------------------------------------
@@ -298,8 +314,8 @@ class LossLandscapeCallback(EpochAnalysisCallback):
 
     @override
     def analyse(self, trainer: pl.Trainer, pl_module: pl.LightningModule, samples: AnalysisSamples) -> dict[str, float]:
-        start = time.perf_counter()
-        all_reduce = self.all_reduce_sum(trainer)
+        budget = self.start_budget(trainer, pl_module)
+        all_reduce = budget.all_reduce
         micro_batches = samples.micro_batches(self.analysis_batch_size)
         # batch_loss=None: the module's hooks decide the loss and accuracy (one forward pass for
         # the default cross-entropy and its accuracy)
@@ -315,18 +331,18 @@ class LossLandscapeCallback(EpochAnalysisCallback):
         # even if a model's forward writes into its buffers.
         with analysis_mode(pl_module, tensors=True):
             directions, eigenvalues = self._directions(trainer, pl_module, micro_batches, all_reduce)
-            metrics.update({f"landscape/eig_{i}": v for i, v in enumerate(eigenvalues, start=1) if v is not None})
+            metrics.update({tags.landscape_eigenvalue_tag(i): v for i, v in enumerate(eigenvalues, start=1) if v is not None})
 
             curves: list[LossCurve] = []
             steps = self._grid(self.curve_range, self.curve_points)
             for name in self.curves:
-                if self._out_of_time(start, all_reduce, f"curve {name}", pl_module.device):
+                if self._out_of_time(budget, f"curve {name}"):
                     break
                 curves.append(loss_curve(pl_module, directions[name], steps, micro_batches, name=name, **eval_kwargs))
             surfaces: list[LossSurface] = []
             axis = self._grid(self.surface_range, self.surface_points)
             for first, second in self.surfaces:
-                if self._out_of_time(start, all_reduce, f"surface {first} x {second}", pl_module.device):
+                if self._out_of_time(budget, f"surface {first} x {second}"):
                     break
                 surfaces.append(
                     loss_surface(
@@ -334,26 +350,26 @@ class LossLandscapeCallback(EpochAnalysisCallback):
                         names=(first, second), **eval_kwargs,
                     )
                 )
-            if self.sharpness and not self._out_of_time(start, all_reduce, "sharpness", pl_module.device):
+            if self.sharpness and not self._out_of_time(budget, "sharpness"):
                 result = epsilon_sharpness(
                     pl_module, micro_batches, epsilon=self.sharpness_epsilon, steps=self.sharpness_steps,
                     batch_loss=batch_loss, all_reduce=all_reduce,
                 )
-                metrics["landscape/sharpness"] = result.sharpness
-                metrics["landscape/loss"] = result.loss
+                metrics[tags.SHARPNESS] = result.sharpness
+                metrics[tags.LANDSCAPE_LOSS] = result.loss
 
         for curve in curves:
             centre = self.curve_points // 2
             h = curve.steps[centre + 1] - curve.steps[centre]
-            metrics["landscape/loss"] = float(curve.loss[centre])  # the model itself: t = 0
-            metrics[f"landscape/rise/{curve.name}"] = float(np.max(curve.loss) - curve.loss[centre])
-            metrics[f"landscape/curvature/{curve.name}"] = float(
+            metrics[tags.LANDSCAPE_LOSS] = float(curve.loss[centre])  # the model itself: t = 0
+            metrics[tags.rise_tag(curve.name)] = float(np.max(curve.loss) - curve.loss[centre])
+            metrics[tags.curvature_tag(curve.name)] = float(
                 (curve.loss[centre + 1] + curve.loss[centre - 1] - 2 * curve.loss[centre]) / h**2
             )
-        if surfaces and "landscape/loss" not in metrics:
+        if surfaces and tags.LANDSCAPE_LOSS not in metrics:
             centre = self.surface_points // 2
-            metrics["landscape/loss"] = float(surfaces[0].loss[centre, centre])
-        metrics["landscape/seconds"] = time.perf_counter() - start
+            metrics[tags.LANDSCAPE_LOSS] = float(surfaces[0].loss[centre, centre])
+        metrics[tags.LANDSCAPE_SECONDS] = budget.elapsed()
         self._last_curves, self._last_surfaces, self._last_metrics = curves, surfaces, dict(metrics)
         if trainer.is_global_zero:
             self._publish(trainer, curves, surfaces, metrics)
@@ -375,13 +391,10 @@ class LossLandscapeCallback(EpochAnalysisCallback):
         grid[points // 2] = 0.0  # exactly the model, whatever linspace rounds to
         return grid
 
-    def _out_of_time(self, start: float, all_reduce: Any, what: str, device: torch.device) -> bool:
-        if self.time_budget is None:
-            return False
-        spent = torch.tensor([float(time.perf_counter() - start > self.time_budget)], device=device)
-        if all_reduce is not None:  # every rank must take the same decision (collectives follow)
-            spent = all_reduce(spent)
-        if float(spent.max()) > 0:
+    def _out_of_time(self, budget: TimeBudget, what: str) -> bool:
+        """Whether the budget is spent (on any rank: every rank takes the same decision), with a
+        warning naming what is skipped."""
+        if budget.spent():
             rank_zero_warn(f"LossLandscapeCallback: time_budget={self.time_budget} s spent; skipping {what} and what follows.")
             return True
         return False
@@ -449,12 +462,13 @@ class LossLandscapeCallback(EpochAnalysisCallback):
         if self.save_raw:
             run_dir = self.run_dir(trainer)
             if run_dir is not None:
-                extra = {k.replace("/", "__"): v for k, v in metrics.items() if math.isfinite(v)}
+                extra: dict[str, Any] = {k.replace("/", "__"): v for k, v in metrics.items() if math.isfinite(v)}
+                extra["split"] = self._split_for(trainer)  # which samples: hessian-report names it
                 save_landscape(run_dir / "landscape" / self._file_stem(trainer), curves, surfaces, extra)
         if not self.log_figures:
             return
         if curves:
-            self.log_figure(trainer, "landscape/curves", plot_curves(curves, title=f"loss landscape ({label})"))
+            self.log_figure(trainer, tags.LANDSCAPE_CURVES, plot_curves(curves, title=f"loss landscape ({label})"))
         for surface in surfaces:
-            self.log_figure(trainer, f"landscape/contour/{surface.name}", plot_contour(surface, title=f"loss, {label}"))
-            self.log_figure(trainer, f"landscape/surface3d/{surface.name}", plot_surface_3d(surface, title=f"loss, {label}"))
+            self.log_figure(trainer, tags.contour_tag(surface.name), plot_contour(surface, title=f"loss, {label}"))
+            self.log_figure(trainer, tags.surface3d_tag(surface.name), plot_surface_3d(surface, title=f"loss, {label}"))

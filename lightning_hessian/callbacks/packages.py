@@ -19,14 +19,14 @@ import importlib
 from collections.abc import Mapping
 from functools import cache
 from types import ModuleType
-from typing import Any, Literal
+from typing import Any
 
 import pytorch_lightning as pl
 from lightning_utilities.core.overrides import is_overridden as _is_overridden
 
-__all__ = ["Callback", "is_overridden", "lightning_packages", "split_dataloader", "tensorboard_logger_types", "trainer_fn"]
+from lightning_hessian.metrics import Split
 
-Split = Literal["train", "val", "test"]
+__all__ = ["Callback", "is_overridden", "lightning_packages", "split_dataloader", "tensorboard_logger_types", "trainer_fn"]
 
 
 @cache

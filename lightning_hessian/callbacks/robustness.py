@@ -16,7 +16,6 @@ misclassified sample, :math:`\infty` where the attack failed).
 from __future__ import annotations
 
 import math
-import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -30,9 +29,11 @@ from lightning_hessian.attacks.evaluation import Backend, check_logits, evaluate
 from lightning_hessian.attacks.foolbox_adapter import check_inputs_in_bounds
 from lightning_hessian.attacks.preprocessing import NormalizedInput, to_pixel_space
 from lightning_hessian.attacks.specs import ATTACKS, AttackSpec
-from lightning_hessian.callbacks.base import AnalysisSamples, EpochAnalysisCallback, Split
+from lightning_hessian import metrics as tags
+from lightning_hessian.callbacks.base import AnalysisSamples, EpochAnalysisCallback
 from lightning_hessian.curvature.context import analysis_mode
 from lightning_hessian.errors import UserInputError
+from lightning_hessian.metrics import Split
 
 __all__ = ["AdversarialRobustnessCallback", "default_attacks"]
 
@@ -43,10 +44,6 @@ def default_attacks() -> list[AttackSpec]:
     """FGSM and 10-step Linf PGD at 0, 1/255, 2/255, 4/255 and 8/255."""
     epsilons = [0.0, 1 / 255, 2 / 255, 4 / 255, 8 / 255]
     return [AttackSpec(name="fgsm", epsilons=epsilons), AttackSpec(name="linf_pgd", epsilons=epsilons, steps=10)]
-
-
-def _format_epsilon(epsilon: float) -> str:
-    return f"{epsilon:g}"
 
 
 class AdversarialRobustnessCallback(EpochAnalysisCallback):
@@ -67,6 +64,11 @@ class AdversarialRobustnessCallback(EpochAnalysisCallback):
     - ``robust/{attack}/median_norm``: median minimal perturbation norm, for ``linf_deepfool``,
       ``l2_deepfool`` and ``l2_cw`` (lower median; ``inf`` when most attacks failed).
     - ``robust/seconds``: wall time of the evaluation.
+
+    Under ``trainer.validate``/``trainer.test`` the tags name the split of the samples after the
+    group: ``robust/test/clean_acc``, ``robust/test/fgsm/eps_0.1``, ``robust/test/l2_cw/median_norm``
+    (:func:`lightning_hessian.metrics.split_tag`); during ``fit`` they are unqualified (the samples
+    of ``split``, the validation split by default).
 
     Figures (TensorBoard): ``robust/{attack}/curve``, robust accuracy against epsilon.
 
@@ -112,8 +114,6 @@ class AdversarialRobustnessCallback(EpochAnalysisCallback):
         )
         trainer = pl.Trainer(callbacks=[callback])
     """
-
-    metric_prefix = "robust"
 
     def __init__(
         self,
@@ -207,15 +207,15 @@ class AdversarialRobustnessCallback(EpochAnalysisCallback):
 
     @override
     def unavailable_metrics(self) -> dict[str, float]:
-        metrics = {"robust/clean_acc": math.nan}
+        metrics = {tags.CLEAN_ACC: math.nan}
         for spec in self.attacks:
-            metrics.update({f"robust/{spec.name}/eps_{_format_epsilon(e)}": math.nan for e in spec.epsilons})
+            metrics.update({tags.robust_accuracy_tag(spec.name, e): math.nan for e in spec.epsilons})
         return metrics
 
     @override
     def analyse(self, trainer: pl.Trainer, pl_module: pl.LightningModule, samples: AnalysisSamples) -> dict[str, float]:
-        start = time.perf_counter()
-        reduce = self.all_reduce_sum(trainer)
+        budget = self.start_budget(trainer, pl_module)
+        reduce = budget.all_reduce
         inputs, targets = samples.inputs_and_targets(pl_module, type(self).__name__)
         model, inputs = self._attacked(pl_module, inputs)
         device = inputs.device
@@ -234,7 +234,7 @@ class AdversarialRobustnessCallback(EpochAnalysisCallback):
         norms: dict[str, Tensor] = {}
         done: list[AttackSpec] = []
         for spec in self.attacks:
-            if self._budget_spent(start, reduce, device):
+            if budget.spent():
                 skipped = [s.name for s in self.attacks if s not in done]
                 rank_zero_warn(f"{type(self).__name__}: time_budget={self.time_budget}s spent; skipped {skipped} this time")
                 break
@@ -257,30 +257,21 @@ class AdversarialRobustnessCallback(EpochAnalysisCallback):
         if reduce is not None:
             flat = reduce(flat)
         clean, total = flat[0].item(), flat[1].item()
-        metrics = {"robust/clean_acc": clean / total}
+        metrics = {tags.CLEAN_ACC: clean / total}
         offset = 2
         for spec in done:
             accuracies = (flat[offset : offset + len(spec.epsilons)] / total).tolist()
             offset += len(spec.epsilons)
             curves[spec.name] = accuracies
             for epsilon, accuracy in zip(spec.epsilons, accuracies):
-                metrics[f"robust/{spec.name}/eps_{_format_epsilon(epsilon)}"] = accuracy
+                metrics[tags.robust_accuracy_tag(spec.name, epsilon)] = accuracy
             if spec.name in norms:
-                metrics[f"robust/{spec.name}/median_norm"] = norms[spec.name].median().item()
-        metrics["robust/seconds"] = time.perf_counter() - start
+                metrics[tags.median_norm_tag(spec.name)] = norms[spec.name].median().item()
+        metrics[tags.ROBUST_SECONDS] = budget.elapsed()
         if trainer.is_global_zero:
             for spec in done:
-                self._log_curve(trainer, spec, curves[spec.name], metrics["robust/clean_acc"])
+                self._log_curve(trainer, spec, curves[spec.name], metrics[tags.CLEAN_ACC])
         return metrics
-
-    def _budget_spent(self, start: float, reduce: Any, device: torch.device) -> bool:
-        """Whether any rank has spent the time budget (a collective, so all ranks agree)."""
-        if self.time_budget is None:
-            return False
-        spent = torch.tensor(float(time.perf_counter() - start > self.time_budget), device=device)
-        if reduce is not None:
-            spent = reduce(spent)
-        return bool(spent.item() > 0)
 
     @staticmethod
     def _gather(trainer: pl.Trainer, local: Tensor, reduce: Any) -> Tensor:
@@ -309,4 +300,4 @@ class AdversarialRobustnessCallback(EpochAnalysisCallback):
         axes.set_title(f"{spec.name}, epoch {trainer.current_epoch}")
         axes.legend()
         figure.tight_layout()
-        self.log_figure(trainer, f"robust/{spec.name}/curve", figure)
+        self.log_figure(trainer, tags.robust_curve_tag(spec.name), figure)

@@ -5,60 +5,65 @@ Hessian spectrum
 Log the spectrum of the loss Hessian of any LightningModule at epoch end: the top-k eigenvalues
 :math:`\lambda_1 \ge \dots \ge \lambda_k` of :math:`H = \nabla^2_\theta L(\theta)` (Lanczos,
 warm-started from last epoch's eigenvectors), the smallest eigenvalue, the trace
-:math:`\operatorname{tr} H` (Hutch++), the spectral density (stochastic Lanczos quadrature), the
-top eigenvalue of the Hessian with respect to the input and the input-gradient norm, and per-layer
-spectra (the diagonal blocks of :math:`H` of selected modules).
+:math:`\operatorname{tr} H` (adaptive Hutchinson/Hutch++), the spectral density (stochastic
+Lanczos quadrature), the top eigenvalue of the Hessian with respect to the input and the
+input-gradient norm, and per-layer spectra (the diagonal blocks of :math:`H` of selected modules).
 
 :math:`L` is the mean loss over a fixed, seeded sample of the training (or validation) set that
 stays on the device across epochs, so successive points of a curve compare like with like.
 
+This module holds the callback: its options, its state, and the order in which the quantities
+share the time budget. The engine calls are in :mod:`~lightning_hessian.callbacks.spectrum_engine`,
+the density histogram, figure and custom-scalars layout in
+:mod:`~lightning_hessian.callbacks.spectrum_output`, the time budget in
+:mod:`~lightning_hessian.callbacks.budget` and the progress lines in
+:mod:`~lightning_hessian.callbacks.progress`.
 """
 
 from __future__ import annotations
 
-import fnmatch
 import math
-import time
-from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any
+from collections.abc import Sequence
+from typing import Any
 
 import pytorch_lightning as pl
 import torch
-from pytorch_lightning.utilities.rank_zero import rank_zero_info, rank_zero_warn
-from torch import Tensor, nn
+from pytorch_lightning.utilities.rank_zero import rank_zero_warn
+from torch import Tensor
 from typing_extensions import override
 
+from lightning_hessian import metrics as tags
 from lightning_hessian.callbacks.base import AnalysisSamples, EpochAnalysisCallback
-from lightning_hessian.callbacks.packages import trainer_fn
-from lightning_hessian.callbacks.stability import stability_limit
-from lightning_hessian.curvature import (
-    DensityResult,
-    EigenResult,
-    HessianOperator,
-    LanczosProgress,
-    hessian_trace,
-    input_curvature,
-    spectral_density,
-    top_eigenvalues,
+from lightning_hessian.callbacks.budget import TimeBudget
+from lightning_hessian.callbacks.progress import AnalysisProgress
+from lightning_hessian.callbacks.spectrum_engine import (
+    budgeted_top_eigenvalues,
+    input_hessian_means,
+    padded_flags,
+    sample_operator,
+    select_layers,
+    stability_metrics,
+    vectors_to_cpu,
 )
-from lightning_hessian.curvature.objective import BatchLoss, batch_loss, has_custom_loss, replace_inputs
-from lightning_hessian.curvature.preconditioned import DiagonallyScaledOperator
+from lightning_hessian.callbacks.spectrum_output import log_density, spectrum_layout
+from lightning_hessian.curvature import EigenResult, HessianOperator, hessian_trace, spectral_density
+from lightning_hessian.density_histogram import density_histogram
 from lightning_hessian.errors import UserInputError
-
-if TYPE_CHECKING:
-    from matplotlib.figure import Figure
+from lightning_hessian.metrics import Split
 
 __all__ = ["BACKENDS", "QUANTITIES", "HessianSpectrumCallback", "density_histogram"]
 
 #: The quantities :class:`HessianSpectrumCallback` can compute, in the order they are computed
 #: (under a time budget, the earlier ones get the time first).
 QUANTITIES: tuple[str, ...] = ("eigenvalues", "smallest_eigenvalue", "trace", "density", "input_hessian")
-#: ``"native"``: this package's Lanczos/Hutch++/SLQ engine. ``"pyhessian"``: PyHessian's power
+#: ``"native"``: this package's Lanczos/trace/SLQ engine. ``"pyhessian"``: PyHessian's power
 #: iteration and Hutchinson trace on the same samples, for comparison.
 BACKENDS: tuple[str, ...] = ("native", "pyhessian")
 # PyHessian 0.1 has no smallest eigenvalue, no input-space quantities, and its density calls
 # ``torch.eig``, removed in torch 2.x.
 _PYHESSIAN_QUANTITIES = ("eigenvalues", "trace")
+# The trainer functions besides fit in which the callback may analyse once at the end.
+_EVALUATION_STAGES = ("validate", "test")
 # Lightning precision settings whose parameters are not float32/float64.
 _LOW_PRECISION_PARAMS = (torch.float16, torch.bfloat16)
 
@@ -77,7 +82,8 @@ class HessianSpectrumCallback(EpochAnalysisCallback):
 
     - ``hessian/eig_1`` .. ``hessian/eig_{top_k}``: top eigenvalues, largest first (``eigenvalues``).
     - ``hessian/eig_min``: smallest (most negative) eigenvalue (``smallest_eigenvalue``).
-    - ``hessian/trace``, ``hessian/trace_stderr``: Hutch++ trace estimate and its standard error.
+    - ``hessian/trace``, ``hessian/trace_stderr``: trace estimate (adaptive Hutchinson/Hutch++)
+      and its standard error.
     - ``hessian/input_eig_1``, ``hessian/input_grad_norm``: mean over the analysis samples of the top
       eigenvalue of the per-sample input Hessian and of the input-gradient norm (``input_hessian``).
     - ``hessian/layer/{module}/eig_{i}``: top ``layer_top_k`` eigenvalues of each selected module's
@@ -96,6 +102,11 @@ class HessianSpectrumCallback(EpochAnalysisCallback):
     - ``hessian/converged``: fraction of the requested eigenpairs that met ``eig_tol`` (less than 1
       when the time budget or ``max_iter`` stopped Lanczos early).
     - ``hessian/budget_exhausted``: 1 when the time budget skipped or cut short a quantity.
+
+    Under ``trainer.validate``/``trainer.test`` (``hessian-train test`` on the last checkpoint) the
+    same metrics are logged with the split of their samples after the group, ``hessian/test/eig_1``,
+    ``hessian/test/trace``, ... (:func:`lightning_hessian.metrics.split_tag`): a test logs at the
+    checkpoint's step and must not replace the fit's last analysis of the training samples there.
 
     With ``density``, TensorBoard also gets the spectral density each time as a histogram
     (``hessian/density``: bucket counts are numbers of eigenvalues, so the Histograms and
@@ -122,14 +133,17 @@ class HessianSpectrumCallback(EpochAnalysisCallback):
             Lanczos step, whatever is not reached is logged as NaN, and ``hessian/converged`` /
             ``hessian/budget_exhausted`` say so. Under DDP the budget is checked between quantities
             (a collective decision), not inside Lanczos.
-        eig_tol: Lanczos stops when every wanted pair has ``||Hv - \lambda v|| \le`` ``eig_tol``
-            times the largest Ritz magnitude (an estimate of ``||H||``).
+        eig_tol: Lanczos stops when every wanted pair has ``||Hv - \theta v|| \le`` ``eig_tol``
+            times ``|\theta|``, its own Ritz value (what that guarantees:
+            :func:`~lightning_hessian.curvature.top_eigenvalues`).
         max_iter: cap on the Hessian-vector products of one Lanczos run (``None``: the engine's
             default, ``max(300, 50 k)``).
         lanczos_block_size: vectors per Lanczos step, pushed through one batched HVP pass; larger
             blocks spend more products but fewer passes over the samples, which pays on GPUs.
-        trace_rel_tol: relative standard error at which Hutch++ stops.
-        trace_max_probes: cap on Hutch++ probe vectors.
+        trace_rel_tol: relative standard error at which the trace estimate stops (the engine's
+            adaptive trace: a pilot of 8 Hutchinson probes, then Hutchinson or Hutch++, whichever
+            the pilot predicts needs fewer products).
+        trace_max_probes: cap on the trace's probe vectors.
         density_probes: number of SLQ probe vectors.
         density_steps: Lanczos steps per SLQ probe.
         density_grid: number of points of the density grid (and histogram buckets).
@@ -144,6 +158,10 @@ class HessianSpectrumCallback(EpochAnalysisCallback):
             (``max_epochs`` not a multiple of ``every_n_epochs``, early stopping, ``max_steps``),
             analyse them once more: every run's curve ends at its final weights.
         progress_interval: seconds between progress log lines during a long analysis.
+        evaluation_stages: in which of ``"validate"`` and ``"test"`` the callback analyses once at
+            the end (on ``split``, or the validation split without training data, and on the test
+            split). ``()`` analyses during ``fit`` only, e.g. an expensive end-of-training spectrum
+            whose test-sample counterpart is not wanted.
 
     Raises:
         ValueError: on bad options (in ``__init__``) and, in :meth:`setup`, on a
@@ -158,8 +176,6 @@ class HessianSpectrumCallback(EpochAnalysisCallback):
         >>> trainer = Trainer(callbacks=[spectrum])
     """
 
-    metric_prefix = "hessian"
-
     def __init__(
         self,
         *,
@@ -168,7 +184,7 @@ class HessianSpectrumCallback(EpochAnalysisCallback):
         every_n_epochs: int | None = 1,
         every_n_train_steps: int | None = None,
         num_samples: int | None = 4096,
-        split: str = "train",
+        split: Split = "train",
         seed: int = 0,
         analysis_batch_size: int = 512,
         time_budget: float | None = None,
@@ -188,6 +204,7 @@ class HessianSpectrumCallback(EpochAnalysisCallback):
         analyse_on_train_end: bool = True,
         stability: bool = True,
         progress_interval: float = 30.0,
+        evaluation_stages: Sequence[str] = ("validate", "test"),
     ) -> None:
         super().__init__(
             every_n_epochs=every_n_epochs,
@@ -236,6 +253,14 @@ class HessianSpectrumCallback(EpochAnalysisCallback):
             raise UserInputError(f"HessianSpectrumCallback: `density_sigma` must be > 0, got {density_sigma}.")
         if isinstance(layers, str):
             layers = [layers]
+        if isinstance(evaluation_stages, str):
+            evaluation_stages = [evaluation_stages]
+        bad_stages = [stage for stage in evaluation_stages if stage not in _EVALUATION_STAGES]
+        if bad_stages:
+            raise UserInputError(
+                f"HessianSpectrumCallback: evaluation_stages {bad_stages} are not among {list(_EVALUATION_STAGES)};"
+                " pass a subset, or [] to analyse during fit only."
+            )
 
         # keep the canonical order so the time budget favours the cheap, important ones
         self.quantities = tuple(q for q in QUANTITIES if q in quantities)
@@ -256,6 +281,7 @@ class HessianSpectrumCallback(EpochAnalysisCallback):
         self.analyse_on_train_end = analyse_on_train_end
         self.stability = stability
         self.progress_interval = progress_interval
+        self.evaluation_stages = tuple(stage for stage in _EVALUATION_STAGES if stage in evaluation_stages)
 
         self._eigenvectors: list[dict[str, Tensor]] | None = None
         self._layer_eigenvectors: dict[str, list[dict[str, Tensor]]] = {}
@@ -270,6 +296,9 @@ class HessianSpectrumCallback(EpochAnalysisCallback):
     def state_key(self) -> str:
         # several instances (e.g. a cheap every-epoch one and a full one every 10 epochs) may share
         # a trainer and a checkpoint
+        options: dict[str, Any] = {}
+        if self.evaluation_stages != _EVALUATION_STAGES:  # the keys of earlier checkpoints stay valid
+            options["evaluation_stages"] = self.evaluation_stages
         return self._generate_state_key(
             quantities=self.quantities,
             top_k=self.top_k,
@@ -280,6 +309,7 @@ class HessianSpectrumCallback(EpochAnalysisCallback):
             every_n_train_steps=self.every_n_train_steps,
             backend=self.backend,
             warm_start=self.warm_start,
+            **options,
         )
 
     @property
@@ -294,18 +324,18 @@ class HessianSpectrumCallback(EpochAnalysisCallback):
         """Names of the scalar metrics this configuration logs (before per-layer names are known)."""
         names: list[str] = []
         if "eigenvalues" in self.quantities:
-            names += [f"hessian/eig_{i}" for i in range(1, self.top_k + 1)]
+            names += [tags.eigenvalue_tag(i) for i in range(1, self.top_k + 1)]
             if self.stability:
-                names += ["hessian/eig_1_x_lr", "hessian/stability", "hessian/preconditioned_eig_1"]
+                names += [tags.EIG_1_X_LR, tags.STABILITY, tags.PRECONDITIONED_EIG_1]
         if "smallest_eigenvalue" in self.quantities:
-            names.append("hessian/eig_min")
+            names.append(tags.EIG_MIN)
         if "trace" in self.quantities:
-            names += ["hessian/trace", "hessian/trace_stderr"]
+            names += [tags.TRACE, tags.TRACE_STDERR]
         if "input_hessian" in self.quantities:
-            names += ["hessian/input_eig_1", "hessian/input_grad_norm"]
+            names += [tags.INPUT_EIG_1, tags.INPUT_GRAD_NORM]
         for layer in self._layer_params:
-            names += [f"hessian/layer/{layer}/eig_{i}" for i in range(1, self.layer_top_k + 1)]
-        return names + ["hessian/hvps", "hessian/seconds", "hessian/converged", "hessian/budget_exhausted"]
+            names += [tags.layer_eigenvalue_tag(layer, i) for i in range(1, self.layer_top_k + 1)]
+        return names + [tags.HVPS, tags.HESSIAN_SECONDS, tags.CONVERGED, tags.BUDGET_EXHAUSTED]
 
     # ----------------------------------------------------------------------------------------
     # Lightning hooks
@@ -341,7 +371,27 @@ class HessianSpectrumCallback(EpochAnalysisCallback):
                 f" backend='native' under {type(trainer.strategy).__name__} (world size {trainer.world_size})."
             )
         if self.layers is not None:
-            self._layer_params = _select_layers(pl_module, self.layers)
+            self._layer_params = select_layers(pl_module, self.layers)
+
+    @override
+    def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if "validate" in self.evaluation_stages:
+            super().on_validation_start(trainer, pl_module)
+
+    @override
+    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if "validate" in self.evaluation_stages:
+            super().on_validation_epoch_end(trainer, pl_module)
+
+    @override
+    def on_test_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if "test" in self.evaluation_stages:
+            super().on_test_start(trainer, pl_module)
+
+    @override
+    def on_test_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if "test" in self.evaluation_stages:
+            super().on_test_epoch_end(trainer, pl_module)
 
     @override
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -350,11 +400,13 @@ class HessianSpectrumCallback(EpochAnalysisCallback):
 
     @override
     def analyse(self, trainer: pl.Trainer, pl_module: pl.LightningModule, samples: AnalysisSamples) -> dict[str, float]:
-        budget = _Budget(self.time_budget, self.all_reduce_sum(trainer), pl_module.device)
-        progress = _Progress(self.progress_interval, f"epoch {trainer.current_epoch}", budget.start)
+        budget = self.start_budget(trainer, pl_module)
+        progress = AnalysisProgress(
+            self.progress_interval, f"HessianSpectrumCallback epoch {trainer.current_epoch}", budget.start
+        )
         micro_batches = samples.micro_batches(self.analysis_batch_size)
         metrics = dict.fromkeys(self.metric_names, math.nan)
-        operator = self._operator(pl_module, micro_batches, budget.all_reduce)
+        operator = sample_operator(pl_module, micro_batches, budget.all_reduce)
 
         loss = float(operator.loss())  # a NaN check on all ranks before any HVP is spent
         if not math.isfinite(loss):
@@ -362,7 +414,7 @@ class HessianSpectrumCallback(EpochAnalysisCallback):
                 f"HessianSpectrumCallback: the loss on the {samples.num_global} analysis samples is {loss}"
                 f" at epoch {trainer.current_epoch}; logging NaN Hessian metrics, training goes on."
             )
-            metrics.update({"hessian/hvps": 0.0, "hessian/seconds": budget.elapsed()})
+            metrics.update({tags.HVPS: 0.0, tags.HESSIAN_SECONDS: budget.elapsed()})
             self._last_metrics = metrics
             return metrics
 
@@ -373,39 +425,47 @@ class HessianSpectrumCallback(EpochAnalysisCallback):
         if "eigenvalues" in self.quantities:
             # The headline number: with the budget already spent it still gets one Lanczos step
             # (a rough, unconverged estimate) rather than nothing.
-            result = self._top_eigenvalues(operator, self.top_k, "largest", self._eigenvectors, budget, progress.with_base(hvps))
+            result = self._lanczos(operator, self.top_k, "largest", self._eigenvectors, budget, progress.with_base(hvps))
             hvps += result.hvp_count
             top_values = [float(v) for v in result.eigenvalues]
-            metrics.update({f"hessian/eig_{i}": v for i, v in enumerate(top_values, start=1)})
-            converged += _padded_flags(result.converged, self.top_k)
+            metrics.update({tags.eigenvalue_tag(i): v for i, v in enumerate(top_values, start=1)})
+            converged += padded_flags(result.converged, self.top_k)
             if len(result.eigenvectors) == self.top_k:
                 self._eigenvectors = [{n: t.detach() for n, t in v.items()} for v in result.eigenvectors]
             progress.report("top eigenvalues", hvps)
             if self.stability and top_values:
-                hvps += self._stability(trainer, pl_module, operator, top_values[0], metrics, budget, progress.with_base(hvps))
+                # for Adam, one more Lanczos run on the preconditioned Hessian
+                stability_progress = progress.with_base(hvps)
+
+                def preconditioned(scaled: HessianOperator) -> EigenResult:
+                    return self._lanczos(scaled, 1, "largest", None, budget, stability_progress)
+
+                stability, spent = stability_metrics(trainer, pl_module, operator, top_values[0], preconditioned)
+                metrics.update(stability)
+                hvps += spent
 
         if "smallest_eigenvalue" in self.quantities:
             if budget.spent():
                 converged.append(False)
             else:
-                result = self._top_eigenvalues(operator, 1, "smallest", None, budget, progress.with_base(hvps))
+                result = self._lanczos(operator, 1, "smallest", None, budget, progress.with_base(hvps))
                 hvps += result.hvp_count
-                metrics["hessian/eig_min"] = float(result.eigenvalues[0])
-                converged += _padded_flags(result.converged, 1)
+                metrics[tags.EIG_MIN] = float(result.eigenvalues[0])
+                converged += padded_flags(result.converged, 1)
                 progress.report("smallest eigenvalue", hvps)
 
         if "trace" in self.quantities and not budget.spent():
             trace = hessian_trace(
                 operator,
-                method="hutch++",
+                method="auto",
                 rel_tol=self.trace_rel_tol,
                 max_probes=self.trace_max_probes,
                 seed=self.seed,
                 backend=self.backend,
             )
             hvps += trace.hvp_count
-            metrics["hessian/trace"] = float(trace.estimate)
-            metrics["hessian/trace_stderr"] = float(trace.stderr)
+            metrics[tags.TRACE] = float(trace.estimate)
+            metrics[tags.TRACE_STDERR] = float(trace.stderr)
             progress.report("trace", hvps)
 
         if "density" in self.quantities and not budget.spent():
@@ -418,12 +478,12 @@ class HessianSpectrumCallback(EpochAnalysisCallback):
                 seed=self.seed,
             )
             hvps += density.hvp_count
-            self._log_density(trainer, density, operator.num_params, top_values)
+            log_density(self, trainer, density, operator.num_params, top_values)
             progress.report("density", hvps)
 
         if "input_hessian" in self.quantities and not budget.spent():
-            metrics["hessian/input_eig_1"], metrics["hessian/input_grad_norm"] = self._input_quantities(
-                pl_module, samples, budget.all_reduce
+            metrics[tags.INPUT_EIG_1], metrics[tags.INPUT_GRAD_NORM] = input_hessian_means(
+                pl_module, samples, budget.all_reduce, batch_size=self.analysis_batch_size, tol=self.eig_tol, seed=self.seed
             )
             progress.report("input Hessian", hvps)
 
@@ -431,25 +491,25 @@ class HessianSpectrumCallback(EpochAnalysisCallback):
             if budget.spent():
                 converged += [False] * self.layer_top_k
                 continue
-            layer_operator = self._operator(pl_module, micro_batches, budget.all_reduce, names)
+            layer_operator = sample_operator(pl_module, micro_batches, budget.all_reduce, names)
             init = self._layer_eigenvectors.get(layer)
-            result = self._top_eigenvalues(layer_operator, self.layer_top_k, "largest", init, budget, progress.with_base(hvps))
+            result = self._lanczos(layer_operator, self.layer_top_k, "largest", init, budget, progress.with_base(hvps))
             hvps += result.hvp_count
-            metrics.update({f"hessian/layer/{layer}/eig_{i}": float(v) for i, v in enumerate(result.eigenvalues, start=1)})
-            converged += _padded_flags(result.converged, self.layer_top_k)
+            metrics.update({tags.layer_eigenvalue_tag(layer, i): float(v) for i, v in enumerate(result.eigenvalues, start=1)})
+            converged += padded_flags(result.converged, self.layer_top_k)
             if len(result.eigenvectors) == self.layer_top_k:
                 self._layer_eigenvectors[layer] = [{n: t.detach() for n, t in v.items()} for v in result.eigenvectors]
             progress.report(f"layer {layer}", hvps)
 
-        metrics["hessian/hvps"] = float(hvps)
-        metrics["hessian/seconds"] = budget.elapsed()
-        metrics["hessian/converged"] = float(sum(converged)) / len(converged) if converged else math.nan
-        metrics["hessian/budget_exhausted"] = float(budget.exhausted)
+        metrics[tags.HVPS] = float(hvps)
+        metrics[tags.HESSIAN_SECONDS] = budget.elapsed()
+        metrics[tags.CONVERGED] = float(sum(converged)) / len(converged) if converged else math.nan
+        metrics[tags.BUDGET_EXHAUSTED] = float(budget.exhausted)
         if budget.exhausted:
             rank_zero_warn(
                 f"HessianSpectrumCallback: time budget of {self.time_budget} s spent at epoch {trainer.current_epoch}"
-                f" ({metrics['hessian/seconds']:.1f} s); quantities not reached are logged as NaN,"
-                f" hessian/converged = {metrics['hessian/converged']:.2f}."
+                f" ({metrics[tags.HESSIAN_SECONDS]:.1f} s); quantities not reached are logged as NaN,"
+                f" hessian/converged = {metrics[tags.CONVERGED]:.2f}."
             )
         self._log_layout(trainer)
         progress.done(hvps)
@@ -462,8 +522,8 @@ class HessianSpectrumCallback(EpochAnalysisCallback):
     @override
     def state_dict(self) -> dict[str, Any]:
         state = super().state_dict()
-        state["eigenvectors"] = _to_cpu(self._eigenvectors)
-        state["layer_eigenvectors"] = {k: _to_cpu(v) for k, v in self._layer_eigenvectors.items()}
+        state["eigenvectors"] = vectors_to_cpu(self._eigenvectors)
+        state["layer_eigenvectors"] = {k: vectors_to_cpu(v) for k, v in self._layer_eigenvectors.items()}
         state["analysed_step"] = self._analysed_step
         return state
 
@@ -479,127 +539,31 @@ class HessianSpectrumCallback(EpochAnalysisCallback):
         self._layer_eigenvectors = dict(layer_eigenvectors)
 
     # ----------------------------------------------------------------------------------------
-    # engine calls
+    # internals
 
-    def _operator(
-        self,
-        pl_module: pl.LightningModule,
-        micro_batches: list[Any],
-        all_reduce: Callable[[Tensor], Tensor] | None,
-        param_names: Sequence[str] | None = None,
-    ) -> HessianOperator:
-        selected = None if param_names is None else set(param_names)
-        return HessianOperator(
-            pl_module,
-            loss_fn=None,
-            batches=micro_batches,
-            batch_loss=batch_loss,
-            param_filter=None if selected is None else (lambda name, _param: name in selected),
-            all_reduce=all_reduce,
-        )
-
-    def _stability(
-        self,
-        trainer: pl.Trainer,
-        pl_module: pl.LightningModule,
-        operator: HessianOperator,
-        top_eigenvalue: float,
-        metrics: dict[str, float],
-        budget: _Budget,
-        progress: _Progress,
-    ) -> int:
-        """Fill the stability metrics from the live optimizer; returns the products spent."""
-        if trainer_fn(trainer) != "fit" or not trainer.optimizers:
-            return 0
-        named = dict(pl_module.named_parameters())
-        limit = stability_limit(trainer.optimizers[0], [named[n] for n in operator.param_names])
-        if limit is None:
-            return 0
-        metrics["hessian/eig_1_x_lr"] = top_eigenvalue * limit.lr
-        if limit.preconditioner is None:
-            metrics["hessian/stability"] = top_eigenvalue * limit.lr / limit.threshold
-            return 0
-        scaled = DiagonallyScaledOperator(operator, limit.preconditioner.rsqrt())
-        result = self._top_eigenvalues(scaled, 1, "largest", None, budget, progress)  # type: ignore[arg-type]
-        metrics["hessian/preconditioned_eig_1"] = float(result.eigenvalues[0])
-        metrics["hessian/stability"] = float(result.eigenvalues[0]) * limit.lr / limit.threshold
-        return result.hvp_count
-
-    def _top_eigenvalues(
+    def _lanczos(
         self,
         operator: HessianOperator,
         k: int,
         which: str,
         init: list[dict[str, Tensor]] | None,
-        budget: _Budget,
-        progress: _Progress,
+        budget: TimeBudget,
+        progress: AnalysisProgress,
     ) -> EigenResult:
-        time_budget, max_iter = budget.lanczos_limits(self.max_iter)
-        result = top_eigenvalues(
+        """Lanczos with this callback's options (:func:`~.spectrum_engine.budgeted_top_eigenvalues`)."""
+        return budgeted_top_eigenvalues(
             operator,
-            k=min(k, operator.num_params),
-            which=which,
+            k,
+            which,
+            budget=budget,
+            progress=progress,
+            init=init if self.warm_start else None,
             tol=self.eig_tol,
-            max_iter=max_iter,
-            init=_warm_start(init, operator) if self.warm_start else None,
+            max_iter=self.max_iter,
             seed=self.seed,
-            time_budget=time_budget,
-            callback=progress.lanczos_callback(which),
             block_size=self.lanczos_block_size,
             backend=self.backend,
         )
-        budget.note_lanczos(result)
-        return result
-
-    def _input_quantities(
-        self, pl_module: pl.LightningModule, samples: AnalysisSamples, all_reduce: Callable[[Tensor], Tensor] | None
-    ) -> tuple[float, float]:
-        """Means over all analysis samples (all ranks) of the per-sample top eigenvalue of the
-        input Hessian and of the per-sample input-gradient norm: local sums, one all-reduce."""
-        inputs, targets = samples.inputs_and_targets(pl_module, "HessianSpectrumCallback's input_hessian quantity")
-        loss: BatchLoss = batch_loss
-        if has_custom_loss(pl_module):
-            # hessian_loss sees the user's batch structure, restricted to the rows being
-            # differentiated and with the perturbed inputs put in place of the originals
-            rebuild = replace_inputs(pl_module, samples.batch)
-            targets = torch.arange(samples.num_local, device=inputs.device)
-
-            def loss(module: torch.nn.Module, pair: Any) -> Tensor:
-                return batch_loss(module, rebuild(pair[0], pair[1]))
-
-        curvature = input_curvature(
-            pl_module,
-            None,
-            inputs,
-            targets,
-            batch_loss=loss,
-            batch_size=self.analysis_batch_size,
-            tol=self.eig_tol,
-            seed=self.seed,
-        )
-        totals = torch.tensor(
-            [float(curvature.largest.eigenvalues.sum()), float(curvature.gradient_norms.sum()), samples.num_local],
-            dtype=torch.float64,
-            device=pl_module.device,
-        )
-        if all_reduce is not None:
-            totals = all_reduce(totals)
-        return float(totals[0] / totals[2]), float(totals[1] / totals[2])
-
-    # ----------------------------------------------------------------------------------------
-    # TensorBoard extras
-
-    def _log_density(self, trainer: pl.Trainer, density: DensityResult, num_params: int, top_values: list[float]) -> None:
-        """Spectral density as a TensorBoard histogram (counts = numbers of eigenvalues) and a figure."""
-        if trainer.global_rank != 0:
-            return
-        grid = torch.as_tensor(density.grid, dtype=torch.float64).cpu()
-        values = torch.as_tensor(density.density, dtype=torch.float64).cpu()
-        writer = self.tensorboard(trainer)
-        if writer is not None:
-            histogram = density_histogram(grid, values, num_params)
-            writer.add_histogram_raw("hessian/density", global_step=self.log_step(trainer), **histogram)
-        self.log_figure(trainer, "hessian/density_plot", _density_figure(grid, values, top_values, trainer.current_epoch))
 
     def _log_layout(self, trainer: pl.Trainer) -> None:
         """Once per TensorBoard writer: a custom-scalars layout grouping the eigenvalue curves."""
@@ -607,197 +571,9 @@ class HessianSpectrumCallback(EpochAnalysisCallback):
         if writer is None or id(writer) in self._layout_writers:
             return
         self._layout_writers.add(id(writer))
-        charts: dict[str, list[Any]] = {}
-        if "eigenvalues" in self.quantities or "smallest_eigenvalue" in self.quantities:
-            charts["eigenvalues"] = ["Multiline", [r"hessian/eig_\d+$", "hessian/eig_min"]]
-        if "trace" in self.quantities:
-            charts["trace"] = ["Multiline", ["hessian/trace"]]
-        if "input_hessian" in self.quantities:
-            charts["input space"] = ["Multiline", ["hessian/input_eig_1", "hessian/input_grad_norm"]]
-        if self._layer_params:
-            charts["per-layer top eigenvalue"] = ["Multiline", [r"hessian/layer/.*/eig_1$"]]
-        charts["cost"] = ["Multiline", ["hessian/hvps", "hessian/seconds"]]
-        writer.add_custom_scalars({"hessian spectrum": charts})
-
-
-# --------------------------------------------------------------------------------------------
-# helpers
-
-
-def density_histogram(grid: Tensor, density: Tensor, num_params: int) -> dict[str, Any]:
-    r"""Arguments of ``SummaryWriter.add_histogram_raw`` for a spectral density on a uniform grid.
-
-    Bucket :math:`i` covers :math:`(g_i - \Delta/2, g_i + \Delta/2]` and counts
-    :math:`n \rho(g_i) \Delta / \sum_j \rho(g_j) \Delta` eigenvalues (:math:`n` = number of
-    parameters), so the counts sum to :math:`n` and ``sum`` is the trace of the smoothed density.
-    """
-    grid = grid.double()
-    density = density.double().clamp_min(0.0)
-    spacing = (grid[-1] - grid[0]) / max(len(grid) - 1, 1)
-    mass = density / density.sum() if density.sum() > 0 else torch.full_like(density, 1.0 / len(density))
-    counts = mass * num_params
-    return {
-        "min": float(grid[0] - spacing / 2),
-        "max": float(grid[-1] + spacing / 2),
-        "num": int(num_params),
-        "sum": float((counts * grid).sum()),
-        "sum_squares": float((counts * grid.square()).sum()),
-        "bucket_limits": (grid + spacing / 2).tolist(),
-        "bucket_counts": counts.tolist(),
-    }
-
-
-def _density_figure(grid: Tensor, density: Tensor, top_values: list[float], epoch: int) -> Figure:
-    """A log-scale plot of the density (matplotlib ``Figure`` without pyplot: no global state)."""
-    from matplotlib.figure import Figure
-
-    figure = Figure(figsize=(5, 3.5), dpi=100)
-    axes = figure.add_subplot()
-    floor = 1e-8
-    axes.semilogy(grid.numpy(), density.clamp_min(floor).numpy(), color="C0")
-    for value in top_values:
-        axes.axvline(value, color="C3", linestyle=":", linewidth=0.8)
-    axes.set_xlabel("eigenvalue")
-    axes.set_ylabel("density")
-    axes.set_title(f"Hessian spectral density, epoch {epoch}")
-    figure.tight_layout()
-    return figure
-
-
-def _select_layers(model: nn.Module, patterns: Sequence[str]) -> dict[str, list[str]]:
-    """Module name -> names of its trainable parameters, for every module matching a pattern.
-
-    Modules without trainable parameters of their own subtree are skipped; a pattern matching
-    none raises, listing the module names that have trainable parameters.
-    """
-    selected: dict[str, list[str]] = {}
-    candidates: list[str] = []
-    for name, module in model.named_modules():
-        if not name:
-            continue
-        params = [f"{name}.{p_name}" for p_name, p in module.named_parameters() if p.requires_grad]
-        if not params:
-            continue
-        candidates.append(name)
-        if any(fnmatch.fnmatchcase(name, pattern) for pattern in patterns):
-            selected[name] = params
-    unmatched = [p for p in patterns if not any(fnmatch.fnmatchcase(n, p) for n in selected)]
-    if unmatched:
-        raise UserInputError(
-            f"HessianSpectrumCallback: `layers` patterns {unmatched} match no module with trainable parameters;"
-            f" valid module names: {candidates}."
-        )
-    return selected
-
-
-def _warm_start(vectors: list[dict[str, Tensor]] | None, operator: HessianOperator) -> list[dict[str, Tensor]] | None:
-    """Last analysis's eigenvectors as a Lanczos start, or ``None`` when they do not fit the
-    operator (the set of trainable parameters or their shapes changed: start cold)."""
-    if not vectors:
-        return None
-    shapes = dict(zip(operator.param_names, operator.param_shapes))
-    for vector in vectors:
-        if set(vector) != set(shapes) or any(vector[n].shape != shapes[n] for n in shapes):
-            return None
-    return vectors
-
-
-def _to_cpu(vectors: list[dict[str, Tensor]] | None) -> list[dict[str, Tensor]] | None:
-    if vectors is None:
-        return None
-    return [{n: t.detach().cpu().clone() for n, t in v.items()} for v in vectors]
+        writer.add_custom_scalars(spectrum_layout(self.quantities, per_layer=bool(self._layer_params)))
 
 
 def _check_int(name: str, value: Any, minimum: int) -> None:
     if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
         raise UserInputError(f"HessianSpectrumCallback: `{name}` must be an integer >= {minimum}, got {value!r}.")
-
-
-def _padded_flags(flags: Tensor, count: int) -> list[bool]:
-    """Convergence flags of ``count`` requested pairs: those Lanczos did not reach count as False."""
-    values = [bool(f) for f in flags]
-    return values + [False] * (count - len(values))
-
-
-class _Budget:
-    """The analysis' time budget, with decisions every DDP rank agrees on.
-
-    Ranks read their own clocks; if one rank skipped a quantity that another computes, the next
-    all-reduce would hang. :meth:`spent` therefore sums the ranks' out-of-time flags (one tiny
-    all-reduce), and under DDP Lanczos gets no wall-clock limit of its own (its per-rank check could
-    stop the ranks at different steps); there the budget acts between quantities.
-    """
-
-    def __init__(self, seconds: float | None, all_reduce: Callable[[Tensor], Tensor] | None, device: torch.device) -> None:
-        self.seconds = seconds
-        self.all_reduce = all_reduce
-        self.device = device  # where collectives run: the model's device (NCCL needs CUDA tensors)
-        self.start = time.perf_counter()
-        self.exhausted = False
-
-    def elapsed(self) -> float:
-        return time.perf_counter() - self.start
-
-    def spent(self) -> bool:
-        """Whether the budget is used up on any rank (then on all: the answer is collective)."""
-        if self.seconds is None:
-            return False
-        if not self.exhausted:
-            flag = torch.tensor([float(self.elapsed() >= self.seconds)], dtype=torch.float64)
-            if self.all_reduce is not None:
-                flag = self.all_reduce(flag.to(self.device)).cpu()
-            self.exhausted = bool(flag.item() > 0)
-        return self.exhausted
-
-    def lanczos_limits(self, max_iter: int | None) -> tuple[float | None, int | None]:
-        """``(time_budget, max_iter)`` for one Lanczos run: the time left (single process), or one
-        step once the budget is spent."""
-        if self.seconds is None:
-            return None, max_iter
-        if self.spent():
-            return None, 1
-        if self.all_reduce is not None:
-            return None, max_iter
-        return max(self.seconds - self.elapsed(), 0.0), max_iter
-
-    def note_lanczos(self, result: EigenResult) -> None:
-        """A Lanczos run stopped by the clock counts as the budget spent (single process only:
-        under DDP Lanczos has no clock and the flag must stay collective)."""
-        if self.seconds is not None and self.all_reduce is None and not bool(result.converged.all()) and self.elapsed() >= self.seconds:
-            self.exhausted = True
-
-
-class _Progress:
-    """Periodic log lines (stage, HVPs done, seconds) during a long analysis, from rank zero."""
-
-    def __init__(self, interval: float, label: str, start: float) -> None:
-        self.interval = interval
-        self.label = label
-        self.start = start
-        self.last = start
-        self.base_hvps = 0
-
-    def with_base(self, hvps: int) -> _Progress:
-        """Count the products of the next engine call on top of ``hvps`` done before it."""
-        self.base_hvps = hvps
-        return self
-
-    def report(self, stage: str, hvps: int, force: bool = False) -> None:
-        now = time.perf_counter()
-        if force or now - self.last >= self.interval:
-            self.last = now
-            rank_zero_info(f"HessianSpectrumCallback {self.label}: {stage}; {hvps} HVPs, {now - self.start:.1f} s")
-
-    def lanczos_callback(self, which: str) -> Callable[[LanczosProgress], None]:
-        def on_step(state: LanczosProgress) -> None:
-            values = ", ".join(f"{float(v):.4g}" for v in state.eigenvalues[:3])
-            self.report(
-                f"Lanczos ({which}), {state.num_converged} converged, Ritz values [{values}]",
-                self.base_hvps + state.hvp_count,
-            )
-
-        return on_step
-
-    def done(self, hvps: int) -> None:
-        if time.perf_counter() - self.start >= self.interval:
-            self.report("done", hvps, force=True)

@@ -13,66 +13,38 @@ The density integrates to 1 (the grid extends well past the extreme nodes), and 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
-from typing import Any
 
 import torch
 from torch import Tensor
 
 from lightning_hessian.curvature.lanczos import batched_lanczos
 from lightning_hessian.curvature.linear import (
-    hvp_counter,
+    LinearOperator,
     operator_context,
     operator_device,
-    operator_matmat,
+    operator_rows,
     plain_tensors,
     random_rademacher,
     seeded_generator,
 )
+from lightning_hessian.curvature.results import DensityResult
+from lightning_hessian.errors import UserInputError
 
-__all__ = ["DensityResult", "spectral_density", "gaussian_density"]
-
-
-@dataclass
-class DensityResult:
-    """A smoothed eigenvalue density.
-
-    Attributes:
-        grid: (grid_size,) eigenvalue axis, float64.
-        density: (grid_size,) density values; the trapezoidal integral over ``grid`` is 1.
-        nodes: (num_probes, steps) Ritz values per probe (NaN where a probe ended early).
-        weights: (num_probes, steps) quadrature weights (each row sums to 1).
-        sigma: the Gaussian kernel width used.
-        num_probes: probes run.
-        lanczos_steps: steps per probe.
-        hvp_count: Hessian-vector products used.
-        seconds: wall-clock time.
-        num_params: the operator's dimension.
-    """
-
-    grid: Tensor
-    density: Tensor
-    nodes: Tensor
-    weights: Tensor
-    sigma: float
-    num_probes: int
-    lanczos_steps: int
-    hvp_count: int
-    seconds: float
-    num_params: int
-
-    @property
-    def mean(self) -> float:
-        """Mean eigenvalue, :math:`\\operatorname{tr}(H)/n`, from the quadrature."""
-        return float((self.weights * self.nodes.nan_to_num()).sum(dim=1).mean())
-
-    @property
-    def trace_estimate(self) -> float:
-        return self.mean * self.num_params
+__all__ = ["DensityResult", "spectral_density", "gaussian_density"]  # DensityResult: re-exported from results
 
 
 def gaussian_density(nodes: Tensor, weights: Tensor, grid: Tensor, sigma: float) -> Tensor:
-    """Average over probes of :math:`\\sum_i w_i \\, \\mathcal N(t; \\theta_i, \\sigma^2)` on ``grid``."""
+    """Average over probes of :math:`\\sum_i w_i \\, \\mathcal N(t; \\theta_i, \\sigma^2)` on ``grid``.
+
+    Args:
+        nodes: (num_probes, steps) Ritz values, NaN where a probe ended early.
+        weights: (num_probes, steps) quadrature weights.
+        grid: (grid_size,) points to evaluate the density at.
+        sigma: the kernel width.
+
+    Returns:
+        (grid_size,) the density on ``grid``.
+    """
     valid = ~torch.isnan(nodes)
     theta = nodes[valid]
     w = weights[valid] / nodes.shape[0]
@@ -82,7 +54,7 @@ def gaussian_density(nodes: Tensor, weights: Tensor, grid: Tensor, sigma: float)
 
 @plain_tensors
 def spectral_density(
-    op: Any,
+    op: LinearOperator,
     num_probes: int = 8,
     lanczos_steps: int = 64,
     grid_size: int = 1024,
@@ -103,15 +75,20 @@ def spectral_density(
             (largest minus smallest node).
         seed: probe seed (private generator; identical on all DDP ranks).
         relative_sigma: kernel width relative to the spectrum's width when ``sigma`` is None.
+
+    Returns:
+        A :class:`DensityResult`; ``hvp_count`` counts every product (``num_probes`` per step).
+
+    Raises:
+        UserInputError: for non-positive counts, a grid of fewer than 2 points or a bad ``sigma``.
     """
     if num_probes < 1 or lanczos_steps < 1 or grid_size < 2:
-        raise ValueError(
+        raise UserInputError(
             f"num_probes={num_probes}, lanczos_steps={lanczos_steps} must be >= 1 and grid_size={grid_size} >= 2."
         )
     if sigma is not None and sigma <= 0:
-        raise ValueError(f"sigma={sigma} must be positive or None.")
+        raise UserInputError(f"sigma={sigma} must be positive, or None for relative_sigma times the spectrum's width.")
     began = time.perf_counter()
-    start_count = hvp_counter(op)
     generator = seeded_generator(seed)
     device = operator_device(op)
     start = random_rademacher((num_probes, op.num_params), generator, device)
@@ -120,7 +97,7 @@ def spectral_density(
     def apply(vectors: Tensor, rows: Tensor) -> Tensor:
         nonlocal hvps
         hvps += vectors.shape[0]
-        return operator_matmat(op, vectors.T).T
+        return operator_rows(op, vectors)
 
     with operator_context(op):
         run = batched_lanczos(apply, start, lanczos_steps)
@@ -133,7 +110,6 @@ def spectral_density(
     pad = 6 * sigma + 0.05 * width
     grid = torch.linspace(low - pad, high + pad, grid_size, dtype=torch.float64, device=nodes.device)
     density = gaussian_density(nodes, weights, grid, sigma)
-    counted = hvp_counter(op) - start_count
     return DensityResult(
         grid=grid.cpu(),
         density=density.cpu(),
@@ -142,7 +118,7 @@ def spectral_density(
         sigma=float(sigma),
         num_probes=num_probes,
         lanczos_steps=int(run.alpha.shape[1]),
-        hvp_count=counted if counted > 0 else hvps,
+        hvp_count=hvps,
         seconds=time.perf_counter() - began,
         num_params=int(op.num_params),
     )

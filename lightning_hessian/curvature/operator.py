@@ -9,21 +9,53 @@ the Hessian of the sample-weighted mean loss, exact for an unequal last batch. A
 (DDP) every rank sums :math:`n_b H_b V` over its shard; one all-reduce of that sum and one of the
 sample count give the global product, exact for unequal shards.
 
-Products are forward-over-reverse (``torch.func.jvp`` of ``torch.func.grad``) over
-``torch.func.functional_call``, batched over K vectors with ``torch.func.vmap`` so that the K
-products share one primal forward and backward pass. Chunks of vectors are sized to the free
-accelerator memory; an out-of-memory error halves the chunk and retries. Where ``torch.func``
-cannot run the model (custom autograd functions without vmap support, data-dependent Python
-control flow), plain double backward is used instead.
+Four ways to compute :math:`\\sum_b n_b H_b v` (``hvp_mode``), all exact up to rounding:
+
+``"retained_graph"``
+    The first-order graph :math:`g = \\sum_b n_b \\nabla L_b` (gradient with ``create_graph=True``)
+    is built once per analysis context and kept; each product is one backward pass through it,
+    :math:`H v = \\nabla_\\theta (g^\\top v)`, with ``retain_graph=True``. ``matmat`` loops over
+    its K vectors. The graph costs the memory of all micro-batches' first-order graphs at once.
+``"retained_graph_vmap"``
+    The same retained graph; ``matmat`` pushes its K vectors through one ``vmap``-ed backward
+    (``is_grads_batched=True``).
+``"func"``
+    Forward-over-reverse, ``torch.func.jvp`` of ``torch.func.grad`` over
+    ``torch.func.functional_call``, with ``torch.func.vmap`` over the K vectors so that they share
+    one primal forward and backward pass; nothing is kept between calls.
+``"double_backward"``
+    A new first-order graph per micro-batch and call (one micro-batch in memory at a time), K
+    backward passes through it.
+
+Cost per product in gradient passes over the same sample (``benchmarks/hvp_cost.py``, CPU, one
+thread, a shared machine, so +-10%; small CNN with BatchNorm, 38,666 parameters, 512 samples,
+K = 1/4/16/32 vectors per call): retained graph 1.39/1.38/1.39/1.39, double backward
+2.38/1.63/1.46/1.47, ``func`` 2.48/3.57/5.64/5.89, ``vmap`` over the retained graph
+1.36/2.08/4.41/4.70 (K=1 is the loop). MLP 784-256-128-10 on 1024 samples: 1.06/1.13/1.05/1.07,
+2.08/1.31/1.13/1.12, 2.88/1.48/1.16/1.12 and 1.05/1.07/1.05/1.06. ``"auto"`` (the default)
+therefore starts from the retained graph and switches only where another mode is measurably
+faster on this model (see :class:`_ModeTrial`); the choice is kept per model, parameter set,
+device and K range, so repeated analyses neither re-tune nor flip.
+
+Where the retained graph does not fit in memory (an out-of-memory error while building it or in
+a product through it, or on CUDA a first micro-batch whose graph, times the number of
+micro-batches, exceeds the free memory), the operator frees it and uses double backward, which
+holds one micro-batch's graph at a time. Where ``torch.func`` cannot run the model
+(custom autograd functions without vmap support, data-dependent Python control flow), ``"auto"``
+uses the graph modes; where the model has no double backward, ``"auto"`` uses ``torch.func``.
+Chunks of ``vmap``-ed vectors halve on an out-of-memory error and retry.
 """
 
 from __future__ import annotations
 
 import contextlib
 import re
+import statistics
 import time
 import warnings
+import weakref
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -32,13 +64,25 @@ from torch import Tensor, nn
 from lightning_hessian.curvature.batches import batch_size, map_tensors, slice_batch
 from lightning_hessian.curvature.context import analysis_mode
 from lightning_hessian.curvature.objective import BatchLoss, BatchLossModule, loss_of_outputs
+from lightning_hessian.errors import UserInputError
 
-__all__ = ["HessianOperator", "LossFunction", "BatchLoss"]
+__all__ = ["HessianOperator", "LossFunction", "BatchLoss", "HVP_MODES"]
 
 LossFunction = Callable[[Tensor, Any], Tensor]
 ParamFilter = str | re.Pattern | Callable[[str, nn.Parameter], bool]
 
-_HVP_MODES = ("auto", "func", "double_backward")
+#: the values of ``HessianOperator(hvp_mode=...)``
+HVP_MODES = ("auto", "retained_graph", "retained_graph_vmap", "func", "double_backward")
+_RETAINED_MODES = ("retained_graph", "retained_graph_vmap")
+
+# Mode choice of hvp_mode="auto": timed calls per candidate after one warm-up call, the margin by
+# which another mode's median must beat the default's, and the ratio that decides after two calls.
+_TUNING_TIMED_CALLS = 3
+_TUNING_MARGIN = 0.15
+_TUNING_CLEAR_RATIO = 1.5
+# On CUDA the retained graph is kept only if all micro-batches' graphs (estimated from the first)
+# plus one more for the products' temporaries fit in this fraction of the free memory.
+_RETAINED_MEMORY_FRACTION = 0.8
 
 
 def _is_oom(error: BaseException) -> bool:
@@ -60,6 +104,139 @@ def _split_batch(batch: Any, size: int) -> list[Any]:
     return [slice_batch(batch, start, start + size) for start in range(0, batch_size(batch), size)]
 
 
+def _tensors_of(batch: Any) -> list[Tensor]:
+    """Every tensor in a (nested) batch."""
+    found: list[Tensor] = []
+
+    def collect(tensor: Tensor) -> Tensor:
+        found.append(tensor)
+        return tensor
+
+    map_tensors(batch, collect)
+    return found
+
+
+def k_bucket(num_vectors: int) -> str:
+    """The range of vectors per call that one ``hvp_mode="auto"`` choice covers.
+
+    Args:
+        num_vectors: K, the number of vectors in one ``matmat``.
+
+    Returns:
+        ``"1"``, ``"2-4"``, ``"5-16"`` or ``"17+"``: the relative cost of the modes changes with K
+        (``vmap`` shares more work for larger K), so each range is tuned separately.
+    """
+    if num_vectors <= 1:
+        return "1"
+    if num_vectors <= 4:
+        return "2-4"
+    if num_vectors <= 16:
+        return "5-16"
+    return "17+"
+
+
+class _RetainedGraphDoesNotFit(RuntimeError):
+    """The first-order graphs of all micro-batches would not fit in the free accelerator memory."""
+
+
+@dataclass
+class _RetainedGraph:
+    """The first-order graph :math:`g = \\sum_b n_b \\nabla L_b`, kept for many products.
+
+    Attributes:
+        leaves: the parameters as autograd leaves (detached, in the analysis dtype).
+        outputs: the entries of ``g`` that depend on the parameters (the others have zero
+            second derivative).
+        active: the parameter index of each entry of ``outputs``.
+        signature: versions and storage of the parameters, buffers and batch tensors at build
+            time; a change means the graph is stale.
+        build_seconds: the time the build took (excluded from the per-product timings).
+    """
+
+    leaves: tuple[Tensor, ...]
+    outputs: tuple[Tensor, ...]
+    active: tuple[int, ...]
+    signature: tuple
+    build_seconds: float
+
+
+@dataclass
+class _ModeTrial:
+    """Timings of the candidate modes for one model and K range, from real calls.
+
+    Every call during the trial computes the products the caller asked for with one candidate,
+    so tuning costs no extra products (all of them are in ``hvp_count``), only the time of the
+    slower candidates' calls (on the CNN above, a top-5 Lanczos took 10% longer on a model's
+    first analysis). ``torch.func`` goes
+    first (its first call also finds out whether it can run the model at all); each mode gets one
+    untimed warm-up call followed directly by a timed one, then the candidates alternate, so that
+    load changes on a shared machine hit all of them alike.
+    """
+
+    warmed: set[str] = field(default_factory=set)
+    seconds: dict[str, list[float]] = field(default_factory=dict)
+
+    def next_mode(self, candidates: Sequence[str]) -> str:
+        """The candidate the next call should run."""
+        order = sorted(candidates, key=lambda mode: mode != "func")  # stable: func first
+        for mode in order:
+            if mode not in self.warmed or not self.seconds.get(mode):
+                return mode
+        return min(order, key=lambda mode: len(self.seconds.get(mode, [])))
+
+    def record(self, mode: str, seconds_per_product: float) -> None:
+        """Add one call's time per product (the first call of a mode is its warm-up, not kept)."""
+        if mode not in self.warmed:
+            self.warmed.add(mode)
+        else:
+            self.seconds.setdefault(mode, []).append(seconds_per_product)
+
+    def decision(self, candidates: Sequence[str], default: str) -> str | None:
+        """The mode to keep, or ``None`` while more calls are needed.
+
+        After :data:`_TUNING_TIMED_CALLS` timed calls of every candidate: ``default`` unless
+        another mode's median time per product is at least :data:`_TUNING_MARGIN` below its
+        median. After two calls already, if the fastest mode's slowest call beats every other
+        mode's fastest call by :data:`_TUNING_CLEAR_RATIO`.
+        """
+        samples = {mode: self.seconds.get(mode, []) for mode in candidates}
+        fewest = min(len(values) for values in samples.values())
+        if fewest < 2:
+            return None
+        medians = {mode: statistics.median(values) for mode, values in samples.items()}
+        fastest = min(medians, key=medians.__getitem__)
+        if fewest < _TUNING_TIMED_CALLS:
+            clear = all(
+                max(samples[fastest]) * _TUNING_CLEAR_RATIO <= min(values)
+                for mode, values in samples.items()
+                if mode != fastest
+            )
+            return fastest if clear else None
+        if fastest != default and medians[fastest] <= (1.0 - _TUNING_MARGIN) * medians[default]:
+            return fastest
+        return default
+
+
+@dataclass
+class _ModelTuning:
+    """What ``hvp_mode="auto"`` learnt about one model, kept while the model lives.
+
+    Attributes:
+        choices: the chosen mode per (parameters, dtype, device, micro-batch size, K range).
+        trials: the timings so far where no choice is made yet; kept with the model, so that
+            analyses with few calls each (a new operator every epoch) still finish the trial.
+        errors: modes this model cannot run (``"func"``, ``"graph"``, ``"vmap"``), with the reason.
+    """
+
+    choices: dict[tuple, str] = field(default_factory=dict)
+    trials: dict[tuple, _ModeTrial] = field(default_factory=dict)
+    errors: dict[str, str] = field(default_factory=dict)
+
+
+# Keyed by the model object: a new model (or one garbage-collected and replaced) is tuned afresh.
+_MODEL_TUNING: weakref.WeakKeyDictionary[nn.Module, _ModelTuning] = weakref.WeakKeyDictionary()
+
+
 class HessianOperator:
     """The Hessian of the sample-weighted mean loss of ``model`` over ``data``.
 
@@ -71,7 +248,10 @@ class HessianOperator:
     gradients enabled (also under an outer ``inference_mode``), autocast and TF32 off; the
     model's flags, parameters, buffers, ``.grad``, ``requires_grad`` and the RNG states are
     bit-identical afterwards. The parameters are read at each call, so the operator follows the
-    model if its weights change.
+    model if its weights change. Wrap many products in ``with op.analysis():`` (the spectral
+    routines do) so that they share one state snapshot and, in the retained-graph modes, one
+    first-order graph; the graph is released when the outermost context ends, and rebuilt inside
+    it if the parameters, buffers or batches were changed in place meanwhile.
 
     Args:
         model: the network. A ``torch.compile``d module is unwrapped (compiled graphs cannot
@@ -98,9 +278,15 @@ class HessianOperator:
         max_chunk: at most this many vectors per vmapped product (default 64).
         micro_batch_size: split a single ``data`` batch into micro-batches of this size
             (default 512).
-        hvp_mode: ``"auto"`` (times ``torch.func`` against double backward on the second call and
-            keeps the faster; falls back to double backward with a warning where ``torch.func``
-            fails), ``"func"`` or ``"double_backward"``.
+        hvp_mode: one of :data:`HVP_MODES` (see the module documentation). ``"auto"`` (default)
+            uses the retained graph unless another mode is measured to be at least 15% faster on
+            this model; the choice is readable as :attr:`selected_hvp_mode`.
+
+    Raises:
+        UserInputError: for an unknown ``hvp_mode`` or a non-positive ``max_chunk`` or
+            ``micro_batch_size``.
+        ValueError: without a loss, with both or neither of ``data`` and ``batches``, without
+            parameters to analyse, or without samples.
     """
 
     def __init__(
@@ -126,24 +312,26 @@ class HessianOperator:
                 "HessianOperator needs exactly one of `data` (a batch `(x, y)` or an iterable of batches) and"
                 " `batches` (a sequence of batches, each passed to the loss as it is)."
             )
-        if hvp_mode not in _HVP_MODES:
-            raise ValueError(f"hvp_mode={hvp_mode!r} is not one of {_HVP_MODES}.")
+        if hvp_mode not in HVP_MODES:
+            raise UserInputError(f"hvp_mode={hvp_mode!r} is not one of {HVP_MODES}; use 'auto' to let the operator choose.")
         if max_chunk is not None and max_chunk < 1:
-            raise ValueError(f"max_chunk={max_chunk} must be a positive integer or None.")
+            raise UserInputError(f"max_chunk={max_chunk} must be a positive integer or None (default 64).")
         if micro_batch_size is not None and micro_batch_size < 1:
-            raise ValueError(f"micro_batch_size={micro_batch_size} must be a positive integer or None.")
+            raise UserInputError(f"micro_batch_size={micro_batch_size} must be a positive integer or None (default 512).")
         model = getattr(model, "_orig_mod", model)  # torch.compile wrapper: analyse the eager module
         self.model = model
         self.loss_fn = loss_fn
         self.batch_loss = batch_loss
         self.all_reduce = all_reduce
         self.max_chunk = max_chunk or 64
-        self.hvp_mode = hvp_mode
-        self.hvp_count = 0
+        self._hvp_mode = hvp_mode
+        self._hvp_count = 0
         self._depth = 0
         self._chunk: int | None = None
-        self._warm: set[str] = set()
-        self._tuned: dict[str, str] = {}
+        self._retained: _RetainedGraph | None = None
+        self._retained_error: str | None = None  # this sample's graphs do not fit in memory
+        self._build_seconds = 0.0  # all retained-graph builds so far (excluded from the trial's timings)
+        self._warned: set[str] = set()
         self._wrapper = BatchLossModule(model, batch_loss or loss_of_outputs(loss_fn))  # type: ignore[arg-type]
 
         named = list(model.named_parameters())
@@ -181,13 +369,74 @@ class HessianOperator:
                     batches = _split_batch(batches[0], micro_batch_size or 512)
             if micro_batch_size is not None:
                 batches = [piece for batch in batches for piece in _split_batch(batch, micro_batch_size)]
-            self.batches: list[Any] = [map_tensors(b, self._prepare_tensor) for b in batches]
-            self.batch_sizes: list[int] = [batch_size(b) for b in self.batches]
-            self.num_local_samples: int = sum(self.batch_sizes)
+            self._batches: list[Any] = [map_tensors(b, self._prepare_tensor) for b in batches]
+            self._batch_sizes: list[int] = [batch_size(b) for b in self._batches]
+            self.num_local_samples: int = sum(self._batch_sizes)
             count = torch.tensor([float(self.num_local_samples)], device=self.device, dtype=torch.float64)
             self.num_samples: int = int(round(self._reduce(count).item()))
         if self.num_samples == 0:
             raise ValueError("`data` holds no samples.")
+
+    # ------------------------------------------------------------------------- public state
+    @property
+    def hvp_mode(self) -> str:
+        """The ``hvp_mode`` setting as given to the constructor (never changed by the operator)."""
+        return self._hvp_mode
+
+    @property
+    def hvp_count(self) -> int:
+        """Every Hessian-vector product run on this operator's Hessian: those of :meth:`matmat`
+        and :meth:`matvec` (``hvp_mode="auto"``'s timed calls included, they are real products)
+        and those reported by :meth:`count_products`."""
+        return self._hvp_count
+
+    def count_products(self, count: int) -> None:
+        """Add ``count`` products computed outside :meth:`matmat` to :attr:`hvp_count`.
+
+        For engines that differentiate :attr:`loss_module` themselves (the PyHessian adapter), so
+        that :attr:`hvp_count` stays the total work spent on this Hessian.
+
+        Args:
+            count: products run, a non-negative integer.
+
+        Raises:
+            ValueError: if ``count`` is negative or not an integer.
+        """
+        if isinstance(count, bool) or not isinstance(count, int) or count < 0:
+            raise ValueError(f"count_products(count={count!r}): count must be a non-negative int (products run).")
+        self._hvp_count += count
+
+    @property
+    def loss_module(self) -> nn.Module:
+        """The loss as a module: ``loss_module(batch)`` is the batch-mean loss of one entry of
+        :attr:`batches`. It holds :attr:`model` as its submodule ``inner`` (the same parameter
+        objects, in the model's own dtype; cast a copy for a ``dtype`` different from the
+        model's). Call it inside :meth:`analysis` for the operator's numerical guarantees."""
+        return self._wrapper
+
+    @property
+    def batches(self) -> list[Any]:
+        """The micro-batches, on :attr:`device`, floating tensors in :attr:`dtype` (a new list; the
+        batches themselves are the operator's, do not modify them)."""
+        return list(self._batches)
+
+    @property
+    def batch_sizes(self) -> list[int]:
+        """The sample count of each entry of :attr:`batches` (a new list)."""
+        return list(self._batch_sizes)
+
+    @property
+    def selected_hvp_mode(self) -> str | None:
+        """The mode single-vector products use now: the fixed ``hvp_mode`` (or its fallback, e.g.
+        ``"double_backward"`` when the retained graph does not fit), ``"auto"``'s choice for K=1,
+        or ``None`` while ``"auto"`` is still timing the candidates."""
+        return self._selected_for(1)
+
+    @property
+    def selected_hvp_modes(self) -> dict[str, str | None]:
+        """:attr:`selected_hvp_mode` for each range of K (:func:`k_bucket`): ``{"1": ..., "2-4":
+        ..., "5-16": ..., "17+": ...}``, a new dict."""
+        return {k_bucket(size): self._selected_for(size) for size in (1, 4, 16, 17)}
 
     # ----------------------------------------------------------------------------------- helpers
     def _prepare_tensor(self, tensor: Tensor) -> Tensor:
@@ -203,7 +452,11 @@ class HessianOperator:
 
     @contextlib.contextmanager
     def analysis(self) -> Iterator[None]:
-        """Enter :func:`analysis_mode` once for many products (re-entrant; products nest inside)."""
+        """Enter :func:`analysis_mode` once for many products (re-entrant; products nest inside).
+
+        The retained first-order graph (``hvp_mode`` ``"retained_graph"``/``"auto"``) lives until
+        the outermost context ends, also when it ends with an exception.
+        """
         if self._depth > 0:  # callers may have turned gradients off in between: on again
             self._depth += 1
             try:
@@ -218,6 +471,7 @@ class HessianOperator:
                 yield
             finally:
                 self._depth = 0
+                self._retained = None  # frees the graph and everything it saved
 
     def _constants(self) -> dict[str, Tensor]:
         """Every parameter and buffer, detached (and cast for float64 analysis), prefixed."""
@@ -241,6 +495,14 @@ class HessianOperator:
             return torch.func.functional_call(self._wrapper, tensors, (batch,))
 
         return loss
+
+    def _tangents(self, flat: Tensor) -> tuple[Tensor, ...]:
+        return tuple(piece.view(shape) for piece, shape in zip(flat.split(self._sizes), self.param_shapes))
+
+    def _warn_once(self, key: str, message: str) -> None:
+        if key not in self._warned:
+            self._warned.add(key)
+            warnings.warn(message, stacklevel=4)
 
     # ------------------------------------------------------------------------- flat <-> params
     def flatten(self, tensors: Mapping[str, Tensor] | Sequence[Tensor]) -> Tensor:
@@ -268,7 +530,7 @@ class HessianOperator:
             constants = self._constants()
             primals = self._primals()
             total = torch.zeros((), device=self.device, dtype=torch.float64)
-            for batch, count in zip(self.batches, self.batch_sizes):
+            for batch, count in zip(self._batches, self._batch_sizes):
                 total += count * self._batch_loss_fn(batch, constants)(*primals).double()
             total = self._reduce(total.reshape(1)).reshape(())
         return (total / self.num_samples).to(self.dtype)
@@ -278,7 +540,7 @@ class HessianOperator:
         with self.analysis():
             constants = self._constants()
             total = torch.zeros(self.num_params, device=self.device, dtype=self.dtype)
-            for batch, count in zip(self.batches, self.batch_sizes):
+            for batch, count in zip(self._batches, self._batch_sizes):
                 primals = tuple(p.requires_grad_() for p in self._primals())
                 loss = self._batch_loss_fn(batch, constants)(*primals)
                 grads = torch.autograd.grad(loss, primals)
@@ -304,52 +566,170 @@ class HessianOperator:
             else:
                 total = self._tuned_product(vectors)
             total = self._reduce(total)
-        self.hvp_count += num_vectors
+        self._hvp_count += num_vectors
         return (total / self.num_samples).T
 
     __matmul__ = matmat
 
-    # ------------------------------------------------------------------------------ internals
-    def _tuned_product(self, vectors: Tensor) -> Tensor:
-        """``sum_b n_b H_b V`` with the faster of forward-over-reverse and double backward.
+    # ------------------------------------------------------------------------- mode selection
+    def _model_tuning(self) -> _ModelTuning:
+        record = _MODEL_TUNING.get(self.model)
+        if record is None:
+            record = _MODEL_TUNING[self.model] = _ModelTuning()
+        return record
 
-        With ``hvp_mode="auto"`` the first call for single vectors (and for blocks) runs
-        ``torch.func``, which also warms it up; the second times both implementations on the same
-        vectors and keeps the faster for the rest of this operator's life. (On an H100,
-        ``jvp(grad)`` with ``vmap`` wins clearly; on CPUs double backward is often faster for
-        single vectors.) Both give the same product up to rounding.
+    def _tuning_key(self, bucket: str) -> tuple:
+        """One ``"auto"`` choice per parameter set, precision, device, micro-batch size and K range."""
+        return (
+            tuple(zip(self.param_names, map(tuple, self.param_shapes))),
+            str(self.dtype),
+            str(self.device),
+            max(self._batch_sizes),
+            bucket,
+        )
+
+    def _graph_mode(self) -> str:
+        """The graph-based mode this sample can run: the retained graph if it fits in memory."""
+        return "double_backward" if self._retained_error is not None else "retained_graph"
+
+    def _candidates(self, num_vectors: int) -> list[str]:
+        """The modes ``"auto"`` chooses from for K vectors, the default first."""
+        errors = _MODEL_TUNING[self.model].errors if self.model in _MODEL_TUNING else {}
+        graph = [] if "graph" in errors else [self._graph_mode()]
+        func = [] if "func" in errors else ["func"]
+        candidates = graph + func
+        if (
+            self.device.type == "cuda"
+            and num_vectors > 1
+            and graph == ["retained_graph"]
+            and "vmap" not in errors
+        ):  # vmap over the retained graph: 2-3x slower than the loop on CPU, unmeasured on GPUs
+            candidates.append("retained_graph_vmap")
+        return candidates
+
+    def _fixed_mode(self) -> str:
+        """The mode a fixed ``hvp_mode`` runs now, after the memory and capability fallbacks."""
+        errors = _MODEL_TUNING[self.model].errors if self.model in _MODEL_TUNING else {}
+        mode = self._hvp_mode
+        if mode == "retained_graph_vmap" and "vmap" in errors:
+            mode = "retained_graph"
+        if mode in _RETAINED_MODES and self._retained_error is not None:
+            mode = "double_backward"
+        return mode
+
+    def _selected_for(self, num_vectors: int) -> str | None:
+        if self._hvp_mode != "auto":
+            return self._fixed_mode()
+        candidates = self._candidates(num_vectors)
+        if len(candidates) == 1:
+            return candidates[0]
+        choice = self._model_tuning().choices.get(self._tuning_key(k_bucket(num_vectors)))
+        if choice is None:
+            return None
+        return choice if choice in candidates else candidates[0]
+
+    def _tuned_product(self, vectors: Tensor) -> Tensor:
+        """``sum_b n_b H_b V`` with the fixed mode, ``"auto"``'s choice, or a timed trial call.
+
+        With ``hvp_mode="auto"`` the first calls for a K range are the trial of
+        :class:`_ModeTrial`: each computes the caller's products with one candidate and is timed
+        (per product, without the time to build the retained graph, which a long analysis pays
+        once). The choice is then kept for this model (:meth:`_tuning_key`).
         """
-        bucket = "single" if vectors.shape[0] == 1 else "block"
-        if self.hvp_mode != "auto":
-            return self._product(vectors, self.hvp_mode)
-        if bucket in self._tuned:
-            return self._product(vectors, self._tuned[bucket])
-        if bucket not in self._warm:
-            self._warm.add(bucket)
-            return self._product(vectors, "func")
-        timings = {}
-        for mode in ("func", "double_backward"):
-            self._synchronize()
-            began = time.perf_counter()
-            result = self._product(vectors, mode)
-            self._synchronize()
-            timings[mode] = time.perf_counter() - began
-            if mode == "func":
-                kept = result
-            if self.hvp_mode != "auto":  # torch.func failed and the operator fell back
-                return result
-        self._tuned[bucket] = min(timings, key=timings.get)
-        return kept
+        if self._hvp_mode != "auto":
+            return self._run(vectors, self._fixed_mode(), fixed=True)[0]
+        num_vectors = vectors.shape[0]
+        candidates = self._candidates(num_vectors)
+        if not candidates:  # both families failed on an earlier call (which raised then)
+            raise RuntimeError(f"Neither torch.func nor double backward can run this model ({self._model_tuning().errors}).")
+        key = self._tuning_key(k_bucket(num_vectors))
+        record = self._model_tuning()
+        choice = record.choices.get(key)
+        if len(candidates) == 1 or choice is not None:
+            mode = choice if choice in candidates else candidates[0]
+            return self._run(vectors, mode, fixed=False)[0]
+        trial = record.trials.setdefault(key, _ModeTrial())
+        mode = trial.next_mode(candidates)
+        result, ran, seconds = self._run(vectors, mode, fixed=False)
+        if ran == mode:  # a fallback call measures nothing about the mode it stood in for
+            trial.record(mode, seconds / num_vectors)
+        candidates = self._candidates(num_vectors)
+        decided = trial.decision(candidates, default=candidates[0]) if len(candidates) > 1 else candidates[0]
+        if decided is not None:
+            record.choices[key] = decided
+            record.trials.pop(key, None)
+        return result
 
     def _synchronize(self) -> None:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 
+    def _run(self, vectors: Tensor, mode: str, *, fixed: bool) -> tuple[Tensor, str, float]:
+        """Run ``mode``, falling back where it cannot run; returns the sum of products, the mode
+        that actually ran and its seconds (without a retained-graph build)."""
+        self._synchronize()
+        began = time.perf_counter()
+        build_seconds_before = self._build_seconds
+        try:
+            if mode == "func":
+                result = self._product(vectors, "func")
+            elif mode in _RETAINED_MODES:
+                result = self._retained_product(vectors, batched=mode == "retained_graph_vmap")
+            else:
+                result = self._product(vectors, "double_backward")
+        except _RetainedGraphDoesNotFit as error:
+            return self._without_retained_graph(vectors, str(error), fixed=fixed)
+        except Exception as error:  # noqa: BLE001 - torch.func and autograd raise many types
+            if _is_oom(error) and mode in _RETAINED_MODES:
+                reason = f"Out of memory in a product through the retained first-order graph ({error})"
+                return self._without_retained_graph(vectors, reason, fixed=fixed)
+            if _is_oom(error) or fixed:
+                raise
+            return self._unavailable(vectors, mode, error)
+        self._synchronize()
+        seconds = time.perf_counter() - began - (self._build_seconds - build_seconds_before)
+        return result, mode, max(seconds, 0.0)
+
+    def _without_retained_graph(self, vectors: Tensor, reason: str, *, fixed: bool) -> tuple[Tensor, str, float]:
+        """The retained graph does not fit this sample: free it and use double backward from now on."""
+        self._retained = None
+        self._retained_error = reason
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        if fixed:
+            self._warn_once("memory", f"{reason}; using hvp_mode='double_backward' instead (one micro-batch's graph at a time).")
+        return self._run(vectors, "double_backward", fixed=fixed)
+
+    def _unavailable(self, vectors: Tensor, mode: str, error: BaseException) -> tuple[Tensor, str, float]:
+        """``"auto"``: ``mode`` cannot run this model; remember that, warn once, use another."""
+        record = self._model_tuning()
+        family = "func" if mode == "func" else "graph"  # vmap failures are handled by _retained_product
+        record.errors[family] = f"{type(error).__name__}: {error}"
+        candidates = self._candidates(vectors.shape[0])
+        if not candidates:
+            raise RuntimeError(
+                f"Neither torch.func nor double backward can run this model ({record.errors}); it needs"
+                " second derivatives of its loss."
+            ) from error
+        if family == "func":
+            message = (
+                f"torch.func cannot run this model ({record.errors['func']}); using double backward"
+                " instead. Pass hvp_mode='retained_graph' to skip the attempt."
+            )
+        else:
+            message = (
+                f"Double backward fails on this model ({record.errors['graph']}); using torch.func instead."
+                " Pass hvp_mode='func' to skip the attempt."
+            )
+        warnings.warn(message, stacklevel=5)
+        return self._run(vectors, candidates[0], fixed=False)
+
+    # ------------------------------------------------------------------------------ internals
     def _product(self, vectors: Tensor, mode: str) -> Tensor:
         constants = self._constants()
         primals = self._primals()
         total = torch.zeros_like(vectors)
-        for batch, count in zip(self.batches, self.batch_sizes):
+        for batch, count in zip(self._batches, self._batch_sizes):
             total.add_(self._batch_hvp(batch, constants, primals, vectors, mode), alpha=count)
         return total
 
@@ -358,18 +738,8 @@ class HessianOperator:
     ) -> Tensor:
         """Batch-mean-loss Hessian times each row of ``vectors`` (K, P) -> (K, P)."""
         loss = self._batch_loss_fn(batch, constants)
-        if mode == "func" and self.hvp_mode != "double_backward":
-            try:
-                return self._chunked(lambda chunk: self._func_hvp(loss, primals, chunk), vectors)
-            except Exception as error:  # noqa: BLE001 - torch.func raises many types
-                if _is_oom(error) or self.hvp_mode == "func":
-                    raise
-                warnings.warn(
-                    f"torch.func cannot run this model ({type(error).__name__}: {error}); falling back to"
-                    " double backward (slower). Pass hvp_mode='double_backward' to skip the attempt.",
-                    stacklevel=5,
-                )
-                self.hvp_mode = "double_backward"
+        if mode == "func":
+            return self._chunked(lambda chunk: self._func_hvp(loss, primals, chunk), vectors)
         return self._double_backward_hvp(loss, primals, vectors)
 
     def _chunked(self, fn: Callable[[Tensor], Tensor], vectors: Tensor) -> Tensor:
@@ -397,8 +767,7 @@ class HessianOperator:
         grad_fn = torch.func.grad(loss, argnums=argnums)
 
         def hvp(flat: Tensor) -> Tensor:
-            tangents = tuple(piece.view(shape) for piece, shape in zip(flat.split(self._sizes), self.param_shapes))
-            _, products = torch.func.jvp(grad_fn, primals, tangents)
+            _, products = torch.func.jvp(grad_fn, primals, self._tangents(flat))
             return torch.cat([p.reshape(-1) for p in products])
 
         if chunk.shape[0] == 1:
@@ -407,24 +776,149 @@ class HessianOperator:
 
     def _double_backward_hvp(self, loss: Callable[..., Tensor], primals: tuple[Tensor, ...], vectors: Tensor) -> Tensor:
         leaves = tuple(p.detach().requires_grad_() for p in primals)
-        grads = torch.autograd.grad(loss(*leaves), leaves, create_graph=True)
-        rows = []
-        for index in range(vectors.shape[0]):
-            tangents = tuple(
-                piece.view(shape) for piece, shape in zip(vectors[index].split(self._sizes), self.param_shapes)
-            )
+        grads = torch.autograd.grad(loss(*leaves), leaves, create_graph=True, allow_unused=True)
+        # gradients that depend on no parameter (unused, or a loss linear in them) have zero Hessian rows
+        active = [i for i, g in enumerate(grads) if g is not None and g.requires_grad]
+        outputs = [grads[i] for i in active]
+        total = torch.zeros_like(vectors)
+        offsets = [0]
+        for size in self._sizes:
+            offsets.append(offsets[-1] + size)
+        for row in range(vectors.shape[0] if active else 0):
+            tangents = self._tangents(vectors[row])
             products = torch.autograd.grad(
-                grads, leaves, grad_outputs=tangents, retain_graph=index + 1 < vectors.shape[0], allow_unused=True
+                outputs, leaves, grad_outputs=[tangents[i] for i in active], retain_graph=row + 1 < vectors.shape[0], allow_unused=True
             )
-            rows.append(
-                torch.cat([(torch.zeros_like(p) if h is None else h).reshape(-1) for h, p in zip(products, leaves)])
+            for position, product in enumerate(products):
+                if product is not None:
+                    total[row, offsets[position] : offsets[position + 1]] = product.reshape(-1)
+        return total
+
+    # ---------------------------------------------------------------------- the retained graph
+    def _state_signature(self) -> tuple:
+        """Storage and version counter of every tensor the graph depends on.
+
+        An in-place change (an optimizer step, ``load_state_dict``, ``copy_`` under ``no_grad``)
+        bumps the version; writes through ``.data`` do not, and are not detected.
+        """
+        tensors = [*self._params, *self.model.buffers()]
+        for batch in self._batches:
+            tensors.extend(_tensors_of(batch))
+        signature = []
+        for tensor in tensors:
+            try:
+                version = tensor._version
+            except RuntimeError:  # inference tensors have no version counter
+                version = -1
+            signature.append((tensor.data_ptr(), version))
+        return tuple(signature)
+
+    def _retained_graph(self) -> _RetainedGraph:
+        """The retained first-order graph of the current parameters, built if missing or stale."""
+        signature = self._state_signature()
+        if self._retained is not None and self._retained.signature == signature:
+            return self._retained
+        self._retained = None  # free a stale graph before building the new one
+        try:
+            self._retained = self._build_retained_graph(signature)
+            self._build_seconds += self._retained.build_seconds
+        except Exception as error:
+            if not _is_oom(error):
+                raise
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+            raise _RetainedGraphDoesNotFit(f"The first-order graphs of all micro-batches do not fit in memory ({error})") from error
+        return self._retained
+
+    def _build_retained_graph(self, signature: tuple) -> _RetainedGraph:
+        """:math:`g = \\sum_b n_b \\nabla L_b` with ``create_graph=True``, one micro-batch at a time.
+
+        Weighting the loss by :math:`n_b` before differentiating makes the sum of the batch
+        gradients the weighted one without a per-entry multiplication.
+
+        Raises:
+            _RetainedGraphDoesNotFit: on CUDA, when the first micro-batch's graph times the
+                number of micro-batches (plus one for the products' temporaries) exceeds
+                :data:`_RETAINED_MEMORY_FRACTION` of the free memory.
+        """
+        self._synchronize()
+        began = time.perf_counter()
+        constants = self._constants()
+        leaves = tuple(p.requires_grad_() for p in self._primals())
+        sums: list[Tensor | None] = [None] * len(leaves)
+        cuda = self.device.type == "cuda"
+        allocated = torch.cuda.memory_allocated(self.device) if cuda else 0
+        for index, (batch, count) in enumerate(zip(self._batches, self._batch_sizes)):
+            loss = self._batch_loss_fn(batch, constants)(*leaves)
+            grads = torch.autograd.grad(loss * count, leaves, create_graph=True, allow_unused=True)
+            for position, grad in enumerate(grads):
+                if grad is not None:
+                    current = sums[position]
+                    sums[position] = grad if current is None else current + grad
+            del loss, grads
+            if cuda and index == 0 and len(self._batches) > 1:
+                per_batch = torch.cuda.memory_allocated(self.device) - allocated
+                free, _ = torch.cuda.mem_get_info(self.device)
+                needed = per_batch * len(self._batches)  # the others' graphs, and room for the products
+                if needed > _RETAINED_MEMORY_FRACTION * free:
+                    raise _RetainedGraphDoesNotFit(
+                        f"The first-order graphs of {len(self._batches)} micro-batches need about"
+                        f" {needed / 2**30:.1f} GiB, {free / 2**30:.1f} GiB are free"
+                    )
+        active = tuple(i for i, s in enumerate(sums) if s is not None and s.requires_grad)
+        outputs = tuple(sums[i] for i in active)  # type: ignore[misc]
+        self._synchronize()
+        return _RetainedGraph(leaves, outputs, active, signature, time.perf_counter() - began)
+
+    def _retained_product(self, vectors: Tensor, *, batched: bool) -> Tensor:
+        """``sum_b n_b H_b V`` by backward passes through the retained graph (K, P) -> (K, P)."""
+        graph = self._retained_graph()
+        total = torch.zeros_like(vectors)
+        if not graph.active:  # the loss is at most linear in every parameter: H = 0
+            return total
+        if batched and vectors.shape[0] > 1:
+            try:
+                return self._chunked(lambda chunk: self._retained_vmap(graph, chunk), vectors)
+            except Exception as error:  # noqa: BLE001 - vmap over backward lacks some batching rules
+                if _is_oom(error):
+                    raise
+                self._model_tuning().errors["vmap"] = f"{type(error).__name__}: {error}"
+                if self._hvp_mode == "retained_graph_vmap":
+                    self._warn_once("vmap", f"vmap over the retained graph fails on this model ({error}); looping over the vectors instead.")
+        offsets = [0]
+        for size in self._sizes:
+            offsets.append(offsets[-1] + size)
+        # Called outside any analysis context, the graph dies with this call: the last backward
+        # pass may free it as it goes (retain_graph=False), as plain double backward does.
+        last_use = self._depth == 1
+        for row in range(vectors.shape[0]):
+            tangents = self._tangents(vectors[row])
+            keep = not (last_use and row + 1 == vectors.shape[0])
+            if not keep:
+                self._retained = None
+            products = torch.autograd.grad(
+                graph.outputs, graph.leaves, grad_outputs=[tangents[i] for i in graph.active], retain_graph=keep, allow_unused=True
             )
-        return torch.stack(rows)
+            for position, product in enumerate(products):
+                if product is not None:
+                    total[row, offsets[position] : offsets[position + 1]] = product.reshape(-1)
+        return total
+
+    def _retained_vmap(self, graph: _RetainedGraph, chunk: Tensor) -> Tensor:
+        num = chunk.shape[0]
+        pieces = chunk.split(self._sizes, dim=1)
+        tangents = [pieces[i].reshape(num, *self.param_shapes[i]) for i in graph.active]
+        products = torch.autograd.grad(
+            graph.outputs, graph.leaves, grad_outputs=tangents, retain_graph=True, allow_unused=True, is_grads_batched=True
+        )
+        return torch.cat(
+            [(chunk.new_zeros(num, size) if h is None else h.reshape(num, size)) for h, size in zip(products, self._sizes)], dim=1
+        )
 
     def __repr__(self) -> str:
         return (
             f"{type(self).__name__}(num_params={self.num_params}, num_samples={self.num_samples},"
-            f" batches={len(self.batches)}, dtype={self.dtype}, device={self.device})"
+            f" batches={len(self._batches)}, dtype={self.dtype}, device={self.device}, hvp_mode={self._hvp_mode!r})"
         )
 
 

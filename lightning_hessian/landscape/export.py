@@ -25,7 +25,7 @@ def save_landscape(
     stem: str | Path,
     curves: Sequence[LossCurve] = (),
     surfaces: Sequence[LossSurface] = (),
-    extra: Mapping[str, float] | None = None,
+    extra: Mapping[str, float | str] | None = None,
 ) -> list[Path]:
     """Write ``<stem>.npz``, ``<stem>_curves.csv`` and ``<stem>_surface_<d1>_<d2>.csv``; return the paths."""
     stem = Path(stem)

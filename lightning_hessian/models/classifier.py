@@ -24,6 +24,7 @@ from typing_extensions import override
 
 from lightning_hessian.attacks.training import AdversarialTraining
 from lightning_hessian.errors import UserInputError
+from lightning_hessian.metrics import WEIGHT_NORM
 from lightning_hessian.models.architectures import Normalize, build_architecture
 from lightning_hessian.models.optim import (
     LR_SCALING_RULES,
@@ -46,7 +47,10 @@ class ImageClassifier(pl.LightningModule):
 
     * ``train/loss`` (epoch mean), ``train/loss_step`` (every logged step), ``train/acc``: loss and
       accuracy on the batches actually trained on (perturbed ones under robust training);
-    * ``val/loss``, ``val/acc``, ``test/loss``, ``test/acc``: clean data.
+    * ``val/loss``, ``val/acc``, ``test/loss``, ``test/acc``: clean data;
+    * ``model/weight_norm``: the Euclidean norm of all trainable parameters together at the end of
+      every training epoch (curvature is not invariant to the scale of the weights, so a report of
+      eigenvalues shows it beside them).
 
     All constructor arguments are saved with ``save_hyperparameters`` (``hparams.yaml`` of the
     run), ``adversarial`` as a plain dictionary.
@@ -280,6 +284,14 @@ class ImageClassifier(pl.LightningModule):
         batches = trainer.num_training_batches
         steps = math.ceil(batches / trainer.accumulate_grad_batches) if math.isfinite(batches) else None
         self._epoch_starts.append((epoch, trainer.global_step, steps or self._schedule_steps_per_epoch or 1))
+
+    @override
+    def on_train_epoch_end(self) -> None:
+        with torch.no_grad():
+            squares = [p.detach().double().square().sum() for p in self.parameters() if p.requires_grad]
+            norm = torch.stack(squares).sum().sqrt() if squares else torch.zeros((), dtype=torch.float64)
+        # every rank holds the same weights: no reduction needed
+        self.log(WEIGHT_NORM, norm.float(), on_step=False, on_epoch=True)
 
     @override
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:

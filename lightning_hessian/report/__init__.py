@@ -1,52 +1,62 @@
 """report layer of lightning_hessian (see docs/design.md, "Layers"): from runs to the paper's tables and figures.
 
-* :mod:`~lightning_hessian.report.sweep`: ``hessian-sweep``, one ``hessian-train fit``/``test``
-  per batch size and seed, named so the report can group them.
-* :mod:`~lightning_hessian.report.report`: ``hessian-report``, Markdown/HTML report with the
-  table (mean ± std over seeds) and figures, from the logged TensorBoard tags only.
+The library behind ``hessian-report`` (:mod:`lightning_hessian.cli.report`):
+
+* :mod:`~lightning_hessian.report.build`: :func:`build_report`, Markdown/HTML report with the table
+  (mean ± std over seeds) and figures, from the logged TensorBoard tags only;
 * :mod:`~lightning_hessian.report.events`, :mod:`~lightning_hessian.report.runs`,
-  :mod:`~lightning_hessian.report.tables`, :mod:`~lightning_hessian.report.figures`,
-  :mod:`~lightning_hessian.report.render`: reading event files and metadata, aggregating,
-  drawing, writing.
+  :mod:`~lightning_hessian.report.artifacts`, :mod:`~lightning_hessian.report.tables`,
+  :mod:`~lightning_hessian.report.figures`, :mod:`~lightning_hessian.report.render`: reading event
+  files, metadata, landscape grids and interpolations, aggregating, drawing, writing;
+* :mod:`~lightning_hessian.report.claims`: the paper's claims judged from the numbers by a stated rule.
+
+The tags it reads are those of :mod:`lightning_hessian.metrics`. Sweeps, which produce the runs,
+are :mod:`lightning_hessian.sweep`; ``lightning_hessian.report.SweepSettings`` and
+``run_sweep`` still work for one release, with a ``DeprecationWarning``.
 """
 
 from __future__ import annotations
 
-import importlib
+import warnings
 from typing import Any
 
-# Imported on first use: `python -m lightning_hessian.report.sweep` must not find its own module
-# already imported by the package, and the sweep should not pay for matplotlib.
-_EXPORTS = {
-    "Run": "runs",
-    "RunEvents": "events",
-    "SweepSettings": "sweep",
-    "VariantTable": "tables",
-    "build_report": "report",
-    "find_run_dirs": "events",
-    "load_run": "runs",
-    "load_runs": "report",
-    "read_events": "events",
-    "run_sweep": "sweep",
-    "summarize_runs": "tables",
-}
+from lightning_hessian.report.artifacts import Interpolation, find_interpolations
+from lightning_hessian.report.build import build_report, load_runs
+from lightning_hessian.report.claims import Claim, evaluate_claims
+from lightning_hessian.report.events import RunEvents, find_run_dirs, read_events
+from lightning_hessian.report.runs import Run, load_run
+from lightning_hessian.report.tables import Column, VariantTable, report_columns, summarize_runs
 
 __all__ = [
+    "Claim",
+    "Column",
+    "Interpolation",
     "Run",
     "RunEvents",
-    "SweepSettings",
     "VariantTable",
     "build_report",
+    "evaluate_claims",
+    "find_interpolations",
     "find_run_dirs",
     "load_run",
     "load_runs",
     "read_events",
-    "run_sweep",
+    "report_columns",
     "summarize_runs",
 ]
 
+# moved to lightning_hessian.sweep (a subprocess runner, not reporting); kept for one release
+_MOVED_TO_SWEEP = ("SweepSettings", "run_sweep")
+
 
 def __getattr__(name: str) -> Any:
-    if name in _EXPORTS:
-        return getattr(importlib.import_module(f"lightning_hessian.report.{_EXPORTS[name]}"), name)
+    if name in _MOVED_TO_SWEEP:
+        warnings.warn(
+            f"lightning_hessian.report.{name} is deprecated; import it from lightning_hessian.sweep.",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        import lightning_hessian.sweep
+
+        return getattr(lightning_hessian.sweep, name)
     raise AttributeError(f"module 'lightning_hessian.report' has no attribute {name!r}")

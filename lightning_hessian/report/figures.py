@@ -1,9 +1,17 @@
 """The paper's figures from a set of runs, drawn with matplotlib (no pyplot, no global state).
 
-Every ``plot_*`` function takes the runs, draws PNGs into ``out_dir`` and returns their
-:class:`FigureFile` (a list for the landscapes), or ``None`` when no run logged what the figure
-needs (the report then says what was missing).
-Curves over seeds are the mean with a band of one sample standard deviation.
+Every ``plot_*`` function takes the runs (and the table's columns, or the interpolations), draws
+PNGs into ``out_dir`` and returns their :class:`FigureFile` (a list where it draws several), or
+``None`` when no run logged what the figure needs (the report then says what was missing).
+
+Conventions, for a reviewer comparing panels:
+
+* every caption names the split of the samples behind each curve (``train``, ``test``, ``val``);
+* curves over seeds are the mean with a band (or error bars) of one sample standard deviation;
+* a y axis is logarithmic where the values of a panel are positive and span a decade or more
+  (:func:`use_log_scale`), the batch-size axis always (base 2);
+* panels that are compared share their axes, and 2-D surfaces that are compared share one colour
+  scale and one colour bar.
 """
 
 from __future__ import annotations
@@ -17,33 +25,54 @@ from pathlib import Path
 
 import numpy as np
 from matplotlib import colormaps
+from matplotlib.colors import LogNorm, Normalize
 from matplotlib.figure import Figure
-from matplotlib.ticker import MaxNLocator
+from matplotlib.ticker import MaxNLocator, NullLocator
 
+from lightning_hessian.density_histogram import density_from_histogram
 from lightning_hessian.landscape.evaluation import LossCurve, LossSurface
 from lightning_hessian.landscape.export import load_landscape
+from lightning_hessian.metrics import (
+    CLEAN_ACC,
+    DENSITY,
+    EIGENVALUE_PATTERN,
+    MEDIAN_NORM_PATTERN,
+    ROBUST_ACCURACY_PATTERN,
+    SPLITS,
+    TOP_EIGENVALUE,
+    eigenvalue_tag,
+    parse_split_tag,
+    split_tag,
+)
+from lightning_hessian.report.artifacts import Interpolation, group_interpolations, latest_landscapes
 from lightning_hessian.report.events import RunEvents, ScalarPoint
 from lightning_hessian.report.runs import Run
-from lightning_hessian.report.tables import epsilon_value, robust_tags, variant_order
+from lightning_hessian.report.tables import Column, column_value, epsilon_value, tag_split, variant_order
 
 __all__ = [
     "FigureFile",
     "RunLandscape",
     "density_from_histogram",
     "find_landscape",
+    "plot_interpolations",
     "plot_landscapes",
+    "plot_median_norms_vs_batch_size",
     "plot_metrics_vs_batch_size",
-    "plot_spectral_density",
     "plot_robust_accuracy_vs_epsilon",
+    "plot_spectral_density",
     "plot_spectrum_vs_batch_size",
     "plot_top_eigenvalue_vs_epoch",
+    "plot_topk_spectrum",
+    "plot_training_vs_batch_size",
     "step_to_epoch",
     "training_trajectory",
+    "use_log_scale",
 ]
 
-EIGENVALUE_TAG = re.compile(r"^hessian/eig_(\d+)$")
-TOP_EIGENVALUE_TAG = "hessian/eig_1"
-CLEAN_ACCURACY_TAG = "robust/clean_acc"
+EIGENVALUE_TAG = EIGENVALUE_PATTERN
+TOP_EIGENVALUE_TAG = TOP_EIGENVALUE
+CLEAN_ACCURACY_TAG = CLEAN_ACC
+DENSITY_TAG = DENSITY
 
 
 @dataclass(frozen=True)
@@ -55,11 +84,16 @@ class FigureFile:
     caption: str
 
 
-def _grid(panels: int, *, width: float = 4.8, height: float = 3.6, max_columns: int = 3) -> tuple[Figure, list]:
+# ----------------------------------------------------------------------------------------- helpers
+
+
+def _grid(
+    panels: int, *, width: float = 4.8, height: float = 3.6, max_columns: int = 3, sharex: bool = False, sharey: bool = False
+) -> tuple[Figure, list]:
     columns = min(panels, max_columns)
     rows = math.ceil(panels / columns)
     figure = Figure(figsize=(width * columns, height * rows), layout="constrained")
-    axes = figure.subplots(rows, columns, squeeze=False).ravel().tolist()
+    axes = figure.subplots(rows, columns, squeeze=False, sharex=sharex, sharey=sharey).ravel().tolist()
     for extra in axes[panels:]:
         extra.set_visible(False)
     return figure, axes[:panels]
@@ -101,8 +135,36 @@ def _mean_std(values: Sequence[float]) -> tuple[float, float]:
 
 
 def _final_values(runs: Sequence[Run], tag: str) -> list[float]:
-    """The finite final values of ``tag`` over ``runs`` (NaN: not computed, e.g. time budget)."""
-    return [v for run in runs if (v := run.events.final(tag)) is not None and math.isfinite(v)]
+    """The finite final values of ``tag`` (or a column key) over ``runs``."""
+    return [v for run in runs if (v := column_value(run, tag)) is not None and math.isfinite(v)]
+
+
+def _batch_axis(ax: object, batch_sizes: Sequence[int | None]) -> None:
+    """A base-2 log axis of batch sizes, ticked at the batch sizes themselves (128, 2048, ...)."""
+    ax.set_xscale("log", base=2)  # type: ignore[attr-defined]
+    known = sorted({b for b in batch_sizes if b is not None})
+    if known:
+        ax.set_xticks(known, [str(b) for b in known])  # type: ignore[attr-defined]
+        ax.xaxis.set_minor_locator(NullLocator())  # type: ignore[attr-defined]
+    ax.set_xlabel("batch size")  # type: ignore[attr-defined]
+
+
+def use_log_scale(values: Sequence[float] | np.ndarray) -> bool:
+    """Whether a panel's values want a log axis: all positive and spanning a decade or more."""
+    array = np.asarray([v for v in np.ravel(np.asarray(values, dtype=np.float64)) if math.isfinite(v)])
+    return bool(array.size >= 2 and array.min() > 0 and array.max() / array.min() >= 10)
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9]+", "_", text).strip("_")
+
+
+def _split_phrase(splits: Sequence[str]) -> str:
+    unique = sorted(set(splits), key=lambda s: (SPLITS.index(s) if s in SPLITS else len(SPLITS), s))
+    return " and ".join(f"{s} samples" for s in unique) if unique else "samples of unknown split"
+
+
+# ------------------------------------------------------------------------------------- over training
 
 
 def step_to_epoch(events: RunEvents, steps: Sequence[int]) -> list[float] | None:
@@ -129,10 +191,9 @@ def step_to_epoch(events: RunEvents, steps: Sequence[int]) -> list[float] | None
 def training_trajectory(points: Sequence[ScalarPoint]) -> list[ScalarPoint]:
     """The points logged during training: in logging order, each at a step past all before it.
 
-    Later points at a step already passed are left out: ``hessian-train test`` logs its test-split
-    analyses at step 0 (a test from a checkpoint does not restore the global step), and an
-    in-process ``trainer.test`` after ``fit`` logs at the final step again. Non-finite values
-    (analyses cut by a time budget) are left out too.
+    Later points at a step already passed are left out: a ``hessian-train test`` of runs logged
+    before split-qualified tags logged its test-split analyses under the same tag at step 0 or at
+    the checkpoint's step. Non-finite values (analyses cut by a time budget) are left out too.
     """
     kept: list[ScalarPoint] = []
     for point in points:  # sorted by wall time
@@ -162,11 +223,15 @@ def plot_top_eigenvalue_vs_epoch(runs: Sequence[Run], out_dir: Path, *, tag: str
     figure, axes = _grid(len(grouped))
     colors = _batch_size_colors([b for by_batch in grouped.values() for b in by_batch])
     any_steps = False
+    splits = []
     for ax, (variant, by_batch) in zip(axes, grouped.items()):
+        panel_values: list[float] = []
         for batch_size in _sorted_batch_sizes(list(by_batch)):
             values_at: dict[float, list[float]] = defaultdict(list)
             for run in by_batch[batch_size]:
                 x, y, is_epoch = _curve(run, tag)
+                if y:
+                    splits.append(tag_split(run, tag) or "?")
                 any_steps |= not is_epoch
                 for xi, yi in zip(x, y):
                     values_at[xi].append(yi)
@@ -176,124 +241,152 @@ def plot_top_eigenvalue_vs_epoch(runs: Sequence[Run], out_dir: Path, *, tag: str
             stats = [_mean_std(values_at[xi]) for xi in xs]
             means = np.array([m for m, _ in stats])
             stds = np.array([s for _, s in stats])
+            panel_values += means.tolist()
             color = colors[batch_size]
             ax.plot(xs, means, marker="o", markersize=3, color=color, label=_batch_size_label(batch_size))
             if len(by_batch[batch_size]) > 1:
                 ax.fill_between(xs, means - stds, means + stds, color=color, alpha=0.2, linewidth=0)
+        if use_log_scale(panel_values):
+            ax.set_yscale("log")
         ax.set_title(f"{variant} training")
         ax.set_xlabel("step" if any_steps else "epoch")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_ylabel("top Hessian eigenvalue λ₁(θ)")
-        ax.grid(alpha=0.3)
+        ax.grid(alpha=0.3, which="both")
         ax.legend(fontsize="small")
     file_name = "top_eigenvalue_vs_epoch.png"
     _save(figure, out_dir, file_name)
     return FigureFile(
         file_name,
         "Top Hessian eigenvalue during training",
-        f"`{tag}` per analysis, mean ± std over seeds, one curve per batch size.",
+        f"`{tag}` on {_split_phrase(splits)} (the analyses during `fit`), mean ± std over seeds, one curve per batch size.",
     )
 
 
-#: (tag, axis label, shown in percent) of the panels of :func:`plot_metrics_vs_batch_size`
-SUMMARY_METRICS = (
-    ("test/acc", "test accuracy (%)", True),
-    ("hessian/eig_1", "λ₁(θ)", False),
-    ("hessian/trace", "trace of the Hessian", False),
-    ("hessian/input_eig_1", "λ₁(x), input Hessian", False),
-    ("hessian/input_grad_norm", "‖∇ₓJ‖", False),
-    ("landscape/sharpness", "ε-sharpness", False),
-)
+# ------------------------------------------------------------------------------- against batch size
 
 
-def plot_metrics_vs_batch_size(runs: Sequence[Run], out_dir: Path) -> FigureFile | None:
-    """The paper's trends in one figure: a panel per final metric, a line per training variant.
-
-    Panels for the metrics of :data:`SUMMARY_METRICS` that some run logged (with ``val/acc`` in
-    place of a missing ``test/acc``); mean ± std over seeds, batch size on a log axis.
-    """
-    grouped = _group(runs)
-    panels = []
-    for tag, label, percent in SUMMARY_METRICS:
-        tags = (tag, "val/acc") if tag == "test/acc" else (tag,)
-        if any(run.events.final(t) is not None for run in runs for t in tags if run.batch_size is not None):
-            panels.append((tags, label, percent))
+def _plot_columns_vs_batch_size(
+    runs: Sequence[Run], columns: Sequence[Column], out_dir: Path, file_name: str, title: str, caption: str
+) -> FigureFile | None:
+    """A panel per column, a line per training variant, mean ± std over seeds, log axes where due."""
+    known = [run for run in runs if run.batch_size is not None]
+    panels = [column for column in columns if _final_values(known, column.key)]
     if not panels:
         return None
     figure, axes = _grid(len(panels))
-    for ax, (tags, label, percent) in zip(axes, panels):
+    grouped = _group(known)
+    for ax, column in zip(axes, panels):
+        panel_values: list[float] = []
         for position, (variant, by_batch) in enumerate(grouped.items()):
             xs, means, stds = [], [], []
             for batch_size in sorted(b for b in by_batch if b is not None):
-                values = []
-                for run in by_batch[batch_size]:
-                    value = next((v for t in tags if (v := run.events.final(t)) is not None), None)
-                    if value is not None and math.isfinite(value):
-                        values.append(100 * value if percent else value)
+                values = [100 * v if column.percent else v for v in _final_values(by_batch[batch_size], column.key)]
                 if values:
                     mean, std = _mean_std(values)
                     xs.append(batch_size)
                     means.append(mean)
                     stds.append(std)
             if xs:
+                panel_values += means
                 ax.errorbar(xs, means, yerr=stds, marker="o", markersize=4, capsize=3, color=f"C{position % 10}", label=variant)
-        ax.set_xscale("log", base=2)
-        ax.set_xlabel("batch size")
-        ax.set_ylabel(label)
+        _batch_axis(ax, [run.batch_size for run in known])
+        if use_log_scale(panel_values):
+            ax.set_yscale("log")
+        ax.set_ylabel(column.title)
         ax.grid(alpha=0.3, which="both")
-        ax.legend(fontsize="small")
-    file_name = "metrics_vs_batch_size.png"
+        ax.legend(fontsize="x-small")
     _save(figure, out_dir, file_name)
-    return FigureFile(
-        file_name,
-        "Final metrics vs batch size",
-        "Last logged value of each run, mean ± std over seeds, one line per training variant "
-        "(accuracy: `test/acc`, else `val/acc`).",
-    )
+    return FigureFile(file_name, title, caption)
+
+
+def plot_training_vs_batch_size(runs: Sequence[Run], out_dir: Path, columns: Sequence[Column]) -> FigureFile | None:
+    """The under-training check: accuracies, training loss, epochs, steps and weight norm vs batch size."""
+    chosen = [c for c in columns if c.shown and (c.section == "training" or c.key == "acc")]
+    return _plot_columns_vs_batch_size(
+        runs, chosen, out_dir, "training_vs_batch_size.png", "Training and test accuracy, training loss vs batch size",
+        "Final values per run, mean ± std over seeds, one line per training variant. `train loss`/`train acc`: "
+        "epoch means over the last epoch's training batches (train mode; perturbed batches under robust training); "
+        "accuracy: the test split (`test/acc`, else the validation split); epochs and optimizer steps of the saved "
+        "model; ‖θ‖₂: the norm of all trainable parameters.",
+    )  # fmt: skip
+
+
+def plot_metrics_vs_batch_size(runs: Sequence[Run], out_dir: Path, columns: Sequence[Column] | None = None) -> FigureFile | None:
+    """The paper's table at a glance: the accuracy and every shown curvature column (each at its
+    split) against batch size, a line per training variant.
+
+    Args:
+        runs: the reported runs.
+        out_dir: where the PNG goes.
+        columns: the report's columns (:func:`~lightning_hessian.report.tables.report_columns` of
+            ``runs`` when not given).
+    """
+    if columns is None:
+        from lightning_hessian.report.tables import report_columns
+
+        columns = report_columns(runs)
+    chosen = [c for c in columns if c.shown and (c.section == "curvature" or c.key == "acc")]
+    return _plot_columns_vs_batch_size(
+        runs, chosen, out_dir, "metrics_vs_batch_size.png", "Final metrics vs batch size",
+        "Final values per run, mean ± std over seeds, one line per training variant; each panel names the split of "
+        "the samples (train: the analyses at the end of `fit`; test: `hessian-train test` on the last checkpoint).",
+    )  # fmt: skip
+
+
+def _eigen_indices(runs: Sequence[Run]) -> dict[str, list[int]]:
+    """Split label -> the eigenvalue indices logged at that split (fit-time tags at their fit split)."""
+    found: dict[str, set[int]] = defaultdict(set)
+    for run in runs:
+        for tag in run.events.scalars:
+            split, base = parse_split_tag(tag)
+            if (match := EIGENVALUE_TAG.match(base)) is not None:
+                found[split or run.fit_splits.get("hessian", "train")].add(int(match.group(1)))
+    return {split: sorted(indices) for split, indices in found.items()}
+
+
+def _eigen_tag(run_split: str, split: str, index: int) -> str:
+    """The tag of the index-th eigenvalue at ``split`` (unqualified when it is the fit split)."""
+    tag = eigenvalue_tag(index)
+    return tag if split == run_split else split_tag(tag, split)  # type: ignore[arg-type]
 
 
 def plot_spectrum_vs_batch_size(runs: Sequence[Run], out_dir: Path) -> FigureFile | None:
-    """Final top-k Hessian eigenvalues against batch size, one panel per variant."""
-    grouped = _group(runs)
-    panels = {}
-    for variant, by_batch in grouped.items():
-        indices = sorted(
-            {
-                int(m.group(1))
-                for batch_runs in by_batch.values()
-                for run in batch_runs
-                for tag in run.events.scalars
-                if (m := EIGENVALUE_TAG.match(tag)) is not None
-            }
-        )
-        known = [b for b in by_batch if b is not None]
-        if indices and known:
-            panels[variant] = (by_batch, indices)
+    """Final top-k Hessian eigenvalues against batch size, one panel per (variant, split)."""
+    panels = []
+    for variant, by_batch in _group(runs).items():
+        members = [run for batch_runs in by_batch.values() for run in batch_runs]
+        for split, indices in _eigen_indices(members).items():
+            if any(b is not None for b in by_batch):
+                panels.append((variant, split, by_batch, indices))
     if not panels:
         return None
     figure, axes = _grid(len(panels))
-    for ax, (variant, (by_batch, indices)) in zip(axes, panels.items()):
+    for ax, (variant, split, by_batch, indices) in zip(axes, panels):
         batch_sizes = sorted(b for b in by_batch if b is not None)
         colormap = colormaps["plasma"]
-        all_positive = True
+        panel_values: list[float] = []
         for position, index in enumerate(indices):
             xs, means, stds = [], [], []
             for batch_size in batch_sizes:
-                values = _final_values(by_batch[batch_size], f"hessian/eig_{index}")
+                values = [
+                    v for run in by_batch[batch_size]
+                    if (v := run.events.final(_eigen_tag(run.fit_splits.get("hessian", "train"), split, index))) is not None
+                    and math.isfinite(v)
+                ]  # fmt: skip
                 if values:
                     mean, std = _mean_std(values)
                     xs.append(batch_size)
                     means.append(mean)
                     stds.append(std)
-                    all_positive &= min(values) > 0
             if xs:
+                panel_values += means
                 color = colormap(0.85 * position / max(len(indices) - 1, 1))
                 ax.errorbar(xs, means, yerr=stds, marker="o", markersize=4, capsize=3, color=color, label=f"λ{index}")
-        ax.set_xscale("log", base=2)
-        if all_positive:
+        _batch_axis(ax, batch_sizes)
+        if use_log_scale(panel_values) or (panel_values and min(panel_values) > 0 and len(indices) > 1):
             ax.set_yscale("log")
-        ax.set_title(f"{variant} training")
-        ax.set_xlabel("batch size")
+        ax.set_title(f"{variant} training, {split} samples")
         ax.set_ylabel("final Hessian eigenvalue")
         ax.grid(alpha=0.3, which="both")
         ax.legend(fontsize="small", ncol=2)
@@ -302,36 +395,97 @@ def plot_spectrum_vs_batch_size(runs: Sequence[Run], out_dir: Path) -> FigureFil
     return FigureFile(
         file_name,
         "Top Hessian eigenvalues vs batch size",
-        "Final `hessian/eig_1` ... `hessian/eig_k`, mean ± std over seeds.",
+        f"Final `hessian/eig_1` ... `hessian/eig_k` on {_split_phrase([p[1] for p in panels])} (each panel names "
+        "its split), mean ± std over seeds.",
+    )
+
+
+def plot_topk_spectrum(runs: Sequence[Run], out_dir: Path) -> FigureFile | None:
+    """The top-k spectrum per batch size: eigenvalue index on x, one line per batch size.
+
+    One panel per (variant, split) with at least two eigenvalues; all panels share the y axis.
+    """
+    panels = []
+    for variant, by_batch in _group(runs).items():
+        members = [run for batch_runs in by_batch.values() for run in batch_runs]
+        for split, indices in _eigen_indices(members).items():
+            if len(indices) >= 2:
+                panels.append((variant, split, by_batch, indices))
+    if not panels:
+        return None
+    figure, axes = _grid(len(panels), sharey=True)
+    colors = _batch_size_colors([b for _, _, by_batch, _ in panels for b in by_batch])
+    all_values: list[float] = []
+    for ax, (variant, split, by_batch, indices) in zip(axes, panels):
+        for batch_size in _sorted_batch_sizes(list(by_batch)):
+            xs, means, stds = [], [], []
+            for index in indices:
+                values = [
+                    v for run in by_batch[batch_size]
+                    if (v := run.events.final(_eigen_tag(run.fit_splits.get("hessian", "train"), split, index))) is not None
+                    and math.isfinite(v)
+                ]  # fmt: skip
+                if values:
+                    mean, std = _mean_std(values)
+                    xs.append(index)
+                    means.append(mean)
+                    stds.append(std)
+            if xs:
+                all_values += means
+                ax.errorbar(
+                    xs, means, yerr=stds, marker="o", markersize=3, capsize=2, color=colors[batch_size],
+                    label=_batch_size_label(batch_size),
+                )  # fmt: skip
+        ax.set_title(f"{variant} training, {split} samples")
+        ax.set_xlabel("eigenvalue index i")
+        ax.set_ylabel("λᵢ(θ)")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.grid(alpha=0.3, which="both")
+        ax.legend(fontsize="small")
+    if all_values and min(all_values) > 0:
+        axes[0].set_yscale("log")  # shared
+    file_name = "topk_spectrum.png"
+    _save(figure, out_dir, file_name)
+    return FigureFile(
+        file_name,
+        "Top-k Hessian spectrum per batch size",
+        f"Final λ₁ ≥ … ≥ λ_k of each batch size (Lanczos) on {_split_phrase([p[1] for p in panels])} (each panel "
+        "names its split), mean ± std over seeds; all panels share the (logarithmic where positive) y axis.",
     )
 
 
 def plot_robust_accuracy_vs_epsilon(runs: Sequence[Run], out_dir: Path) -> FigureFile | None:
-    """Robust accuracy against epsilon: a panel per (variant, attack), a curve per batch size.
+    """Robust accuracy against epsilon: a panel per (variant, attack, split), a curve per batch size.
 
-    The clean accuracy (``robust/clean_acc``) is drawn at epsilon 0 when the attack has no
-    ``eps_0`` tag of its own.
+    The clean accuracy (``robust/clean_acc`` at the same split) is drawn at epsilon 0 when the
+    attack has no ``eps_0`` tag of its own. All panels share the y axis (0-100 %).
     """
     panels = []
     for variant, by_batch in _group(runs).items():
-        tags = [tag for batch_runs in by_batch.values() for run in batch_runs for tag in run.events.scalars]
-        by_attack: dict[str, list[tuple[str, float]]] = defaultdict(list)
-        for tag, attack, epsilon in robust_tags(tags):
-            value = epsilon_value(epsilon)
-            if math.isfinite(value):
-                by_attack[attack].append((tag, value))
-        for attack, tag_eps in by_attack.items():
-            panels.append((variant, attack, by_batch, tag_eps))
+        members = [run for batch_runs in by_batch.values() for run in batch_runs]
+        tags = {tag for run in members for tag in run.events.scalars}
+        by_key: dict[tuple[str, str], list[tuple[str, float]]] = defaultdict(list)
+        clean: dict[str, str] = {}
+        for tag in tags:
+            split, base = parse_split_tag(tag)
+            label = split or "/".join(sorted({run.fit_splits.get("robust", "val") for run in members}))
+            if base == CLEAN_ACC:
+                clean[label] = tag
+            match = ROBUST_ACCURACY_PATTERN.match(base)
+            if match is not None and math.isfinite(value := epsilon_value(match.group("eps"))):
+                by_key[(match.group("attack"), label)].append((tag, value))
+        for (attack, label), tag_eps in sorted(by_key.items()):
+            panels.append((variant, attack, label, by_batch, sorted(tag_eps, key=lambda t: t[1]), clean.get(label)))
     if not panels:
         return None
-    figure, axes = _grid(len(panels))
-    colors = _batch_size_colors([b for _, _, by_batch, _ in panels for b in by_batch])
-    for ax, (variant, attack, by_batch, tag_eps) in zip(axes, panels):
+    figure, axes = _grid(len(panels), sharey=True)
+    colors = _batch_size_colors([b for panel in panels for b in panel[3]])
+    for ax, (variant, attack, label, by_batch, tag_eps, clean_tag) in zip(axes, panels):
         has_zero = any(eps == 0 for _, eps in tag_eps)
+        series = list(tag_eps) if has_zero or clean_tag is None else [(clean_tag, 0.0), *tag_eps]
         for batch_size in _sorted_batch_sizes(list(by_batch)):
-            series = list(tag_eps) if has_zero else [(CLEAN_ACCURACY_TAG, 0.0), *tag_eps]
             xs, means, stds = [], [], []
-            for tag, epsilon in sorted(series, key=lambda item: item[1]):
+            for tag, epsilon in series:
                 values = _final_values(by_batch[batch_size], tag)
                 if values:
                     mean, std = _mean_std(values)
@@ -343,7 +497,7 @@ def plot_robust_accuracy_vs_epsilon(runs: Sequence[Run], out_dir: Path) -> Figur
                     xs, means, yerr=stds, marker="o", markersize=4, capsize=3,
                     color=colors[batch_size], label=_batch_size_label(batch_size),
                 )  # fmt: skip
-        ax.set_title(f"{variant} training, {attack} attack")
+        ax.set_title(f"{variant} training, {attack}, {label} samples")
         ax.set_xlabel("ε")
         ax.set_ylabel("robust accuracy (%)")
         ax.set_ylim(-2, 102)
@@ -354,50 +508,90 @@ def plot_robust_accuracy_vs_epsilon(runs: Sequence[Run], out_dir: Path) -> Figur
     return FigureFile(
         file_name,
         "Robust accuracy vs ε",
-        "Final `robust/ATTACK/eps_E` (and `robust/clean_acc` at ε=0), mean ± std over seeds.",
+        f"Final `robust/[SPLIT/]ATTACK/eps_E` on {_split_phrase([p[2] for p in panels])} (and the clean accuracy of "
+        "the attacked samples at ε=0), mean ± std over seeds; each panel names the split of the attacked samples "
+        "(test: `hessian-train test` on the last checkpoint).",
     )
 
 
-DENSITY_TAG = "hessian/density"
-
-
-def density_from_histogram(edges: np.ndarray, counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Bucket centres and a probability density (integrating to 1) from histogram buckets.
-
-    ``HessianSpectrumCallback`` logs its SLQ density as a histogram whose counts are numbers of
-    eigenvalues per bucket of a uniform grid; dividing by the total count and the bucket widths
-    gives the density back.
-    """
-    widths = np.diff(edges)
-    total = counts.sum()
-    centres = 0.5 * (edges[:-1] + edges[1:])
-    with np.errstate(divide="ignore", invalid="ignore"):
-        density = np.where(widths > 0, counts / (total * widths), 0.0) if total > 0 else np.zeros_like(counts)
-    return centres, density
+def plot_median_norms_vs_batch_size(runs: Sequence[Run], out_dir: Path) -> FigureFile | None:
+    """Median minimal perturbation norms (DeepFool, CW) against batch size: a panel per (attack,
+    split), a line per training variant."""
+    keys: dict[tuple[str, str], dict[Path, str]] = defaultdict(dict)
+    for run in runs:
+        for tag in run.events.scalars:
+            split, base = parse_split_tag(tag)
+            if (match := MEDIAN_NORM_PATTERN.match(base)) is not None:
+                keys[(match.group("attack"), split or run.fit_splits.get("robust", "val"))][run.path] = tag
+    known = [run for run in runs if run.batch_size is not None]
+    if not keys or not known:
+        return None
+    grouped = _group(known)
+    figure, axes = _grid(len(keys))
+    for ax, ((attack, split), tag_of) in zip(axes, sorted(keys.items())):
+        panel_values: list[float] = []
+        for position, (variant, by_batch) in enumerate(grouped.items()):
+            xs, means, stds = [], [], []
+            for batch_size in sorted(b for b in by_batch if b is not None):
+                values = [
+                    v for run in by_batch[batch_size]
+                    if run.path in tag_of and (v := run.events.final(tag_of[run.path])) is not None and math.isfinite(v)
+                ]  # fmt: skip
+                if values:
+                    mean, std = _mean_std(values)
+                    xs.append(batch_size)
+                    means.append(mean)
+                    stds.append(std)
+            if xs:
+                panel_values += means
+                ax.errorbar(xs, means, yerr=stds, marker="o", markersize=4, capsize=3, color=f"C{position % 10}", label=variant)
+        _batch_axis(ax, [run.batch_size for run in known])
+        if use_log_scale(panel_values):
+            ax.set_yscale("log")
+        ax.set_title(f"{attack}, {split} samples")
+        ax.set_ylabel("median minimal ‖δ‖₂")
+        ax.grid(alpha=0.3, which="both")
+        ax.legend(fontsize="x-small")
+    file_name = "median_norms_vs_batch_size.png"
+    _save(figure, out_dir, file_name)
+    return FigureFile(
+        file_name,
+        "Median minimal adversarial perturbation vs batch size",
+        f"Final `robust/[SPLIT/]ATTACK/median_norm` on {_split_phrase([split for _, split in keys])} (DeepFool, "
+        "Carlini-Wagner: the median over the attacked samples of the smallest perturbation found, 0 for "
+        "misclassified samples), mean ± std over seeds; larger is more robust; each panel names its split.",
+    )
 
 
 def plot_spectral_density(runs: Sequence[Run], out_dir: Path, *, tag: str = DENSITY_TAG) -> FigureFile | None:
-    """Final spectral densities overlaid, one panel per variant, one colour per batch size.
+    """Final spectral densities overlaid, one panel per (variant, split), one colour per batch size.
 
-    Reads the last ``hessian/density`` histogram of each run (seeds of a batch size share a
-    colour). The y axis is logarithmic: the bulk near zero and the outliers differ by orders of
-    magnitude.
+    Reads the last ``hessian/density`` (or split-qualified) histogram of each run (seeds of a batch
+    size share a colour). All panels share both axes; the y axis is logarithmic: the bulk near zero
+    and the outliers differ by orders of magnitude.
     """
-    grouped = {
-        variant: by_batch
-        for variant, by_batch in _group(runs).items()
-        if any(run.events.histograms.get(tag) for batch_runs in by_batch.values() for run in batch_runs)
-    }
-    if not grouped:
+    panels = []
+    for variant, by_batch in _group(runs).items():
+        members = [run for batch_runs in by_batch.values() for run in batch_runs]
+        splits = {}
+        for run in members:
+            for name in run.events.histograms:
+                split, base = parse_split_tag(name)
+                if base == tag and run.events.histograms[name]:
+                    splits[split or run.fit_splits.get("hessian", "train")] = True
+        for split in sorted(splits, key=lambda s: SPLITS.index(s) if s in SPLITS else len(SPLITS)):
+            panels.append((variant, split, by_batch))
+    if not panels:
         return None
-    figure, axes = _grid(len(grouped))
-    colors = _batch_size_colors([b for by_batch in grouped.values() for b in by_batch])
+    figure, axes = _grid(len(panels), sharex=True, sharey=True)
+    colors = _batch_size_colors([b for _, _, by_batch in panels for b in by_batch])
     floor = 1e-8
-    for ax, (variant, by_batch) in zip(axes, grouped.items()):
+    for ax, (variant, split, by_batch) in zip(axes, panels):
         for batch_size in _sorted_batch_sizes(list(by_batch)):
             labelled = False
             for run in by_batch[batch_size]:
-                histograms = run.events.histograms.get(tag)
+                name = tag if split == run.fit_splits.get("hessian", "train") else split_tag(tag, split)  # type: ignore[arg-type]
+                histograms = run.events.histograms.get(name)
                 if not histograms:
                     continue
                 centres, density = density_from_histogram(histograms[-1].edges, histograms[-1].counts)
@@ -406,7 +600,7 @@ def plot_spectral_density(runs: Sequence[Run], out_dir: Path, *, tag: str = DENS
                     label=None if labelled else _batch_size_label(batch_size),
                 )  # fmt: skip
                 labelled = True
-        ax.set_title(f"{variant} training")
+        ax.set_title(f"{variant} training, {split} samples")
         ax.set_xlabel("eigenvalue")
         ax.set_ylabel("density")
         ax.grid(alpha=0.3)
@@ -416,8 +610,12 @@ def plot_spectral_density(runs: Sequence[Run], out_dir: Path, *, tag: str = DENS
     return FigureFile(
         file_name,
         "Hessian spectral density at the end of training",
-        f"Last `{tag}` histogram (stochastic Lanczos quadrature) of each run, one line per seed.",
+        f"Last `{tag}` histogram (stochastic Lanczos quadrature) of each run on {_split_phrase([p[1] for p in panels])}, "
+        "one line per seed, one colour per batch size; each panel names its split; all panels share both axes.",
     )
+
+
+# ------------------------------------------------------------------------------------ landscapes
 
 
 @dataclass(frozen=True)
@@ -430,11 +628,12 @@ class RunLandscape:
 
 
 def find_landscape(run: Run) -> RunLandscape | None:
-    """The most recently written landscape ``.npz`` of a run (``LossLandscapeCallback``'s files).
+    """The most recently written landscape ``.npz`` of a run, whatever its split.
 
     ``LossLandscapeCallback`` writes ``<run>/landscape/epoch_XXX.npz`` during ``fit`` and
-    ``test_epoch_XXX.npz`` under ``hessian-train test``; the newest file is the final landscape.
-    Files that are not landscape archives are ignored.
+    ``test_epoch_XXX.npz`` under ``hessian-train test``. Files that are not landscape archives
+    are ignored. (The report itself reads every file, per split:
+    :func:`lightning_hessian.report.artifacts.latest_landscapes`.)
     """
     files = [p for p in run.path.rglob("*.npz") if "checkpoints" not in p.relative_to(run.path).parts]
     for path in sorted(files, key=lambda p: (p.stat().st_mtime, p.name), reverse=True):
@@ -447,67 +646,179 @@ def find_landscape(run: Run) -> RunLandscape | None:
     return None
 
 
-def _slug(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9]+", "_", text).strip("_")
+def _mean_curve(curves: Sequence[LossCurve]) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+    """Mean and std over seeds of curves on one grid (the first curve's grid; others must match)."""
+    if not curves:
+        return None
+    steps = np.asarray(curves[0].steps)
+    same = [np.asarray(c.loss, dtype=np.float64) for c in curves if np.array_equal(np.asarray(c.steps), steps)]
+    stack = np.vstack(same)
+    std = stack.std(axis=0, ddof=1) if len(same) >= 2 else np.zeros(stack.shape[1])
+    return steps, stack.mean(axis=0), std
 
 
 def plot_landscapes(runs: Sequence[Run], out_dir: Path) -> list[FigureFile] | None:
-    """Loss landscapes from the runs' ``.npz`` files: curves overlaid, surfaces as contours.
+    """Loss landscapes from the runs' ``.npz`` files, per training variant.
 
-    Per variant: one figure of 1-D curves (a panel per direction, a curve per batch size) and one
-    figure of contour plots per surface (a panel per batch size); the first seed of each batch
-    size, its newest landscape file.
+    * 1-D: one figure per variant, a panel per (direction, split) with a curve per batch size
+      (mean ± std over the seeds that share the grid); panels share the y axis, logarithmic when the
+      losses span a decade.
+    * 2-D: per variant, surface and split, the smallest and the largest batch size side by side
+      (the first seed that has one), on one colour scale (logarithmic when the losses span two
+      decades) with one colour bar.
     """
     written: list[FigureFile] = []
     for variant_index, (variant, by_batch) in enumerate(_group(runs).items()):
-        curves: dict[str, dict[int | None, LossCurve]] = defaultdict(dict)
-        surfaces: dict[str, dict[int | None, LossSurface]] = defaultdict(dict)
+        curves: dict[tuple[str, str], dict[int | None, list[LossCurve]]] = defaultdict(lambda: defaultdict(list))
+        surfaces: dict[tuple[str, str], dict[int | None, LossSurface]] = defaultdict(dict)
         for batch_size in _sorted_batch_sizes(list(by_batch)):
             for run in sorted(by_batch[batch_size], key=lambda r: (r.seed is None, r.seed or 0)):
-                landscape = find_landscape(run)
-                if landscape is None:
-                    continue
-                for curve in landscape.curves:
-                    curves[curve.name].setdefault(batch_size, curve)
-                for surface in landscape.surfaces:
-                    surfaces[surface.name].setdefault(batch_size, surface)
+                run_curves, run_surfaces = latest_landscapes(run)
+                for split, named in run_curves.items():
+                    for name, curve in named.items():
+                        curves[(name, split)][batch_size].append(curve)
+                for split, named in run_surfaces.items():
+                    for name, surface in named.items():
+                        surfaces[(name, split)].setdefault(batch_size, surface)
         slug = f"{variant_index}_{_slug(variant)}"
         colors = _batch_size_colors(list(by_batch))
         if curves:
-            figure, axes = _grid(len(curves))
-            for ax, (name, by_size) in zip(axes, sorted(curves.items())):
-                for batch_size, curve in by_size.items():
-                    ax.plot(curve.steps, curve.loss, color=colors[batch_size], label=_batch_size_label(batch_size))
-                ax.set_title(f"{variant} training: {name}")
+            keys = sorted(curves, key=lambda k: (k[0], SPLITS.index(k[1]) if k[1] in SPLITS else 9))
+            figure, axes = _grid(len(keys), sharey=True)
+            values: list[float] = []
+            for ax, key in zip(axes, keys):
+                name, split = key
+                for batch_size in _sorted_batch_sizes(list(curves[key])):
+                    stats = _mean_curve(curves[key][batch_size])
+                    if stats is None:
+                        continue
+                    steps, mean, std = stats
+                    values += mean.tolist()
+                    ax.plot(steps, mean, color=colors[batch_size], label=_batch_size_label(batch_size))
+                    if len(curves[key][batch_size]) > 1:
+                        ax.fill_between(steps, mean - std, mean + std, color=colors[batch_size], alpha=0.2, linewidth=0)
+                ax.set_title(f"{variant} training: {name}, {split} samples")
                 ax.set_xlabel("step t along the direction")
                 ax.set_ylabel("loss")
-                ax.grid(alpha=0.3)
+                ax.grid(alpha=0.3, which="both")
                 ax.legend(fontsize="small")
+            if use_log_scale(values):
+                axes[0].set_yscale("log")  # shared
             file_name = f"landscape_curves_{slug}.png"
             _save(figure, out_dir, file_name)
+            splits = sorted({split for _, split in keys})
             written.append(
                 FigureFile(
                     file_name,
                     f"Loss along directions ({variant} training)",
-                    "Newest landscape file of the first seed per batch size (`landscape/*.npz`).",
+                    f"`L(θ + t d)` along each direction (`eig1`: the top eigenvector of the Hessian on the training samples "
+                    f"at the end of `fit`, unit length) on {_split_phrase(splits)} (each panel names its split), mean ± std "
+                    "over seeds per batch size; the newest landscape file of each run and split (`landscape/*.npz`).",
                 )
             )
-        for name, by_size in sorted(surfaces.items()):
-            figure, axes = _grid(len(by_size), width=4.2, height=3.6, max_columns=4)
-            for ax, (batch_size, surface) in zip(axes, by_size.items()):
-                contour = ax.contourf(surface.alphas, surface.betas, np.asarray(surface.loss).T, levels=20, cmap="viridis")
-                figure.colorbar(contour, ax=ax, label="loss")
+        for (name, split), by_size in sorted(surfaces.items()):
+            ends = _sorted_batch_sizes(list(by_size))
+            chosen = [ends[0]] if len(ends) == 1 else [ends[0], ends[-1]]
+            losses = np.concatenate([np.ravel(np.asarray(by_size[b].loss, dtype=np.float64)) for b in chosen])
+            finite = losses[np.isfinite(losses)]
+            if finite.size == 0:
+                continue
+            log = finite.min() > 0 and finite.max() / finite.min() > 100
+            norm = LogNorm(finite.min(), finite.max()) if log else Normalize(finite.min(), finite.max())
+            levels = np.geomspace(finite.min(), finite.max(), 21) if log else np.linspace(finite.min(), finite.max(), 21)
+            figure, axes = _grid(len(chosen), width=4.4, height=3.8, max_columns=2, sharex=True, sharey=True)
+            contour = None
+            for ax, batch_size in zip(axes, chosen):
+                surface = by_size[batch_size]
+                loss = np.asarray(surface.loss, dtype=np.float64)
+                contour = ax.contourf(
+                    surface.alphas, surface.betas, np.clip(loss, finite.min(), finite.max()).T, levels=levels, norm=norm,
+                    cmap="viridis",
+                )  # fmt: skip
                 ax.plot([0], [0], marker="*", color="white", markersize=10)
-                ax.set_title(f"{_batch_size_label(batch_size)}: {name}")
+                ax.set_title(f"{_batch_size_label(batch_size)}: {name}, {split} samples")
                 ax.set_xlabel(surface.names[0])
                 ax.set_ylabel(surface.names[1])
-            file_name = f"landscape_surface_{slug}_{_slug(name)}.png"
+            if contour is not None:
+                figure.colorbar(contour, ax=axes, label=f"loss ({split} samples)", format="%.3g")
+            file_name = f"landscape_surface_{slug}_{_slug(name)}_{split}.png"
             _save(figure, out_dir, file_name)
             written.append(
                 FigureFile(
                     file_name,
-                    f"Loss surface {name} ({variant} training)",
-                    "Newest landscape file of the first seed per batch size; the star is the trained model.",
+                    f"Loss surface {name} on {split} samples ({variant} training)",
+                    f"`L(θ + a d₁ + b d₂)` on {split} samples for the smallest and the largest batch size (first seed "
+                    "with a surface), one colour scale for both panels"
+                    + (" (logarithmic)" if log else "")
+                    + "; the star is the trained model; directions of unit length (eigenvectors) or filter-normalised (random).",
                 )
             )
+    return written or None
+
+
+# --------------------------------------------------------------------------------- interpolations
+
+
+def plot_interpolations(interpolations: Sequence[Interpolation], out_dir: Path) -> list[FigureFile] | None:
+    """Model interpolation (the paper's Figure 5): loss, accuracy and top eigenvalue along
+    ``theta(alpha) = (1 - alpha) theta_A + alpha theta_B``, one figure per pair of models.
+
+    The seeds of one pair (:func:`~lightning_hessian.report.artifacts.interpolation_title`) give
+    the mean ± std; one line per split of the samples; the loss and eigenvalue axes are
+    logarithmic when they span a decade.
+    """
+    written: list[FigureFile] = []
+    for index, (title, items) in enumerate(group_interpolations(interpolations).items()):
+        alphas = items[0].alphas
+        same = [item for item in items if np.allclose(item.alphas, alphas)]
+        has_eig = any(item.top_eigenvalue is not None for item in same)
+        figure, axes = _grid(3 if has_eig else 2, width=4.6, height=3.4)
+        splits = sorted({s for item in same for s in item.loss}, key=lambda s: SPLITS.index(s) if s in SPLITS else 9)
+        styles = {"train": "-", "val": "-.", "test": "--"}
+        for ax, quantity in zip(axes, ("loss", "accuracy")):
+            values: list[float] = []
+            for position, split in enumerate(splits):
+                stack = np.vstack([getattr(item, quantity)[split] for item in same if split in getattr(item, quantity)])
+                mean = stack.mean(axis=0) * (100 if quantity == "accuracy" else 1)
+                std = (stack.std(axis=0, ddof=1) if len(stack) >= 2 else np.zeros_like(mean)) * (100 if quantity == "accuracy" else 1)
+                values += mean[np.isfinite(mean)].tolist()
+                ax.plot(alphas, mean, linestyle=styles.get(split, ":"), color=f"C{position}", label=f"{split} samples")
+                if len(stack) >= 2:
+                    ax.fill_between(alphas, mean - std, mean + std, color=f"C{position}", alpha=0.2, linewidth=0)
+            if quantity == "loss" and use_log_scale(values):
+                ax.set_yscale("log")
+            ax.set_ylabel("loss" if quantity == "loss" else "accuracy (%)")
+        if has_eig:
+            stack = np.vstack([item.top_eigenvalue for item in same if item.top_eigenvalue is not None])
+            mean = np.nanmean(stack, axis=0)
+            std = np.nanstd(stack, axis=0, ddof=1) if len(stack) >= 2 else np.zeros_like(mean)
+            eig_split = next((item.eigenvalue_split for item in same if item.eigenvalue_split), "?")
+            axes[2].plot(alphas, mean, color="C3", marker="o", markersize=3, label=f"{eig_split} samples")
+            if len(stack) >= 2:
+                axes[2].fill_between(alphas, mean - std, mean + std, color="C3", alpha=0.2, linewidth=0)
+            if use_log_scale(mean):
+                axes[2].set_yscale("log")
+            axes[2].set_ylabel("top Hessian eigenvalue λ₁(θ(α))")
+        for ax in axes:
+            for end in (0.0, 1.0):
+                ax.axvline(end, color="grey", linewidth=0.8, linestyle=":")
+            ax.set_xlabel(f"α  (0: {same[0].labels[0]}, 1: {same[0].labels[1]})")
+            ax.grid(alpha=0.3, which="both")
+            ax.legend(fontsize="small")
+        figure.suptitle(f"{title}, {len(same)} seed{'s' if len(same) != 1 else ''}")
+        file_name = f"interpolation_{index}_{_slug(title)}.png"
+        _save(figure, out_dir, file_name)
+        eig_note = (
+            f"; the top eigenvalue of the Hessian on {same[0].eigenvalue_split or 'the first split'}'s samples at every α"
+            if has_eig else ""
+        )  # fmt: skip
+        written.append(
+            FigureFile(
+                file_name,
+                f"Model interpolation: {title}",
+                f"θ(α) = (1 − α) θ_A + α θ_B (BatchNorm statistics interpolated too) from `hessian-landscape interpolate`: "
+                f"loss and accuracy on {_split_phrase(splits)}{eig_note}; mean ± std over {len(same)} pair(s) of runs "
+                "with the same seed.",
+            )
+        )
     return written or None

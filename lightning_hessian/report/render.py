@@ -9,9 +9,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from lightning_hessian.report.artifacts import Interpolation, interpolation_title
+from lightning_hessian.report.claims import RULE, Claim
 from lightning_hessian.report.figures import FigureFile
 from lightning_hessian.report.runs import Run
-from lightning_hessian.report.tables import VariantTable, format_cell
+from lightning_hessian.report.tables import SECTIONS, Column, VariantTable, format_cell
 
 __all__ = ["ReportContent", "render_html", "render_markdown", "write_runs_csv", "write_summary_json"]
 
@@ -29,20 +31,56 @@ class ReportContent:
     skipped: list[tuple[Path, str]] = field(default_factory=list)
     #: damaged event files of the reported runs (the numbers come from what could be read)
     damaged: list[str] = field(default_factory=list)
+    #: the columns over all runs (the tables render the shown ones, one table per section)
+    columns: list[Column] = field(default_factory=list)
+    #: the paper's claims, decided from the numbers
+    claims: list[Claim] = field(default_factory=list)
+    #: model interpolations found below the report's paths
+    interpolations: list[Interpolation] = field(default_factory=list)
 
 
 def _table_cells(table: VariantTable) -> tuple[list[str], list[list[str]]]:
-    header = ["batch size", "runs (seeds)", *(column.title for column in table.columns)]
+    """One variant's table with all its shown columns (the HTML report and earlier callers)."""
+    shown = [column for column in table.columns if column.shown]
+    header = ["batch size", "runs (seeds)", *(column.title for column in shown)]
     rows = []
     for row in table.rows:
         seeds = ", ".join("?" if seed is None else str(seed) for seed in row.seeds)
         cells = [
             "?" if row.batch_size is None else str(row.batch_size),
             f"{len(row.runs)} ({seeds})",
-            *(format_cell(row.cells.get(column.key), column) for column in table.columns),
+            *(format_cell(row.cells.get(column.key), column) for column in shown),
         ]
         rows.append(cells)
     return header, rows
+
+
+def _section_cells(content: ReportContent, section: str) -> tuple[list[str], list[list[str]]] | None:
+    """One section's table over all variants: a row per (variant, batch size), the section's
+    shown columns that some row has a value for; ``None`` when there are none."""
+    columns = [c for c in content.columns if c.section == section and c.shown]
+    present = {column.key for table in content.tables for column in table.columns}
+    columns = [c for c in columns if c.key in present]
+    if not columns:
+        return None
+    header = ["training", "batch size", "seeds", *(c.title for c in columns)]
+    rows = []
+    for table in content.tables:
+        titles = {c.key: c for c in table.columns}
+        for row in table.rows:
+            seeds = ", ".join("?" if seed is None else str(seed) for seed in row.seeds)
+            rows.append([
+                table.variant,
+                "?" if row.batch_size is None else str(row.batch_size),
+                seeds,
+                *(format_cell(row.cells.get(c.key), titles.get(c.key, c)) for c in columns),
+            ])  # fmt: skip
+    return header, rows
+
+
+def _claim_rows(content: ReportContent) -> tuple[list[str], list[list[str]]]:
+    header = ["claim of the paper", "runs", "deciding numbers (mean ± std over seeds)", "verdict"]
+    return header, [[claim.claim, claim.setting, claim.evidence, claim.verdict] for claim in content.claims]
 
 
 def _markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
@@ -61,7 +99,7 @@ def _display_path(path: Path) -> str:
 
 
 def _run_rows(content: ReportContent) -> tuple[list[str], list[list[str]]]:
-    header = ["run", "variant", "batch size", "seed", "metadata from"]
+    header = ["run", "variant", "batch size", "seed", "epochs", "steps", "wall time (s)", "metadata from"]
     rows = []
     for run in content.runs:
         sources = ", ".join(f"{key}: {source}" for key, source in sorted(run.metadata_source.items()))
@@ -71,28 +109,56 @@ def _run_rows(content: ReportContent) -> tuple[list[str], list[list[str]]]:
                 run.variant,
                 "?" if run.batch_size is None else str(run.batch_size),
                 "?" if run.seed is None else str(run.seed),
+                "?" if run.epochs is None else str(run.epochs),
+                "?" if run.global_step is None else str(run.global_step),
+                "?" if run.wall_seconds is None else f"{run.wall_seconds:.0f}",
                 sources,
             ]
         )
     return header, rows
 
 
+def _wall_time_line(content: ReportContent) -> str | None:
+    times = [run.wall_seconds for run in content.runs if run.wall_seconds is not None]
+    if not times:
+        return None
+    return (
+        f"Run time (fit and test, from `sweep.json`): {sum(times):.0f} s in all over {len(times)} runs, "
+        f"{min(times):.0f}-{max(times):.0f} s per run."
+    )
+
+
 _METHOD_NOTE = (
-    "Each value is the last value logged under its tag in the run: after `hessian-train test` "
-    "(as `hessian-sweep` runs it) the test accuracy and the callbacks' analyses on the test split, "
-    "else the last analysis during training. Mean ± sample std (ddof=1) over the runs of a row, "
-    "NaN values (cut by a time budget) left out; accuracies in percent."
+    "Each value is the last value logged under its tag in the run, and every column names the split of the "
+    "samples it was computed on: *train* for the analyses at the end of `fit` (the paper's Hessian is that of "
+    "the training loss), *test* for `hessian-train test` on the last checkpoint (as `hessian-sweep` runs it; "
+    "split-qualified tags such as `hessian/test/eig_1`). Mean ± sample std (ddof=1) over the runs of a row, "
+    "NaN values (cut by a time budget) left out; accuracies in percent. `train loss`/`train acc` are epoch "
+    "means over the last epoch's training batches in train mode (perturbed batches under robust training). "
+    "All numbers, including each eigenvalue index λ₁ … λ_k, are in `summary.json`; every tag of every run in "
+    "`runs.csv`."
 )
 
 
 def render_markdown(content: ReportContent) -> str:
     """The report as Markdown; figures are linked by their file names (PNG files beside it)."""
     lines = [f"# {content.title}", "", f"Made by `{content.command}` from {len(content.runs)} runs.", ""]
+    if (wall := _wall_time_line(content)) is not None:
+        lines += [wall, ""]
+    if content.claims:
+        lines += ["## Which of the paper's claims hold here", "", RULE, ""]
+        lines += _markdown_table(*_claim_rows(content))
+        lines += [""]
     lines += ["## Final metrics", "", _METHOD_NOTE, ""]
-    for table in content.tables:
-        lines += [f"### Training: {table.variant}", ""]
-        lines += _markdown_table(*_table_cells(table))
-        lines += [""] + [f"{note}  " for note in table.notes] + ([""] if table.notes else [])
+    for section, heading in SECTIONS.items():
+        cells = _section_cells(content, section)
+        if cells is None:
+            continue
+        lines += [f"### {heading}", ""]
+        lines += _markdown_table(*cells)
+        lines += [""]
+    notes = [f"{table.variant}: {note}" for table in content.tables for note in table.notes]
+    lines += [f"{note}  " for note in notes] + ([""] if notes else [])
     if content.figures:
         lines += ["## Figures", ""]
         for figure in content.figures:
@@ -134,13 +200,25 @@ def render_html(content: ReportContent) -> str:
         f"<title>{escape(content.title)}</title><style>{_STYLE}</style></head><body>",
         f"<h1>{escape(content.title)}</h1>",
         f"<p>Made by <code>{escape(content.command)}</code> from {len(content.runs)} runs.</p>",
-        "<h2>Final metrics</h2>",
-        f'<p class="note">{escape(_METHOD_NOTE)}</p>',
     ]
+    if (wall := _wall_time_line(content)) is not None:
+        parts.append(f"<p>{escape(wall)}</p>")
+    if content.claims:
+        parts.append("<h2>Which of the paper's claims hold here</h2>")
+        parts.append(f'<p class="note">{escape(RULE)}</p>')
+        parts.append(_html_table(*_claim_rows(content)))
+    parts += ["<h2>Final metrics</h2>", f'<p class="note">{escape(_METHOD_NOTE)}</p>']
+    for section, heading in SECTIONS.items():
+        cells = _section_cells(content, section)
+        if cells is None:
+            continue
+        parts.append(f"<h3>{escape(heading)}</h3>")
+        parts.append(_html_table(*cells))
+    for table in content.tables:
+        parts += [f'<p class="note">{escape(table.variant)}: {escape(note)}</p>' for note in table.notes]
     for table in content.tables:
         parts.append(f"<h3>Training: {escape(table.variant)}</h3>")
         parts.append(_html_table(*_table_cells(table)))
-        parts += [f'<p class="note">{escape(note)}</p>' for note in table.notes]
     if content.figures:
         parts.append("<h2>Figures</h2>")
         for figure in content.figures:
@@ -193,15 +271,47 @@ def write_summary_json(content: ReportContent, path: Path) -> None:
                 }
             )
         summary.append({"variant": table.variant, "notes": table.notes, "rows": rows})
-    path.write_text(json.dumps({"tables": summary}, indent=2) + "\n")
+    columns = [
+        {"key": c.key, "title": c.title, "section": c.section, "split": c.split, "percent": c.percent, "shown": c.shown}
+        for c in content.columns
+    ]
+    interpolations = [
+        {
+            "pair": interpolation_title(item),
+            "path": _display_path(item.path),
+            "labels": list(item.labels),
+            "runs": [None if run is None else _display_path(run.path) for run in (item.run_a, item.run_b)],
+            "eigenvalue_split": item.eigenvalue_split,
+            "top_eigenvalue_alpha_0": item.at(item.top_eigenvalue, 0.0),
+            "top_eigenvalue_alpha_1": item.at(item.top_eigenvalue, 1.0),
+        }
+        for item in content.interpolations
+    ]
+    document = {
+        "tables": summary,
+        "claims": [claim.as_dict() for claim in content.claims],
+        "claims_rule": RULE,
+        "columns": columns,
+        "interpolations": interpolations,
+    }
+    path.write_text(json.dumps(document, indent=2, default=_json_default) + "\n")
+
+
+def _json_default(value: object) -> object:
+    """NumPy scalars and arrays in ``summary.json`` as plain numbers and lists."""
+    tolist = getattr(value, "tolist", None)
+    if tolist is not None:
+        return tolist()
+    raise TypeError(f"{type(value).__name__} is not JSON serialisable")
 
 
 def write_runs_csv(runs: Sequence[Run], path: Path) -> None:
-    """One row per run: metadata and the final value of every scalar tag."""
+    """One row per run: metadata (epochs and steps of the saved model, wall time) and the final
+    value of every scalar tag."""
     tags = sorted({tag for run in runs for tag in run.events.scalars})
     with path.open("w", newline="") as file:
         writer = csv.writer(file)
-        writer.writerow(["run", "variant", "batch_size", "seed", *tags])
+        writer.writerow(["run", "variant", "batch_size", "seed", "epochs", "steps", "wall_seconds", *tags])
         for run in runs:
             finals = run.events.final_scalars()
             writer.writerow(
@@ -210,6 +320,9 @@ def write_runs_csv(runs: Sequence[Run], path: Path) -> None:
                     run.variant,
                     "" if run.batch_size is None else run.batch_size,
                     "" if run.seed is None else run.seed,
+                    "" if run.epochs is None else run.epochs,
+                    "" if run.global_step is None else run.global_step,
+                    "" if run.wall_seconds is None else repr(run.wall_seconds),
                     *(repr(finals[tag]) if tag in finals else "" for tag in tags),
                 ]
             )

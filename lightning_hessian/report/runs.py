@@ -12,6 +12,11 @@ Sources, first found wins for each field:
 The *variant* is the training method that a table groups by: ``"standard"``, or for example
 ``"fgsm ε=0.1"`` for FGSM adversarial training at epsilon 0.1 and ``"standard, softplus β=5"``
 for a non-ReLU activation. ``hessian-sweep --variant LABEL`` overrides it.
+
+Also read, where present: the split each analysis group samples during ``fit`` (the ``split`` of
+the callbacks in ``config.yaml``; :data:`DEFAULT_FIT_SPLITS` otherwise), which names the split of
+the unqualified tags (:mod:`lightning_hessian.metrics`); the epochs and optimizer steps of the
+saved model (``checkpoint.json``); the wall time of the run (``sweep.json``).
 """
 
 from __future__ import annotations
@@ -26,11 +31,21 @@ from typing import Any
 import yaml
 
 from lightning_hessian.report.events import RunEvents, read_events
+from lightning_hessian.sweep.records import SWEEP_FILE, read_record
 
-__all__ = ["Run", "describe_variant", "load_run", "read_run_metadata"]
+__all__ = ["DEFAULT_FIT_SPLITS", "Run", "describe_variant", "fit_splits", "load_run", "read_run_metadata"]
 
 STANDARD_VARIANT = "standard"
-SWEEP_FILE = "sweep.json"
+#: the split each analysis group samples during ``fit`` when nothing says otherwise: the
+#: callbacks' defaults (spectrum and landscape: training samples; robustness: validation samples)
+DEFAULT_FIT_SPLITS: dict[str, str] = {"hessian": "train", "landscape": "train", "robust": "val"}
+# the callback class (last part of its class_path) -> the tag group it logs
+_CALLBACK_GROUPS = {
+    "HessianSpectrumCallback": "hessian",
+    "LossLandscapeCallback": "landscape",
+    "AdversarialRobustnessCallback": "robust",
+}
+CHECKPOINT_RECORD = "checkpoint.json"
 _BATCH_SIZE_PATTERN = re.compile(r"(?:^|[^a-z])(?:bs|batch_size|batch)[_=-]?(\d+)", re.IGNORECASE)
 _SEED_PATTERN = re.compile(r"(?:^|[^a-z])seed[_=-]?(\d+)", re.IGNORECASE)
 # Values of an ``adversarial.method`` style option that mean "no robust training".
@@ -48,6 +63,13 @@ class Run:
     status: str | None = None
     metadata_source: dict[str, str] = field(default_factory=dict)
     events: RunEvents = field(default_factory=RunEvents)
+    #: tag group -> the split its unqualified (fit-time) tags were computed on
+    fit_splits: dict[str, str] = field(default_factory=lambda: dict(DEFAULT_FIT_SPLITS))
+    #: epochs and optimizer steps of the model the fit saved (``checkpoint.json``), if known
+    epochs: int | None = None
+    global_step: int | None = None
+    #: wall time of the run's fit and test (``sweep.json``), if known
+    wall_seconds: float | None = None
 
     @property
     def name(self) -> str:
@@ -180,12 +202,8 @@ def read_run_metadata(run_dir: Path) -> tuple[dict[str, Any], dict[str, str]]:
             fields[name] = value
             sources[name] = source
 
-    sweep_file = run_dir / SWEEP_FILE
-    if sweep_file.is_file():
-        try:
-            sweep = json.loads(sweep_file.read_text())
-        except (OSError, json.JSONDecodeError):
-            sweep = {}
+    sweep = read_record(run_dir)
+    if sweep is not None:
         offer("batch_size", _as_int(sweep.get("batch_size")), SWEEP_FILE)
         offer("seed", _as_int(sweep.get("seed")), SWEEP_FILE)
         offer("variant", sweep.get("variant"), SWEEP_FILE)
@@ -219,10 +237,55 @@ def read_run_metadata(run_dir: Path) -> tuple[dict[str, Any], dict[str, str]]:
     return fields, sources
 
 
+def fit_splits(config: Mapping[str, Any]) -> dict[str, str]:
+    """Tag group -> the split its callbacks sample during ``fit``, from a LightningCLI ``config.yaml``.
+
+    The ``split`` of each :class:`~lightning_hessian.callbacks.spectrum.HessianSpectrumCallback`,
+    :class:`~lightning_hessian.callbacks.landscape.LossLandscapeCallback` and
+    :class:`~lightning_hessian.callbacks.robustness.AdversarialRobustnessCallback` in
+    ``trainer.callbacks``; a group whose callbacks disagree gets their splits joined
+    (``"train/val"``); groups without callbacks keep :data:`DEFAULT_FIT_SPLITS`.
+
+    Args:
+        config: the parsed ``config.yaml`` (an empty mapping for none).
+
+    Returns:
+        A new mapping for every group of :data:`DEFAULT_FIT_SPLITS`.
+    """
+    found: dict[str, list[str]] = {}
+    trainer = config.get("trainer") if isinstance(config, Mapping) else None
+    callbacks = trainer.get("callbacks") if isinstance(trainer, Mapping) else None
+    for callback in callbacks if isinstance(callbacks, list) else []:
+        if not isinstance(callback, Mapping):
+            continue
+        group = _CALLBACK_GROUPS.get(str(callback.get("class_path", "")).rsplit(".", 1)[-1])
+        if group is None:
+            continue
+        arguments = callback.get("init_args") or {}
+        split = str(arguments.get("split", DEFAULT_FIT_SPLITS[group])) if isinstance(arguments, Mapping) else DEFAULT_FIT_SPLITS[group]
+        if split not in found.setdefault(group, []):
+            found[group].append(split)
+    return {group: "/".join(found.get(group) or [default]) for group, default in DEFAULT_FIT_SPLITS.items()}
+
+
+def _checkpoint_counts(run_dir: Path) -> tuple[int | None, int | None]:
+    """``(epochs, global_step)`` of the saved model from ``checkpoint.json``, if present."""
+    try:
+        record = json.loads((run_dir / CHECKPOINT_RECORD).read_text())
+    except (OSError, json.JSONDecodeError):
+        return None, None
+    if not isinstance(record, Mapping):
+        return None, None
+    return _as_int(record.get("epoch")), _as_int(record.get("global_step"))
+
+
 def load_run(run_dir: str | Path, *, read: bool = True) -> Run:
     """The :class:`Run` in ``run_dir``, with its events unless ``read=False``."""
     path = Path(run_dir)
     fields, sources = read_run_metadata(path)
+    epochs, global_step = _checkpoint_counts(path)
+    record = read_record(path) or {}
+    wall = record.get("wall_seconds")
     return Run(
         path=path,
         batch_size=fields["batch_size"],
@@ -231,4 +294,8 @@ def load_run(run_dir: str | Path, *, read: bool = True) -> Run:
         status=fields["status"],
         metadata_source=sources,
         events=read_events(path) if read else RunEvents(),
+        fit_splits=fit_splits(_load_yaml(path / "config.yaml")),
+        epochs=epochs,
+        global_step=global_step,
+        wall_seconds=float(wall) if isinstance(wall, (int, float)) and not isinstance(wall, bool) else None,
     )

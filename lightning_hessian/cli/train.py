@@ -1,4 +1,4 @@
-"""``hessian-train``: the LightningCLI of the package.
+"""``hessian-train``: the LightningCLI of the package (also ``python -m lightning_hessian.cli``).
 
 Usage::
 
@@ -42,6 +42,7 @@ import os
 import re
 import sys
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -62,7 +63,7 @@ from lightning_hessian.resume import (
     read_resume_info,
 )
 
-__all__ = ["HessianArgumentParser", "HessianCLI", "main"]
+__all__ = ["HessianArgumentParser", "HessianCLI", "build_from_config", "main"]
 
 #: data module attributes copied into the model's constructor once the data module exists
 _INSTANTIATION_LINKS = ("num_classes", "input_shape", "mean", "std")
@@ -261,6 +262,29 @@ def _find_last_checkpoint(trainer_config: Any) -> tuple[Path | None, int | str |
         found = find_resume_checkpoint(root_dir / "lightning_logs")
         return (*(found or (None, None)), str(root_dir / "lightning_logs" / "version_*" / "checkpoints"))
     return last_checkpoint_in(root_dir / "checkpoints"), None, str(root_dir / "checkpoints")
+
+
+def build_from_config(config: str | Path, overrides: Sequence[str] = ()) -> tuple[pl.LightningModule, pl.LightningDataModule]:
+    """The LightningModule and LightningDataModule a ``hessian-train`` config describes, without a
+    trainer, a logger or callbacks (``hessian-landscape`` builds the model its checkpoints fit).
+
+    Args:
+        config: the config file.
+        overrides: extra command-line arguments for the config parser (``--model.arch=c1``).
+
+    Returns:
+        ``(model, datamodule)``, instantiated and linked as ``hessian-train`` does.
+    """
+    args = [
+        "--config", str(config), *overrides,
+        "--trainer.logger=false", "--trainer.callbacks=null", "--trainer.enable_checkpointing=false",
+        "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false",
+    ]  # fmt: skip
+    with warnings.catch_warnings():
+        # the calling script's own sys.argv is not for LightningCLI; `args` is the whole input
+        warnings.filterwarnings("ignore", message=".*args parameter is intended to run from within Python.*")
+        cli = HessianCLI(args=args, run=False, save_config_callback=None)
+    return cli.model, cli.datamodule
 
 
 def main(args: list[str] | None = None) -> None:

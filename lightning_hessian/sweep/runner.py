@@ -1,0 +1,258 @@
+"""Running a sweep: each run's ``hessian-train`` processes, one after the other, and their records.
+
+Each run directory gets a ``sweep.json`` and a ``train.log`` (:mod:`~lightning_hessian.sweep.records`).
+A run whose ``sweep.json`` says ``finished`` is skipped, so an interrupted sweep continues where
+it stopped; a run that failed or was interrupted is moved to ``ROOT/NAME/.attempts/`` and run
+again. A failed run does not stop the sweep. After a successful ``fit`` the sweep runs
+``hessian-train test`` into the same directory on the checkpoint that the fit recorded in
+``checkpoint.json`` (:mod:`lightning_hessian.checkpoint_io`; not merely the newest ``.ckpt``
+file, which may be a partial one), so the run has a ``test/acc`` and the callbacks' analyses on
+the test split.
+
+The training process runs in its own process group, holding the run directory's
+:class:`~lightning_hessian.sweep.lock.RunLock`. SIGINT and SIGTERM sent to the sweep are passed on
+to it (then SIGKILL after :data:`STOP_GRACE_SECONDS`), and on Linux it gets SIGTERM when the sweep
+dies, even by SIGKILL (``PR_SET_PDEATHSIG``), so a killed sweep leaves no training behind.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import shlex
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, TextIO
+
+from lightning_hessian.checkpoint_io import recorded_checkpoint
+from lightning_hessian.sweep.lock import RunBusyError, RunLock
+from lightning_hessian.sweep.records import LOG_FILE, move_aside, read_record, utc_now, write_record
+from lightning_hessian.sweep.settings import SweepRun, SweepSettings, plan_sweep, train_arguments
+
+__all__ = ["STOP_GRACE_SECONDS", "SweepInterrupted", "run_sweep", "stop_on_signal"]
+
+#: seconds a training process gets to stop after the forwarded SIGINT/SIGTERM before SIGKILL
+STOP_GRACE_SECONDS = 30.0
+
+
+def _settings_record(settings: SweepSettings) -> dict[str, Any]:
+    return {
+        "configs": list(settings.configs),
+        "overrides": list(settings.overrides),
+        "extra_args": list(settings.extra_args),
+        "test": settings.test,
+    }
+
+
+def _die_with_sweep() -> Any:
+    """A ``preexec_fn`` that makes the child get SIGTERM when the sweep dies (Linux
+    ``PR_SET_PDEATHSIG``, which survives exec), or ``None`` elsewhere."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl  # looked up before the fork
+    except (OSError, AttributeError):
+        return None
+    sweep_pid = os.getpid()
+
+    def preexec() -> None:
+        prctl(1, signal.SIGTERM, 0, 0, 0)  # 1 = PR_SET_PDEATHSIG
+        if os.getppid() != sweep_pid:  # the sweep died before prctl took effect
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    return preexec
+
+
+class SweepInterrupted(KeyboardInterrupt):
+    """SIGTERM (or another signal) received by the sweep: stop like Ctrl-C, passing ``signum`` on
+    (:func:`stop_on_signal` raises it)."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(f"signal {signum}")
+        self.signum = signum
+
+
+def _stop_process_group(process: subprocess.Popen[str], signum: int) -> None:
+    """Send ``signum`` to the child's process group, then SIGKILL after :data:`STOP_GRACE_SECONDS`
+    (at once on a second Ctrl-C); returns once the child is reaped."""
+    try:
+        os.killpg(process.pid, signum)
+        process.wait(timeout=STOP_GRACE_SECONDS)
+    except (subprocess.TimeoutExpired, KeyboardInterrupt):
+        pass
+    except ProcessLookupError:
+        process.wait()
+        return
+    if process.poll() is None:
+        try:
+            os.killpg(process.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        process.wait()
+
+
+def _run_logged(command: list[str], log: TextIO, echo: bool, lock: RunLock | None = None) -> int:
+    """Run ``command``, writing its output to ``log`` (and to stdout with ``echo``); its exit code.
+
+    The child runs in a process group of its own (its DDP workers too) and inherits ``lock``. If
+    the sweep is interrupted, the signal it got (SIGINT for Ctrl-C, else the one in
+    :class:`SweepInterrupted`) is passed on to that group, and the child is reaped before the interrupt propagates.
+    """
+    log.write(f"$ {shlex.join(command)}\n")
+    log.flush()
+    environment = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    process = subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=environment, start_new_session=True,
+        preexec_fn=_die_with_sweep(), pass_fds=lock.pass_fds if lock is not None else (),
+    )  # fmt: skip
+    try:
+        if lock is not None:
+            lock.record_child(process)
+        assert process.stdout is not None
+        for line in process.stdout:
+            log.write(line)
+            if echo:
+                sys.stdout.write(line)
+                sys.stdout.flush()
+        return process.wait()
+    except BaseException as error:
+        default = signal.SIGINT if isinstance(error, KeyboardInterrupt) else signal.SIGTERM
+        _stop_process_group(process, getattr(error, "signum", default))
+        raise
+    finally:
+        log.flush()
+
+
+def _tail(path: Path, lines: int = 15) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return ""
+
+
+def _execute(settings: SweepSettings, run: SweepRun, echo: bool, lock: RunLock | None = None) -> None:
+    """Fit (and test) one run, keeping ``sweep.json`` up to date; ``lock`` is the run directory's."""
+    record: dict[str, Any] = {
+        "sweep": settings.sweep_name,
+        "batch_size": run.batch_size,
+        "seed": run.seed,
+        **_settings_record(settings),
+        "status": "running",
+        "started": utc_now(),
+        "host": socket.gethostname(),
+        "fit_command": run.fit_command,
+        "log": LOG_FILE,
+    }
+    if settings.variant is not None:
+        record["variant"] = settings.variant
+    write_record(run.run_dir, record)
+    start = time.perf_counter()
+    try:
+        with (run.run_dir / LOG_FILE).open("a") as log:
+            returncode = _run_logged(run.fit_command, log, echo, lock)
+            record["fit_seconds"] = round(time.perf_counter() - start, 3)
+            record["fit_returncode"] = returncode
+            if returncode == 0 and settings.test:
+                checkpoint, reason = recorded_checkpoint(run.run_dir)
+                if checkpoint is None:
+                    record["test"] = f"skipped: {reason}"
+                else:
+                    test_command = [
+                        *settings.train_command,
+                        "test",
+                        *train_arguments(settings, run.batch_size, run.seed),
+                        f"--ckpt_path={checkpoint}",
+                    ]
+                    record["test_command"] = test_command
+                    record["test_checkpoint"] = str(checkpoint)
+                    test_start = time.perf_counter()
+                    returncode = _run_logged(test_command, log, echo, lock)
+                    record["test_seconds"] = round(time.perf_counter() - test_start, 3)
+                    record["test_returncode"] = returncode
+    except KeyboardInterrupt:
+        record.update(status="interrupted", wall_seconds=round(time.perf_counter() - start, 3), ended=utc_now())
+        write_record(run.run_dir, record)
+        run.status, run.record = "interrupted", record
+        raise
+    except OSError as error:  # the command could not start (missing executable ...)
+        returncode = -1
+        record["error"] = f"{type(error).__name__}: {error}"
+    run.wall_seconds = round(time.perf_counter() - start, 3)
+    run.status = "finished" if returncode == 0 else "failed"
+    record.update(status=run.status, returncode=returncode, wall_seconds=run.wall_seconds, ended=utc_now())
+    if run.status == "failed":
+        run.message = record.get("error") or _tail(run.run_dir / LOG_FILE)
+        record["error_tail"] = run.message
+    write_record(run.run_dir, record)
+    run.record = record
+
+
+def run_sweep(
+    settings: SweepSettings, *, dry_run: bool = False, echo: bool = False, out: TextIO | None = None
+) -> list[SweepRun]:
+    """Run (or with ``dry_run`` only print) every combination; returns the runs with their status.
+
+    Progress goes to ``out`` (default: standard output); the runs' own output to their
+    ``train.log`` (and with ``echo`` to standard output as well).
+    """
+    out = sys.stdout if out is None else out
+    runs = plan_sweep(settings)
+    total = len(runs)
+    print(f"hessian-sweep: {total} runs into {settings.sweep_dir}", file=out)
+    for index, run in enumerate(runs, start=1):
+        prefix = f"[{index}/{total}] {run.version}"
+        existing = read_record(run.run_dir)
+        if existing is not None and existing.get("status") == "finished":
+            run.status, run.record = "skipped", existing
+            recorded = {key: existing.get(key) for key in _settings_record(settings)}
+            if recorded != _settings_record(settings):
+                run.message = (
+                    f"finished with other settings {recorded}; not rerun (delete {run.run_dir} or use another --name)"
+                )
+            print(f"{prefix}: finished before, skipped{'; ' + run.message if run.message else ''}", file=out)
+            continue
+        if dry_run:
+            print(f"{prefix}: {shlex.join(run.fit_command)}", file=out)
+            continue
+        try:
+            if run.run_dir.exists():
+                with RunLock(run.run_dir):  # nobody may be writing there while it moves
+                    moved = move_aside(run.run_dir)
+                status = existing.get("status") if existing else "no sweep.json"
+                print(f"{prefix}: earlier attempt ({status}) moved to {moved}", file=out)
+            lock = RunLock(run.run_dir)
+        except RunBusyError as error:
+            run.status, run.message = "refused", str(error)
+            print(f"{prefix}: refused: {error}", file=out, flush=True)
+            continue
+        with lock:
+            print(f"{prefix}: running (log: {run.run_dir / LOG_FILE})", file=out, flush=True)
+            _execute(settings, run, echo, lock)
+        print(f"{prefix}: {run.status} in {run.wall_seconds:.1f} s", file=out, flush=True)
+    failed = [run for run in runs if run.status in ("failed", "refused")]
+    statuses = ("finished", "skipped", "failed", "refused")
+    counts = {status: sum(run.status == status for run in runs) for status in statuses}
+    if not dry_run:
+        refused = f", {counts['refused']} refused (in use)" if counts["refused"] else ""
+        print(
+            f"hessian-sweep: {counts['finished']} finished, {counts['skipped']} skipped (finished before), "
+            f"{counts['failed']} failed{refused}",
+            file=out,
+        )
+    for run in failed:
+        print(f"  {run.status.upper()} {run.run_dir} (log: {run.run_dir / LOG_FILE}):", file=out)
+        for line in run.message.splitlines()[-5:]:
+            print(f"    {line}", file=out)
+    if not dry_run and counts["finished"] + counts["skipped"]:
+        print(f"Report: hessian-report {shlex.quote(str(settings.sweep_dir))} --out report/", file=out)
+    return runs
+
+
+def stop_on_signal(signum: int, frame: Any) -> None:
+    """A signal handler that stops the sweep like Ctrl-C (for SIGTERM: a job scheduler, ``kill``):
+    the current run's process group gets the same signal and its ``sweep.json`` says ``interrupted``."""
+    raise SweepInterrupted(signum)
