@@ -139,7 +139,7 @@ def run_row(run: Run) -> RunRow:
         stability_max=max(v for _, v in stability) if stability else None,
         eig_1_series=eig,
         stability_series=stability,
-        path=str(run.path),
+        path=run.name,  # sweep/run, relative to the folders read
     )
 
 

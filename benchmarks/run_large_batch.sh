@@ -18,8 +18,8 @@
 # absa      : the adaptive batch size (ABSA, configs/overlays/absa.yaml) from B = 128 up to 16384,
 #             seeds 0 1 2, with the authors' 10 epochs at most per size and with 3, beside the
 #             recipe's fixed B = 128 and fixed B = 16384
-# report    : hessian-report over the recipe runs, and the tables (benchmarks/large_batch_tables.py)
-#             into docs/results/large_batch/
+# report    : the tables (benchmarks/large_batch_tables.py) into docs/results/large_batch/: tables.md,
+#             summary.json, runs.csv (per-epoch curves: the runs' TensorBoard events)
 #
 # Runs go to runs/large_batch/ (not tracked); finished runs are skipped on a rerun (hessian-sweep
 # reads their sweep.json), so the study can be stopped and resumed stage by stage.
@@ -30,7 +30,6 @@ PYTHON=${PYTHON:-python}
 # One thread per process, two processes side by side (one per core of the 2-core CI machine).
 export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1
 SWEEP="$PYTHON -m lightning_hessian.cli.sweep"
-REPORT="$PYTHON -m lightning_hessian.cli.report"
 CONFIG=configs/paper_fashion_mnist_lenet5.yaml
 ROOT=runs/large_batch
 DOCS=docs/results/large_batch
@@ -97,8 +96,7 @@ absa() {
 }
 
 report() {
-    $REPORT $ROOT/paper_fashion_mnist_lenet5 --out $DOCS/recipe && \
-        $PYTHON benchmarks/large_batch_tables.py $ROOT --pilot ${ROOT}_pilot --out $DOCS
+    $PYTHON benchmarks/large_batch_tables.py $ROOT --pilot ${ROOT}_pilot --out $DOCS
 }
 
 for stage in $STAGES; do
