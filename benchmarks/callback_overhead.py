@@ -53,11 +53,11 @@ import yaml
 from pytorch_lightning.loggers import TensorBoardLogger
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from train_throughput import make_datamodule  # noqa: E402  (the same data setup as the throughput benchmark)
+from train_throughput import make_datamodule
 
-from lightning_hessian.callbacks.spectrum import HessianSpectrumCallback  # noqa: E402
-from lightning_hessian.data import ImageDataModule  # noqa: E402
-from lightning_hessian.models import ImageClassifier  # noqa: E402
+from lightning_hessian.callbacks.spectrum import HessianSpectrumCallback
+from lightning_hessian.data import ImageDataModule
+from lightning_hessian.models import ImageClassifier
 
 
 class TrainEpochTimer(pl.Callback):
@@ -182,17 +182,26 @@ def build_datamodule(args: argparse.Namespace, workdir: Path) -> ImageDataModule
     if config and config["data_class"] and not args.dataset_given:
         module_name, _, class_name = config["data_class"].rpartition(".")
         data_class = getattr(importlib.import_module(module_name), class_name)
-        options = {**config["data_args"], "batch_size": args.batch_size, "gpu_resident": args.gpu_resident, "augment": args.augment}
+        options = {
+            **config["data_args"],
+            "batch_size": args.batch_size,
+            "gpu_resident": args.gpu_resident,
+            "augment": args.augment,
+        }
         return data_class(**options)
     return make_datamodule(args, workdir)
 
 
 def build_model(args: argparse.Namespace, datamodule: ImageDataModule) -> ImageClassifier:
-    shapes = dict(num_classes=datamodule.num_classes, input_shape=datamodule.input_shape, mean=datamodule.mean, std=datamodule.std)
+    shapes = dict(
+        num_classes=datamodule.num_classes, input_shape=datamodule.input_shape, mean=datamodule.mean, std=datamodule.std
+    )
     if args.config_settings:
         options = {**args.config_settings["model"], "arch": args.arch, "lr": args.lr}
         return ImageClassifier(**options, **shapes, batch_size=args.batch_size)
-    return ImageClassifier(arch=args.arch, **shapes, batch_size=args.batch_size, base_batch_size=args.batch_size, lr=args.lr)
+    return ImageClassifier(
+        arch=args.arch, **shapes, batch_size=args.batch_size, base_batch_size=args.batch_size, lr=args.lr
+    )
 
 
 def run(name: str, args: argparse.Namespace, workdir: Path) -> dict[str, float]:
@@ -200,7 +209,11 @@ def run(name: str, args: argparse.Namespace, workdir: Path) -> dict[str, float]:
     datamodule = build_datamodule(args, workdir)
     model = build_model(args, datamodule)
     spectrum_options = dict(args.config_settings["spectrum"]) if args.config_settings else {}
-    spectrum_options = {key: value for key, value in spectrum_options.items() if key in ("split", "seed", "max_iter", "lanczos_block_size")}
+    spectrum_options = {
+        key: value
+        for key, value in spectrum_options.items()
+        if key in ("split", "seed", "max_iter", "lanczos_block_size")
+    }
     spectrum = HessianSpectrumCallback(
         **ANALYSES[name],
         **spectrum_options,
@@ -264,8 +277,12 @@ def parse_targets(text: str) -> dict[str, float]:
 def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default=None, help="a hessian-train YAML (model, data, trainer, spectrum options)")
-    parser.add_argument("--dataset", default=None, choices=["digits", "fashion_mnist", "cifar_random", "cifar10"],
-                        help="instead of the config's data module; cifar_random: CIFAR-shaped random images")
+    parser.add_argument(
+        "--dataset",
+        default=None,
+        choices=["digits", "fashion_mnist", "cifar_random", "cifar10"],
+        help="instead of the config's data module; cifar_random: CIFAR-shaped random images",
+    )
     parser.add_argument("--data-dir", default="data")
     parser.add_argument("--arch", default=None)
     parser.add_argument("--batch-size", type=int, default=None, help="global training batch")
@@ -298,12 +315,16 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
 
     gpu = args.accelerator in ("gpu", "cuda")
     device = torch.cuda.get_device_name() if gpu else f"CPU ({torch.get_num_threads()} threads)"
-    print(f"device: {device}; config {args.config}; {args.arch} on {args.dataset}, batch {args.batch_size}, precision {args.precision},"
-          f" gpu_resident {args.gpu_resident}, {args.analysis_samples} analysis samples (micro-batch {args.analysis_batch_size}),"
-          f" eig_tol {args.eig_tol}, trace rel_tol {args.trace_rel_tol} (<= {args.trace_max_probes} probes),"
-          f" density {args.density_probes} x {args.density_steps}, {args.epochs} epochs")
-    print(f"{'analysis':<8} {'train s/epoch':>14} {'steps':>6} {'analysis s':>11} {'ratio':>7} {'CPU-time ratio':>15} {'HVPs':>6}"
-          f" {'converged':>9} {'eig_1':>10} {'target':>7} {'meets':>5}")
+    print(
+        f"device: {device}; config {args.config}; {args.arch} on {args.dataset}, batch {args.batch_size}, precision {args.precision},"
+        f" gpu_resident {args.gpu_resident}, {args.analysis_samples} analysis samples (micro-batch {args.analysis_batch_size}),"
+        f" eig_tol {args.eig_tol}, trace rel_tol {args.trace_rel_tol} (<= {args.trace_max_probes} probes),"
+        f" density {args.density_probes} x {args.density_steps}, {args.epochs} epochs"
+    )
+    print(
+        f"{'analysis':<8} {'train s/epoch':>14} {'steps':>6} {'analysis s':>11} {'ratio':>7} {'CPU-time ratio':>15} {'HVPs':>6}"
+        f" {'converged':>9} {'eig_1':>10} {'target':>7} {'meets':>5}"
+    )
     results = []
     with tempfile.TemporaryDirectory() as folder:
         for name in args.analyses.split(","):

@@ -41,8 +41,10 @@ def _variant(hparams: dict, record: dict) -> str:
     if record.get("variant"):
         return str(record["variant"])
     adversarial = hparams.get("adversarial") or {}
-    label = "standard" if adversarial.get("method", "none") == "none" else (
-        f"{adversarial['method']} ε={adversarial['epsilon']:g}"
+    label = (
+        "standard"
+        if adversarial.get("method", "none") == "none"
+        else (f"{adversarial['method']} ε={adversarial['epsilon']:g}")
     )
     if hparams.get("activation") == "softplus":
         label += f", softplus β={hparams['softplus_beta']:g}"
@@ -71,13 +73,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tol", type=float, default=1e-3, help="Lanczos relative residual tolerance")
     parser.add_argument("--data-dir", default="data")
     parser.add_argument(
-        "--min-accuracy", type=float, default=None, metavar="PERCENT",
+        "--min-accuracy",
+        type=float,
+        default=None,
+        metavar="PERCENT",
         help="skip (and list) runs whose test accuracy is below PERCENT: on a network that diverged to chance "
         "accuracy the Hessian is ~0 and Lanczos runs to its iteration cap (default: keep all)",
     )
     parser.add_argument(
-        "--runs", default="*/bs*_seed*", help="which runs below --root, as a glob of NAME/bsB_seedS (default: all), "
-        "e.g. '*/bs*_seed0' for seed 0 only"
+        "--runs",
+        default="*/bs*_seed*",
+        help="which runs below --root, as a glob of NAME/bsB_seedS (default: all), e.g. '*/bs*_seed0' for seed 0 only",
     )
     args = parser.parse_args(argv)
 
@@ -105,7 +111,9 @@ def main(argv: list[str] | None = None) -> int:
             with torch.no_grad():
                 accuracy = 100 * float((model(x_all).argmax(1) == y_all).float().mean())
             if accuracy < args.min_accuracy:
-                print(f"{run_dir.parent.name}/{run_dir.name}: skipped, test accuracy {accuracy:.2f}% < {args.min_accuracy:g}%")
+                print(
+                    f"{run_dir.parent.name}/{run_dir.name}: skipped, test accuracy {accuracy:.2f}% < {args.min_accuracy:g}%"
+                )
                 continue
         start = time.perf_counter()
         full, hvps = _lambda_1(model, x_all, y_all, args.tol)

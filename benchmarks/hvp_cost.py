@@ -26,7 +26,6 @@ Smoke test (tiny sizes, seconds):
 from __future__ import annotations
 
 import argparse
-import contextlib
 import copy
 import json
 import math
@@ -50,9 +49,18 @@ def small_cnn(image_size: int = 16, classes: int = 10) -> nn.Module:
     """Two conv-BatchNorm-ReLU-pool stages and two linear layers: 38,666 parameters at 16x16."""
     side = image_size // 4
     return nn.Sequential(
-        nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Conv2d(16, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Flatten(), nn.Linear(32 * side * side, 64), nn.ReLU(), nn.Linear(64, classes),
+        nn.Conv2d(3, 16, 3, padding=1),
+        nn.BatchNorm2d(16),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(16, 32, 3, padding=1),
+        nn.BatchNorm2d(32),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Flatten(),
+        nn.Linear(32 * side * side, 64),
+        nn.ReLU(),
+        nn.Linear(64, classes),
     )
 
 
@@ -86,7 +94,9 @@ class Case:
     y: torch.Tensor
 
 
-def make_cases(names: Sequence[str], *, smoke: bool, device: torch.device, seed: int, samples: int | None = None) -> list[Case]:
+def make_cases(
+    names: Sequence[str], *, smoke: bool, device: torch.device, seed: int, samples: int | None = None
+) -> list[Case]:
     """The benchmarked models on synthetic data (tiny sizes with ``smoke``; ``samples`` overrides
     the sample count), with BatchNorm statistics of the data as after training."""
     cases = []
@@ -108,7 +118,11 @@ def make_cases(names: Sequence[str], *, smoke: bool, device: torch.device, seed:
         else:
             raise ValueError(f"unknown case {name!r}: use cnn, mlp or resnet18")
         count = samples or count
-        x = torch.randn(count, 784, generator=generator) if name == "mlp" else torch.randn(count, 3, size, size, generator=generator)
+        x = (
+            torch.randn(count, 784, generator=generator)
+            if name == "mlp"
+            else torch.randn(count, 3, size, size, generator=generator)
+        )
         model = model.to(device)
         x = x.to(device)
         with torch.no_grad():  # running statistics of the data, as after training
@@ -138,7 +152,9 @@ def compiled_func_product(case: Case, num_vectors: int) -> Callable[[torch.Tenso
     buffers = dict(case.model.named_buffers())
 
     def loss(*params: torch.Tensor) -> torch.Tensor:
-        return F.cross_entropy(torch.func.functional_call(case.model, {**buffers, **dict(zip(names, params))}, (case.x,)), case.y)
+        return F.cross_entropy(
+            torch.func.functional_call(case.model, {**buffers, **dict(zip(names, params))}, (case.x,)), case.y
+        )
 
     grad = torch.func.grad(loss, argnums=tuple(range(len(primals))))
 
@@ -155,8 +171,11 @@ def measure_products(case: Case, args: argparse.Namespace, device: torch.device)
 
     Each mode's timed calls run inside one ``op.analysis()`` per repeat, after one untimed call
     that builds its retained graph, so that only one graph is alive at a time (large models)."""
+
     def operator(mode: str) -> HessianOperator:
-        return HessianOperator(case.model, F.cross_entropy, (case.x, case.y), micro_batch_size=args.micro_batch_size, hvp_mode=mode)
+        return HessianOperator(
+            case.model, F.cross_entropy, (case.x, case.y), micro_batch_size=args.micro_batch_size, hvp_mode=mode
+        )
 
     operators = {mode: operator(mode) for mode in args.modes}
     gradient_op = operator("func")
@@ -200,7 +219,8 @@ def measure_products(case: Case, args: argparse.Namespace, device: torch.device)
         "gradient_seconds": gradient,
         "num_params": num_params,
         "per_product_in_gradient_passes": {
-            mode: {k: statistics.median(values) / gradient for k, values in by_k.items()} for mode, by_k in seconds.items()
+            mode: {k: statistics.median(values) / gradient for k, values in by_k.items()}
+            for mode, by_k in seconds.items()
         },
         "lone_call_in_gradient_passes": {mode: statistics.median(values) / gradient for mode, values in lone.items()},
         "ran_as": {mode: op.selected_hvp_mode for mode, op in operators.items()},
@@ -229,8 +249,11 @@ def measure_lanczos(case: Case, args: argparse.Namespace, device: torch.device) 
     """``top_eigenvalues(op, k=5, tol=1e-3)`` per mode. ``auto (first)`` analyses a fresh copy of
     the model (the mode trial included), ``auto (tuned)`` the same copy a second time. A gradient
     pass is timed before every run, so that the ratio compares times of the same load."""
+
     def operator(model: nn.Module, mode: str) -> HessianOperator:
-        return HessianOperator(model, F.cross_entropy, (case.x, case.y), micro_batch_size=args.micro_batch_size, hvp_mode=mode)
+        return HessianOperator(
+            model, F.cross_entropy, (case.x, case.y), micro_batch_size=args.micro_batch_size, hvp_mode=mode
+        )
 
     def run(op: HessianOperator) -> tuple[float, int]:
         began = time.perf_counter()
@@ -244,7 +267,7 @@ def measure_lanczos(case: Case, args: argparse.Namespace, device: torch.device) 
     gradient_op = operator(case.model, "func")
     gradients = []
     for repeat in range(args.lanczos_repeats):
-        for label in labels[repeat % len(labels):] + labels[: repeat % len(labels)]:
+        for label in labels[repeat % len(labels) :] + labels[: repeat % len(labels)]:
             gradients.append(timed(gradient_op.gradient, device))
             if label == "auto":
                 fresh = copy.deepcopy(case.model)
@@ -264,8 +287,10 @@ def measure_lanczos(case: Case, args: argparse.Namespace, device: torch.device) 
 
 
 def print_report(case: Case, result: dict[str, Any], args: argparse.Namespace, device_name: str) -> None:
-    print(f"\n## {case.name}: {case.description}, {result['num_params']:,} parameters, {case.x.shape[0]} samples"
-          f" (micro-batch {args.micro_batch_size}), {device_name}, {torch.get_num_threads()} thread(s)")
+    print(
+        f"\n## {case.name}: {case.description}, {result['num_params']:,} parameters, {case.x.shape[0]} samples"
+        f" (micro-batch {args.micro_batch_size}), {device_name}, {torch.get_num_threads()} thread(s)"
+    )
     print(f"gradient pass: {result['gradient_seconds'] * 1e3:.1f} ms (median of {args.repeats})\n")
     header = "| mode | " + " | ".join(f"K={k}" for k in args.ks) + " | call alone (K=1, build included) |"
     print(header)
@@ -278,11 +303,17 @@ def print_report(case: Case, result: dict[str, Any], args: argparse.Namespace, d
         label = mode if ran == mode else f"{mode} (ran as {ran}: the retained graph did not fit)"
         print(f"| {label} | {cells} | {'' if alone is None else f'{alone:.2f}'} |")
     if result["compile_seconds"]:
-        print("\ncompile time of compiled_func: " + ", ".join(f"K={k}: {s:.0f} s" for k, s in result["compile_seconds"].items()))
+        print(
+            "\ncompile time of compiled_func: "
+            + ", ".join(f"K={k}: {s:.0f} s" for k, s in result["compile_seconds"].items())
+        )
     auto = result.get("auto")
     if auto:
-        print("\nhvp_mode='auto' chooses: " + ", ".join(f"K={k}: {auto[k]['mode']} (after {auto[k]['calls']} calls)" for k in args.ks)
-              + f"; {auto['hvp_count']} products in all, every one counted")
+        print(
+            "\nhvp_mode='auto' chooses: "
+            + ", ".join(f"K={k}: {auto[k]['mode']} (after {auto[k]['calls']} calls)" for k in args.ks)
+            + f"; {auto['hvp_count']} products in all, every one counted"
+        )
     if "lanczos" in result:
         print(f"\ntop_eigenvalues(op, k=5, tol=1e-3), median of {args.lanczos_repeats}:\n")
         print("| mode | seconds | gradient passes | HVPs |")
@@ -293,16 +324,24 @@ def print_report(case: Case, result: dict[str, Any], args: argparse.Namespace, d
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--cases", "--model", dest="cases", nargs="+", default=["cnn", "mlp"], choices=["cnn", "mlp", "resnet18"])
-    parser.add_argument("--samples", type=int, default=None, help="sample count (default 512 cnn, 1024 mlp, 4096 resnet18)")
+    parser.add_argument(
+        "--cases", "--model", dest="cases", nargs="+", default=["cnn", "mlp"], choices=["cnn", "mlp", "resnet18"]
+    )
+    parser.add_argument(
+        "--samples", type=int, default=None, help="sample count (default 512 cnn, 1024 mlp, 4096 resnet18)"
+    )
     parser.add_argument("--modes", nargs="+", default=list(MODES), choices=list(MODES))
     parser.add_argument("--ks", type=int, nargs="+", default=None, help="vectors per call (default 1 4 16 32)")
     parser.add_argument("--repeats", type=int, default=None, help="timed repeats per mode and K (default 7)")
     parser.add_argument("--micro-batch-size", type=int, default=512)
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads on CPU (default 1)")
-    parser.add_argument("--compile", action="store_true", help="add a torch.compile'd forward-over-reverse column (slow to compile)")
-    parser.add_argument("--no-auto-choice", action="store_true", help="skip the run of hvp_mode='auto' until it has chosen")
+    parser.add_argument(
+        "--compile", action="store_true", help="add a torch.compile'd forward-over-reverse column (slow to compile)"
+    )
+    parser.add_argument(
+        "--no-auto-choice", action="store_true", help="skip the run of hvp_mode='auto' until it has chosen"
+    )
     parser.add_argument("--lanczos", action="store_true", help="also time top_eigenvalues(op, k=5, tol=1e-3) per mode")
     parser.add_argument("--lanczos-repeats", type=int, default=3)
     parser.add_argument("--smoke", action="store_true", help="tiny sizes: checks that everything runs, in seconds")
@@ -331,7 +370,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         print_report(case, result, args, device_name)
     if args.json:
         with open(args.json, "w") as handle:
-            json.dump(results, handle, indent=1, default=lambda value: value if not isinstance(value, float) or math.isfinite(value) else None)
+            json.dump(
+                results,
+                handle,
+                indent=1,
+                default=lambda value: value if not isinstance(value, float) or math.isfinite(value) else None,
+            )
     return results
 
 

@@ -59,6 +59,7 @@ def _exact_extremes(model: torch.nn.Module, x: Tensor, y: Tensor) -> tuple[Tenso
     model = copy.deepcopy(model).double().eval()
     lows, highs = [], []
     for xi, yi in zip(x.double(), y):
+
         def loss(inputs: Tensor, target: Tensor = yi) -> Tensor:
             return F.cross_entropy(model(inputs.unsqueeze(0)), target.unsqueeze(0))
 
@@ -97,8 +98,10 @@ def main(argv: list[str] | None = None) -> int:
     x, y = data.test_dataset.batch(indices)
 
     rows = []
-    print("| run | activation | training | batch | mean λ_max(x) | mean λ_min(x) | min λ_min(x) | "
-          f"samples with λ_min < -{args.rel_tol:g} mean λ_max | seconds | exact check: rel. error of λ_min, λ_max |")
+    print(
+        "| run | activation | training | batch | mean λ_max(x) | mean λ_min(x) | min λ_min(x) | "
+        f"samples with λ_min < -{args.rel_tol:g} mean λ_max | seconds | exact check: rel. error of λ_min, λ_max |"
+    )
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for run_dir, record in runs:
         hparams = yaml.safe_load((run_dir / "hparams.yaml").read_text())
@@ -154,8 +157,12 @@ def main(argv: list[str] | None = None) -> int:
             f"| {run_dir.parent.name}/{run_dir.name} | {activation} | {training} | {record['batch_size']} | "
             f"{row['mean_lambda_max']:.4g} | {row['mean_lambda_min']:.3g} | {row['min_lambda_min']:.3g} | "
             f"{100 * row['fraction_negative']:.1f}% | {seconds:.1f} |"
-            + (f" {row['exact_check']['max_rel_error_min']:.1e}, {row['exact_check']['max_rel_error_max']:.1e}"
-               f" ({row['exact_check']['samples']} samples) |" if "exact_check" in row else " - |"),
+            + (
+                f" {row['exact_check']['max_rel_error_min']:.1e}, {row['exact_check']['max_rel_error_max']:.1e}"
+                f" ({row['exact_check']['samples']} samples) |"
+                if "exact_check" in row
+                else " - |"
+            ),
             flush=True,
         )
     # one line per activation and training: is any sample's input Hessian indefinite?

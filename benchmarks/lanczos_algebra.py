@@ -72,7 +72,9 @@ def sparse_matrix_operator(diagonal: Tensor) -> MatrixOperator:
     return MatrixOperator(matrix.to_sparse_csr())
 
 
-def algebra_ms(op: TimedOperator, run: Callable[[], Any], per: Callable[[Any], int], repeats: int) -> tuple[float, float]:
+def algebra_ms(
+    op: TimedOperator, run: Callable[[], Any], per: Callable[[Any], int], repeats: int
+) -> tuple[float, float]:
     """Median ms of (wall - product) time per unit (``per(result)`` units per run), and the units."""
     run()  # warm-up: allocator, first-call paths
     values = []
@@ -108,19 +110,30 @@ def algebra_figures(size: int, k: int, steps: int, repeats: int) -> None:
         flush=True,
     )
     never = 1e-300  # no run converges: exactly max_iter products
-    ms, units = algebra_ms(op, lambda: top_eigenvalues(op, k=k, tol=never, max_iter=steps), lambda r: r.hvp_count, repeats)
+    ms, units = algebra_ms(
+        op, lambda: top_eigenvalues(op, k=k, tol=never, max_iter=steps), lambda r: r.hvp_count, repeats
+    )
     print(f"  top_eigenvalues k={k}, block 1: {ms:.2f} ms algebra per step ({units} steps)", flush=True)
     ms, units = algebra_ms(
-        op, lambda: top_eigenvalues(op, k=k, tol=never, max_iter=4 * steps, block_size=4), lambda r: r.hvp_count // 4, repeats
+        op,
+        lambda: top_eigenvalues(op, k=k, tol=never, max_iter=4 * steps, block_size=4),
+        lambda r: r.hvp_count // 4,
+        repeats,
     )
     print(f"  top_eigenvalues k={k}, block 4: {ms:.2f} ms algebra per step of 4 vectors ({units} steps)", flush=True)
     ms, units = algebra_ms(
-        op, lambda: spectral_density(op, num_probes=4, lanczos_steps=steps, grid_size=256), lambda r: r.lanczos_steps, repeats
+        op,
+        lambda: spectral_density(op, num_probes=4, lanczos_steps=steps, grid_size=256),
+        lambda r: r.lanczos_steps,
+        repeats,
     )
     print(f"  spectral_density 4 probes: {ms:.2f} ms algebra per step of 4 probes ({units} steps)", flush=True)
     for method in ("hutchinson", "hutch++"):
         ms, units = algebra_ms(
-            op, lambda method=method: hessian_trace(op, method=method, rel_tol=None, max_probes=64), lambda r: r.hvp_count, repeats
+            op,
+            lambda method=method: hessian_trace(op, method=method, rel_tol=None, max_probes=64),
+            lambda r: r.hvp_count,
+            repeats,
         )
         print(f"  hessian_trace {method}: {ms:.2f} ms algebra per product ({units} products)", flush=True)
 
@@ -164,7 +177,11 @@ def mlp_case(repeats: int) -> None:
             walls.append(wall)
             outside.append(wall - product_seconds[0])
             hvps.append(result.hvp_count)
-        detail = f", method {result.method}, relative stderr {result.relative_stderr:.3f}" if hasattr(result, "method") else ""
+        detail = (
+            f", method {result.method}, relative stderr {result.relative_stderr:.3f}"
+            if hasattr(result, "method")
+            else ""
+        )
         print(
             f"  {name}: {statistics.median(walls):.2f} s (runs {', '.join(f'{w:.2f}' for w in walls)}),"
             f" outside products {statistics.median(outside):.2f} s, products {hvps}{detail}",

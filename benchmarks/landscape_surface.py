@@ -143,7 +143,7 @@ def main() -> None:
     for name in peers:
         seconds = statistics.median(times[name])
         diff = float(np.max(np.abs(grids[name] - reference) / np.abs(reference)))
-        print(f"| {name} | {seconds:.3f} | {args.points ** 2 / seconds:.1f} | {base / seconds:.2f}x | {diff:.1e} |")
+        print(f"| {name} | {seconds:.3f} | {args.points**2 / seconds:.1f} | {base / seconds:.2f}x | {diff:.1e} |")
 
 
 def _surface(model, d1, d2, axis, batches, method: str, chunk: int) -> tuple[np.ndarray, np.ndarray]:

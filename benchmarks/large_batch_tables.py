@@ -198,11 +198,16 @@ def aggregate(rows: Sequence[RunRow], sweep: str) -> dict[int, dict[str, float |
 def recipe_table(rows: Sequence[RunRow]) -> list[str]:
     body = []
     for batch, agg in aggregate(rows, RECIPE).items():
-        body.append([
-            str(batch), _pct(agg["test_acc_mean"], agg["test_acc_sd"], agg["runs"]),
-            " / ".join(f"{100 * v:.1f}" for v in agg["test_acc"] if v is not None),
-            _num(agg["train_loss_mean"]), f"{agg['steps_mean']:.0f}", f"{agg['fit_seconds_mean']:.0f}",
-        ])
+        body.append(
+            [
+                str(batch),
+                _pct(agg["test_acc_mean"], agg["test_acc_sd"], agg["runs"]),
+                " / ".join(f"{100 * v:.1f}" for v in agg["test_acc"] if v is not None),
+                _num(agg["train_loss_mean"]),
+                f"{agg['steps_mean']:.0f}",
+                f"{agg['fit_seconds_mean']:.0f}",
+            ]
+        )
     return _table(["B", "test acc % (mean ± sd)", "per seed", "train loss", "optimizer steps", "fit s"], body)
 
 
@@ -211,32 +216,48 @@ def sqrt_rule_table(rows: Sequence[RunRow]) -> list[str]:
     for batch, group in _by_batch(rows, SQRT_RULE).items():
         for row in sorted(group, key=lambda r: r.seed or 0):
             diverged = row.val_acc is not None and row.val_acc < CHANCE + 0.05
-            body.append([
-                str(batch), str(row.seed), _num(row.lr), _num(row.eig_1_first),
-                f"{_num(row.stability_first)} (step {row.stability_first_step})" if row.stability_first is not None else "—",
-                _num(row.stability_max), f"{100 * row.val_acc:.1f}" if row.val_acc is not None else "—",
-                "yes" if diverged else "no",
-            ])
-    return _table(
-        ["B", "seed", "lr", "eig_1 first", "stability first", "stability max", "val acc %", "diverged"], body
-    )
+            body.append(
+                [
+                    str(batch),
+                    str(row.seed),
+                    _num(row.lr),
+                    _num(row.eig_1_first),
+                    f"{_num(row.stability_first)} (step {row.stability_first_step})"
+                    if row.stability_first is not None
+                    else "—",
+                    _num(row.stability_max),
+                    f"{100 * row.val_acc:.1f}" if row.val_acc is not None else "—",
+                    "yes" if diverged else "no",
+                ]
+            )
+    return _table(["B", "seed", "lr", "eig_1 first", "stability first", "stability max", "val acc %", "diverged"], body)
 
 
 def lars_table(rows: Sequence[RunRow], pilot: Sequence[RunRow]) -> list[str]:
     sgd, lars = aggregate(rows, RECIPE), aggregate(rows, LARS)
     body = []
     for batch in sorted(lars):
-        body.append([
-            str(batch), _pct(sgd.get(batch, {}).get("test_acc_mean"), sgd.get(batch, {}).get("test_acc_sd"),
-                             sgd.get(batch, {}).get("runs", 0)),
-            _pct(lars[batch]["test_acc_mean"], lars[batch]["test_acc_sd"], lars[batch]["runs"]),
-        ])
+        body.append(
+            [
+                str(batch),
+                _pct(
+                    sgd.get(batch, {}).get("test_acc_mean"),
+                    sgd.get(batch, {}).get("test_acc_sd"),
+                    sgd.get(batch, {}).get("runs", 0),
+                ),
+                _pct(lars[batch]["test_acc_mean"], lars[batch]["test_acc_sd"], lars[batch]["runs"]),
+            ]
+        )
     lines = _table(["B", "SGD (recipe) test acc %", "LARS test acc %"], body)
     if pilot:
         lines += ["", "LARS learning-rate pilot (B = 8192, seed 0, 5 epochs, no analysis):", ""]
         pilot_rows = [
-            [r.sweep, _num(r.lr), (f"{100 * r.val_acc:.1f}" if r.val_acc is not None else "—")
-             + ("" if r.finished else " (not finished)")]
+            [
+                r.sweep,
+                _num(r.lr),
+                (f"{100 * r.val_acc:.1f}" if r.val_acc is not None else "—")
+                + ("" if r.finished else " (not finished)"),
+            ]
             for r in sorted(pilot, key=lambda r: r.lr or 0.0)
         ]
         lines += _table(["pilot run", "lr", "val acc % after 5 epochs"], pilot_rows)
@@ -251,10 +272,15 @@ def absa_table(rows: Sequence[RunRow]) -> list[str]:
     body = []
     for label, agg in entries:
         sizes = [s for s in agg["largest_batch_trained"] if s is not None]
-        body.append([
-            label, _pct(agg["test_acc_mean"], agg["test_acc_sd"], agg["runs"]), f"{agg['steps_mean']:.0f}",
-            " / ".join(f"{s:.0f}" for s in sizes) if sizes else "—", f"{agg['fit_seconds_mean']:.0f}",
-        ])
+        body.append(
+            [
+                label,
+                _pct(agg["test_acc_mean"], agg["test_acc_sd"], agg["runs"]),
+                f"{agg['steps_mean']:.0f}",
+                " / ".join(f"{s:.0f}" for s in sizes) if sizes else "—",
+                f"{agg['fit_seconds_mean']:.0f}",
+            ]
+        )
     return _table(["training", "test acc % (mean ± sd)", "optimizer steps", "largest B trained", "fit s"], body)
 
 
@@ -278,16 +304,24 @@ def main(argv: Sequence[str] | None = None) -> int:
         ("LARS against SGD", lars_table(rows, pilot)),
         ("ABSA against fixed batches", absa_table(rows)),
     ]
-    text = ["# Large batches: tables", "", f"Generated by `python benchmarks/large_batch_tables.py {' '.join(args.runs)}"
-            + (f" --pilot {' '.join(args.pilot)}" if args.pilot else "") + f" --out {args.out}`.", ""]
+    text = [
+        "# Large batches: tables",
+        "",
+        f"Generated by `python benchmarks/large_batch_tables.py {' '.join(args.runs)}"
+        + (f" --pilot {' '.join(args.pilot)}" if args.pilot else "")
+        + f" --out {args.out}`.",
+        "",
+    ]
     for title, lines in sections:
         text += [f"## {title}", "", *lines, ""]
     (out / "tables.md").write_text("\n".join(text))
     summary = {
-        "recipe": aggregate(rows, RECIPE), "sqrt_lr_rule": aggregate(rows, SQRT_RULE),
+        "recipe": aggregate(rows, RECIPE),
+        "sqrt_lr_rule": aggregate(rows, SQRT_RULE),
         "lars": aggregate(rows, LARS),
         **{sweep: aggregate(rows, sweep) for sweep in sorted({r.sweep for r in rows if r.sweep.startswith(ABSA)})},
-        "runs": [asdict(r) for r in rows], "pilot": [asdict(r) for r in pilot],
+        "runs": [asdict(r) for r in rows],
+        "pilot": [asdict(r) for r in pilot],
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
     fields = [f for f in RunRow.__dataclass_fields__ if not f.endswith("_series")]

@@ -71,7 +71,9 @@ def hand_written_pgd(
     return accuracies
 
 
-def load_data(dataset: str, samples: int, device: torch.device) -> tuple[Tensor, Tensor, Tensor, Tensor, tuple[int, int, int]]:
+def load_data(
+    dataset: str, samples: int, device: torch.device
+) -> tuple[Tensor, Tensor, Tensor, Tensor, tuple[int, int, int]]:
     if dataset == "fashion_mnist":
         x = read_idx(f"{FASHION}/train-images-idx3-ubyte.gz").float().div(255).unsqueeze(1)
         y = read_idx(f"{FASHION}/train-labels-idx1-ubyte.gz").long()
@@ -137,12 +139,18 @@ def main() -> None:
         spec = AttackSpec(name, args.epsilons, steps=None if name == "fgsm" else steps)
         sides: dict[str, Callable[[], list[float]]] = {
             "hand loop": lambda: hand_written_pgd(model, x, y, args.epsilons, steps, args.batch_size, random_start),
-            "ours (native)": lambda: evaluate_attack(
-                model, x, y, spec, backend="native", batch_size=args.batch_size
-            ).robust_correct.float().mean(1).tolist(),
-            "foolbox": lambda: evaluate_attack(
-                model, x, y, spec, backend="foolbox", batch_size=args.batch_size
-            ).robust_correct.float().mean(1).tolist(),
+            "ours (native)": lambda: (
+                evaluate_attack(model, x, y, spec, backend="native", batch_size=args.batch_size)
+                .robust_correct.float()
+                .mean(1)
+                .tolist()
+            ),
+            "foolbox": lambda: (
+                evaluate_attack(model, x, y, spec, backend="foolbox", batch_size=args.batch_size)
+                .robust_correct.float()
+                .mean(1)
+                .tolist()
+            ),
         }
         for side in sides.values():  # warm-up
             side()
@@ -153,7 +161,9 @@ def main() -> None:
                 seconds, accuracies[side] = timed(function, device)
                 times[side].append(seconds)
         label = "FGSM" if name == "fgsm" else f"Linf PGD-{steps}"
-        print(f"\n{label}: median seconds over {args.repeats} repeats, ratio to the hand loop; robust accuracy per epsilon")
+        print(
+            f"\n{label}: median seconds over {args.repeats} repeats, ratio to the hand loop; robust accuracy per epsilon"
+        )
         reference = statistics.median(times["hand loop"])
         for side in sides:
             median = statistics.median(times[side])

@@ -76,7 +76,12 @@ from torch import nn
 from lightning_hessian.curvature import HessianOperator, hessian_trace, spectral_density, top_eigenvalues
 
 TOOLS = ("ours", "pyhessian", "curvlinops", "eigenthings")
-TOOL_LABELS = {"ours": "ours", "pyhessian": "PyHessian", "curvlinops": "curvlinops", "eigenthings": "hessian-eigenthings"}
+TOOL_LABELS = {
+    "ours": "ours",
+    "pyhessian": "PyHessian",
+    "curvlinops": "curvlinops",
+    "eigenthings": "hessian-eigenthings",
+}
 #: the distribution each peer is imported from, for the "not installed" message
 PEER_PACKAGES = {"pyhessian": "pyhessian", "curvlinops": "curvlinops-for-pytorch", "eigenthings": "hessian-eigenthings"}
 PEER_MODULES = {"pyhessian": "pyhessian", "curvlinops": "curvlinops", "eigenthings": "hessian_eigenthings"}
@@ -133,7 +138,12 @@ def make_cnn(image_size: int, widths: tuple[int, int], hidden: int, classes: int
 
 
 def synthetic_classification(
-    samples: int, shape: tuple[int, ...], seed: int, classes: int = 10, separation: float = 3.0, label_noise: float = 0.1
+    samples: int,
+    shape: tuple[int, ...],
+    seed: int,
+    classes: int = 10,
+    separation: float = 3.0,
+    label_noise: float = 0.1,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Class templates plus unit noise, with overlapping classes and some wrong labels.
 
@@ -149,7 +159,9 @@ def synthetic_classification(
         templates = F.interpolate(coarse, size=(height, width), mode="bilinear", align_corners=False)
     else:
         templates = torch.randn(classes, *shape, generator=generator)
-    templates = templates / templates.flatten(1).norm(dim=1).view(-1, *[1] * len(shape)) * separation  # norm: separation
+    templates = (
+        templates / templates.flatten(1).norm(dim=1).view(-1, *[1] * len(shape)) * separation
+    )  # norm: separation
     inputs = templates[labels] + torch.randn(samples, *shape, generator=generator)
     redraw = torch.rand(samples, generator=generator) < label_noise
     labels = torch.where(redraw, torch.randint(0, classes, (samples,), generator=generator), labels)
@@ -215,7 +227,9 @@ def reference_eigenvalues(problem: Problem, k: int, tol: float, seed: int) -> np
 
     linear = LinearOperator((size, size), matvec=matvec, dtype=np.float64)
     start = np.random.default_rng(seed).standard_normal(size)
-    values = eigsh(linear, k=k, which="LA", tol=tol, ncv=min(size, max(2 * k + 1, 40)), v0=start, return_eigenvectors=False)
+    values = eigsh(
+        linear, k=k, which="LA", tol=tol, ncv=min(size, max(2 * k + 1, 40)), v0=start, return_eigenvectors=False
+    )
     return np.sort(values)[::-1]
 
 
@@ -269,8 +283,12 @@ def curvlinops_product_check(problem: Problem) -> float | None:
         return None
     model = copy.deepcopy(problem.model).double().eval()
     batches = [(x.double(), y) for x, y in problem.batches]
-    theirs = HessianLinearOperator(model, nn.CrossEntropyLoss(), list(model.parameters()), batches, check_deterministic=False)
-    vector = torch.randn(problem.num_params, generator=torch.Generator().manual_seed(7), dtype=torch.float64).to(problem.device)
+    theirs = HessianLinearOperator(
+        model, nn.CrossEntropyLoss(), list(model.parameters()), batches, check_deterministic=False
+    )
+    vector = torch.randn(problem.num_params, generator=torch.Generator().manual_seed(7), dtype=torch.float64).to(
+        problem.device
+    )
     ours = float64_operator(problem).matvec(vector)
     return float(torch.linalg.vector_norm(ours - theirs @ vector) / torch.linalg.vector_norm(ours))
 
@@ -323,19 +341,25 @@ def ours_operator(problem: Problem, args: argparse.Namespace) -> HessianOperator
     return HessianOperator(problem.model, F.cross_entropy, batches=problem.batches, hvp_mode=args.hvp_mode)
 
 
-def ours_top(problem: Problem, tol: float, seed: int, counter: ProductCounter, args: argparse.Namespace) -> tuple[Any, int]:
+def ours_top(
+    problem: Problem, tol: float, seed: int, counter: ProductCounter, args: argparse.Namespace
+) -> tuple[Any, int]:
     op = ours_operator(problem, args)
     result = top_eigenvalues(op, k=args.k, tol=tol, max_iter=counter.cap, seed=seed)
     return result.eigenvalues.detach().double().cpu().numpy(), op.hvp_count
 
 
-def ours_trace(problem: Problem, rel_tol: float, seed: int, counter: ProductCounter, args: argparse.Namespace) -> tuple[Any, int]:
+def ours_trace(
+    problem: Problem, rel_tol: float, seed: int, counter: ProductCounter, args: argparse.Namespace
+) -> tuple[Any, int]:
     op = ours_operator(problem, args)
     result = hessian_trace(op, rel_tol=rel_tol, max_probes=counter.cap, seed=seed)
     return result.estimate, op.hvp_count
 
 
-def ours_density(problem: Problem, _setting: Any, seed: int, counter: ProductCounter, args: argparse.Namespace) -> tuple[Any, int]:
+def ours_density(
+    problem: Problem, _setting: Any, seed: int, counter: ProductCounter, args: argparse.Namespace
+) -> tuple[Any, int]:
     op = ours_operator(problem, args)
     result = spectral_density(op, num_probes=args.density_probes, lanczos_steps=args.density_steps, seed=seed)
     return {"nodes": int((~torch.isnan(result.nodes)).sum())}, op.hvp_count
@@ -378,14 +402,18 @@ def pyhessian_engine(problem: Problem, counter: ProductCounter) -> Iterator[Any]
         problem.model.eval()
 
 
-def pyhessian_top(problem: Problem, tol: float, seed: int, counter: ProductCounter, args: argparse.Namespace) -> tuple[Any, None]:
+def pyhessian_top(
+    problem: Problem, tol: float, seed: int, counter: ProductCounter, args: argparse.Namespace
+) -> tuple[Any, None]:
     torch.manual_seed(seed)  # PyHessian draws its start vectors from the global RNG
     with pyhessian_engine(problem, counter) as engine:
         values, _ = engine.eigenvalues(maxIter=counter.cap, tol=tol, top_n=args.k)
     return np.asarray(values, dtype=np.float64), None
 
 
-def pyhessian_trace(problem: Problem, probes: int, seed: int, counter: ProductCounter, args: argparse.Namespace) -> tuple[Any, None]:
+def pyhessian_trace(
+    problem: Problem, probes: int, seed: int, counter: ProductCounter, args: argparse.Namespace
+) -> tuple[Any, None]:
     torch.manual_seed(seed)
     with pyhessian_engine(problem, counter) as engine:
         # tol=0 switches its stop on the running mean's change off: exactly ``probes`` probes
@@ -393,7 +421,9 @@ def pyhessian_trace(problem: Problem, probes: int, seed: int, counter: ProductCo
     return float(np.mean(samples)), None
 
 
-def pyhessian_density(problem: Problem, _setting: Any, seed: int, counter: ProductCounter, args: argparse.Namespace) -> tuple[Any, None]:
+def pyhessian_density(
+    problem: Problem, _setting: Any, seed: int, counter: ProductCounter, args: argparse.Namespace
+) -> tuple[Any, None]:
     torch.manual_seed(seed)
     with pyhessian_engine(problem, counter) as engine:
         engine.density(iter=args.density_steps, n_v=args.density_probes)
@@ -419,30 +449,40 @@ def curvlinops_operator(problem: Problem, counter: ProductCounter) -> Any:
     return op
 
 
-def curvlinops_top(problem: Problem, tol: float, seed: int, counter: ProductCounter, args: argparse.Namespace) -> tuple[Any, None]:
+def curvlinops_top(
+    problem: Problem, tol: float, seed: int, counter: ProductCounter, args: argparse.Namespace
+) -> tuple[Any, None]:
     """curvlinops has no eigensolver of its own; its documented route is SciPy's ``eigsh`` on
     ``to_scipy()``. ARPACK runs in float64 (``to_scipy(float64)``), the products in float32."""
     from scipy.sparse.linalg import eigsh
 
     op = curvlinops_operator(problem, counter)
     start = np.random.default_rng(seed).standard_normal(problem.num_params)
-    values = eigsh(op.to_scipy(dtype=np.float64), k=args.k, which="LA", tol=tol, v0=start, maxiter=10**6, return_eigenvectors=False)
+    values = eigsh(
+        op.to_scipy(dtype=np.float64), k=args.k, which="LA", tol=tol, v0=start, maxiter=10**6, return_eigenvectors=False
+    )
     return np.sort(values)[::-1], None
 
 
-def curvlinops_trace(problem: Problem, matvecs: int, seed: int, counter: ProductCounter, args: argparse.Namespace) -> tuple[Any, None]:
+def curvlinops_trace(
+    problem: Problem, matvecs: int, seed: int, counter: ProductCounter, args: argparse.Namespace
+) -> tuple[Any, None]:
     from curvlinops import hutchpp_trace
 
     torch.manual_seed(seed)
     return float(hutchpp_trace(curvlinops_operator(problem, counter), num_matvecs=matvecs)), None
 
 
-def curvlinops_density(problem: Problem, _setting: Any, seed: int, counter: ProductCounter, args: argparse.Namespace) -> tuple[Any, None]:
+def curvlinops_density(
+    problem: Problem, _setting: Any, seed: int, counter: ProductCounter, args: argparse.Namespace
+) -> tuple[Any, None]:
     """Papyan's SLQ; it first estimates the spectrum's ends with ``eigsh`` (products counted)."""
     from curvlinops import lanczos_approximate_spectrum
 
     torch.manual_seed(seed)
-    lanczos_approximate_spectrum(curvlinops_operator(problem, counter), ncv=args.density_steps, num_repeats=args.density_probes)
+    lanczos_approximate_spectrum(
+        curvlinops_operator(problem, counter), ncv=args.density_steps, num_repeats=args.density_probes
+    )
     return {}, None
 
 
@@ -458,26 +498,39 @@ def eigenthings_operator(problem: Problem, counter: ProductCounter) -> Any:
     return CountingHessian(problem.model, problem.batches, supervised_loss(F.cross_entropy))
 
 
-def eigenthings_top(problem: Problem, steps: int, seed: int, counter: ProductCounter, args: argparse.Namespace) -> tuple[Any, None]:
+def eigenthings_top(
+    problem: Problem, steps: int, seed: int, counter: ProductCounter, args: argparse.Namespace
+) -> tuple[Any, None]:
     """Its Lanczos runs a fixed number of steps (no restart); full reorthogonalisation (its
     default only up to 50 steps) is asked for at every length."""
     from hessian_eigenthings import lanczos
 
-    result = lanczos(eigenthings_operator(problem, counter), k=args.k, max_iter=steps, which="LA", reorthogonalize=True, seed=seed)
+    result = lanczos(
+        eigenthings_operator(problem, counter), k=args.k, max_iter=steps, which="LA", reorthogonalize=True, seed=seed
+    )
     return result.eigenvalues.double().cpu().numpy(), None
 
 
-def eigenthings_trace(problem: Problem, matvecs: int, seed: int, counter: ProductCounter, args: argparse.Namespace) -> tuple[Any, None]:
+def eigenthings_trace(
+    problem: Problem, matvecs: int, seed: int, counter: ProductCounter, args: argparse.Namespace
+) -> tuple[Any, None]:
     from hessian_eigenthings import trace
 
-    return float(trace(eigenthings_operator(problem, counter), num_matvecs=matvecs, method="hutch++", seed=seed).estimate), None
+    return float(
+        trace(eigenthings_operator(problem, counter), num_matvecs=matvecs, method="hutch++", seed=seed).estimate
+    ), None
 
 
-def eigenthings_density(problem: Problem, _setting: Any, seed: int, counter: ProductCounter, args: argparse.Namespace) -> tuple[Any, None]:
+def eigenthings_density(
+    problem: Problem, _setting: Any, seed: int, counter: ProductCounter, args: argparse.Namespace
+) -> tuple[Any, None]:
     from hessian_eigenthings import spectral_density as eigenthings_slq
 
     result = eigenthings_slq(
-        eigenthings_operator(problem, counter), num_runs=args.density_probes, lanczos_steps=args.density_steps, seed=seed
+        eigenthings_operator(problem, counter),
+        num_runs=args.density_probes,
+        lanczos_steps=args.density_steps,
+        seed=seed,
     )
     return {"nodes": int((~torch.isnan(result.raw_eigenvalues)).sum())}, None
 
@@ -594,7 +647,9 @@ class Search:
         self.runs = []
 
 
-def run_once(search: Search, problem: Problem, seed: int, reference: dict[str, Any], args: argparse.Namespace) -> RunOutcome:
+def run_once(
+    search: Search, problem: Problem, seed: int, reference: dict[str, Any], args: argparse.Namespace
+) -> RunOutcome:
     counter = ProductCounter(args.max_hvps)
     synchronize(problem.device)
     began = time.perf_counter()
@@ -603,7 +658,7 @@ def run_once(search: Search, problem: Problem, seed: int, reference: dict[str, A
     except BudgetExceeded as error:
         synchronize(problem.device)
         return RunOutcome(time.perf_counter() - began, counter.count, error=math.inf, value=str(error))
-    except Exception as error:  # noqa: BLE001 - a peer failing is a result, printed in the table
+    except Exception as error:
         if args.verbose:
             traceback.print_exc()
         return RunOutcome(time.perf_counter() - began, counter.count, failure=first_line(error))
@@ -614,7 +669,9 @@ def run_once(search: Search, problem: Problem, seed: int, reference: dict[str, A
     if search.task == "top5":
         values = np.sort(np.asarray(value, dtype=np.float64))[::-1][: args.k]
         expected = reference["eigenvalues"]
-        outcome.error = float(np.max(np.abs(values - expected) / np.abs(expected))) if len(values) == args.k else math.inf
+        outcome.error = (
+            float(np.max(np.abs(values - expected) / np.abs(expected))) if len(values) == args.k else math.inf
+        )
     elif search.task == "trace":
         outcome.error = abs(float(value) - reference["trace"]) / abs(reference["trace"])
     return outcome
@@ -630,11 +687,13 @@ def warm_up(tool: str, problem: Problem, args: argparse.Namespace) -> None:
             op.matmat(torch.randn(problem.num_params, 2, device=problem.device))
         else:
             spec.run(problem, spec.ladder[0], 0, ProductCounter(2), args)
-    except Exception:  # noqa: BLE001 - a warm-up stops at its cap of 2 products, or fails: the timed runs report that
+    except Exception:
         pass
 
 
-def compare(problem: Problem, tasks: Sequence[str], tools: Sequence[str], reference: dict[str, Any], args: argparse.Namespace) -> list[Search]:
+def compare(
+    problem: Problem, tasks: Sequence[str], tools: Sequence[str], reference: dict[str, Any], args: argparse.Namespace
+) -> list[Search]:
     """Every task, every tool; tools alternate within each round."""
     specs = task_specs(args)
     seeds = list(range(args.seeds))
@@ -654,8 +713,11 @@ def compare(problem: Problem, tasks: Sequence[str], tools: Sequence[str], refere
                 outcome = run_once(search, problem, seed, reference, args)
                 search.record(outcome, args.max_hvps)
                 status = outcome.failure or (f"error {outcome.error:.1e}" if not math.isnan(outcome.error) else "")
-                print(f"  {problem.name:>4} {task:>7} {TOOL_LABELS[search.tool]:<20} {setting:<34}"
-                      f" seed {seed}: {outcome.seconds:8.2f} s {outcome.hvps:6d} HVPs {status}", flush=True)
+                print(
+                    f"  {problem.name:>4} {task:>7} {TOOL_LABELS[search.tool]:<20} {setting:<34}"
+                    f" seed {seed}: {outcome.seconds:8.2f} s {outcome.hvps:6d} HVPs {status}",
+                    flush=True,
+                )
             round_index += 1
         searches += task_searches
     return searches
@@ -669,7 +731,10 @@ def summarize(search: Search) -> dict[str, Any]:
         summary.update(status="failed", note=search.failure)
         return summary
     if not search.reached:
-        summary.update(status="not reached", note=f"best {search.last_accuracy:.1e} at {search.tried[-1].split(':')[0] if search.tried else '?'}")
+        summary.update(
+            status="not reached",
+            note=f"best {search.last_accuracy:.1e} at {search.tried[-1].split(':')[0] if search.tried else '?'}",
+        )
         return summary
     summary.update(
         status="reached",
@@ -717,11 +782,15 @@ def print_tables(results: list[dict[str, Any]], tools: Sequence[str], args: argp
                 accuracy = row.get("accuracy")
                 if row["status"] == "reached":
                     shown = f"{accuracy:.1e}" if accuracy is not None else ""
-                    print(f"| {problem['name']} | {task} | {TOOL_LABELS[row['tool']]} | {row['setting']} | {row['hvps']} |"
-                          f" {row['seconds']:.2f} | {shown} | {'; '.join(row['tried'])} |")
+                    print(
+                        f"| {problem['name']} | {task} | {TOOL_LABELS[row['tool']]} | {row['setting']} | {row['hvps']} |"
+                        f" {row['seconds']:.2f} | {shown} | {'; '.join(row['tried'])} |"
+                    )
                 else:
-                    print(f"| {problem['name']} | {task} | {TOOL_LABELS[row['tool']]} | {row['status']} | | | |"
-                          f" {'; '.join(row['tried']) or row['note']} |")
+                    print(
+                        f"| {problem['name']} | {task} | {TOOL_LABELS[row['tool']]} | {row['status']} | | | |"
+                        f" {'; '.join(row['tried']) or row['note']} |"
+                    )
 
 
 def versions(tools: Sequence[str]) -> dict[str, str]:
@@ -744,7 +813,7 @@ def available(tool: str) -> str | None:
         return None
     try:
         importlib.import_module(PEER_MODULES[tool])
-    except Exception as error:  # noqa: BLE001 - ImportError, or a peer that breaks on import
+    except Exception as error:
         return f"not installed ({PEER_PACKAGES[tool]}): {first_line(error)}"
     return None
 
@@ -779,12 +848,18 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--cnn-widths", type=int, nargs=2, default=[16, 32])
     parser.add_argument("--cnn-hidden", type=int, default=64)
     parser.add_argument("--cnn-samples", type=int, default=512)
-    parser.add_argument("--batch-size", type=int, default=None, help="samples per batch for every tool (default: all in one)")
+    parser.add_argument(
+        "--batch-size", type=int, default=None, help="samples per batch for every tool (default: all in one)"
+    )
     parser.add_argument("--train-steps", type=int, default=40, help="SGD steps (batch 128) before the analysis")
     parser.add_argument("--train-lr", type=float, default=0.05)
     parser.add_argument("--reference-tol", type=float, default=1e-8, help="ARPACK tolerance of the float64 reference")
-    parser.add_argument("--check-trace-identity", choices=["auto", "yes", "no"], default="auto",
-                        help="compare the Gauss-Newton trace with the column-by-column trace (auto: up to 5000 parameters)")
+    parser.add_argument(
+        "--check-trace-identity",
+        choices=["auto", "yes", "no"],
+        default="auto",
+        help="compare the Gauss-Newton trace with the column-by-column trace (auto: up to 5000 parameters)",
+    )
     parser.add_argument("--hvp-mode", default="auto", help="our HessianOperator's hvp_mode")
     parser.add_argument("--seed", type=int, default=0, help="data, initialisation and training")
     parser.add_argument("--smoke", action="store_true", help="tiny models and samples: every path in seconds")
@@ -810,7 +885,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     if unknown:
         raise SystemExit(f"unknown tools/tasks {unknown}; tools: {TOOLS}, tasks: {TASKS}")
     missing = {tool: why for tool in tools if (why := available(tool)) is not None}
-    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({platform.processor() or platform.machine()})"
+    device_name = (
+        torch.cuda.get_device_name(device)
+        if device.type == "cuda"
+        else f"CPU ({platform.processor() or platform.machine()})"
+    )
     header = {
         "device": device_name,
         "threads": torch.get_num_threads(),
@@ -832,19 +911,27 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         if "top5" in tasks:
             began = time.perf_counter()
             reference["eigenvalues"] = reference_eigenvalues(problem, args.k, args.reference_tol, args.seed)
-            print(f"# reference top-{args.k} (ARPACK, float64, tol {args.reference_tol:g}, {time.perf_counter() - began:.1f} s):"
-                  f" {[float(f'{v:.8g}') for v in reference['eigenvalues']]}")
+            print(
+                f"# reference top-{args.k} (ARPACK, float64, tol {args.reference_tol:g}, {time.perf_counter() - began:.1f} s):"
+                f" {[float(f'{v:.8g}') for v in reference['eigenvalues']]}"
+            )
         if "trace" in tasks or "density" in tasks:
             began = time.perf_counter()
             reference["trace"] = exact_trace_gauss_newton(problem)
-            print(f"# reference trace (exact, Gauss-Newton identity, float64, {time.perf_counter() - began:.1f} s): {reference['trace']:.10g}")
-            check = args.check_trace_identity == "yes" or (args.check_trace_identity == "auto" and problem.num_params <= 5000)
+            print(
+                f"# reference trace (exact, Gauss-Newton identity, float64, {time.perf_counter() - began:.1f} s): {reference['trace']:.10g}"
+            )
+            check = args.check_trace_identity == "yes" or (
+                args.check_trace_identity == "auto" and problem.num_params <= 5000
+            )
             if check:
                 columns = exact_trace_columns(problem)
                 checks["trace_columns"] = columns
                 checks["trace_identity_rel_diff"] = abs(columns - reference["trace"]) / abs(columns)
-                print(f"# check: trace from all {problem.num_params} unit vectors {columns:.10g},"
-                      f" relative difference {checks['trace_identity_rel_diff']:.1e}")
+                print(
+                    f"# check: trace from all {problem.num_params} unit vectors {columns:.10g},"
+                    f" relative difference {checks['trace_identity_rel_diff']:.1e}"
+                )
         product_check = curvlinops_product_check(problem)
         if product_check is not None:
             checks["hvp_float64_vs_curvlinops"] = product_check
@@ -855,7 +942,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             rows[task] = []
             for tool in tools:
                 if tool in missing:
-                    rows[task].append({"tool": tool, "task": task, "status": "not installed", "note": missing[tool], "tried": []})
+                    rows[task].append(
+                        {"tool": tool, "task": task, "status": "not installed", "note": missing[tool], "tried": []}
+                    )
                 else:
                     rows[task].append(summarize(next(s for s in searches if s.tool == tool and s.task == task)))
         results.append({

@@ -66,7 +66,10 @@ def write_random_cifar(folder: Path, num_samples: int, seed: int = 0) -> None:
     target.mkdir(parents=True, exist_ok=True)
     per_batch = -(-num_samples // 5)
     for name, count in [*((f"data_batch_{i}", per_batch) for i in range(1, 6)), ("test_batch", 100)]:
-        entry = {"data": rng.integers(0, 256, (count, 3072), dtype=np.uint8), "labels": rng.integers(0, 10, count).tolist()}
+        entry = {
+            "data": rng.integers(0, 256, (count, 3072), dtype=np.uint8),
+            "labels": rng.integers(0, 10, count).tolist(),
+        }
         with open(target / name, "wb") as handle:
             pickle.dump(entry, handle)
 
@@ -111,7 +114,7 @@ class EpochTimer(pl.Callback):
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._close_epoch(pl_module)
 
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:  # noqa: ANN001
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         self._count += len(batch[1])
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -215,7 +218,9 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
     parser.add_argument("--augment", action="store_true")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     parser.add_argument("--log-every-n-steps", type=int, default=10, help="Trainer option (configs/ use 10)")
-    parser.add_argument("--progress-bar", action="store_true", help="Lightning sides with the TQDM bar (hessian-train's default)")
+    parser.add_argument(
+        "--progress-bar", action="store_true", help="Lightning sides with the TQDM bar (hessian-train's default)"
+    )
     parser.add_argument("--json", default=None, help="also write the medians to this file")
     args = parser.parse_args(argv)
     if args.threads:
@@ -267,8 +272,10 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
     plain = statistics.median(rates["plain"])
     plain_cpu = statistics.median(cpu_rates["plain"])
     # ratio: samples/s against plain; overhead: extra time per epoch, plain_rate / rate - 1
-    print(f"{'side':20s} {'samples/s':>10s} {'ms/step':>8s} {'ratio':>6s} {'overhead':>8s}  "
-          f"{'samples/CPU-s':>13s} {'ratio':>6s} {'overhead':>8s}  epochs (samples/s)")
+    print(
+        f"{'side':20s} {'samples/s':>10s} {'ms/step':>8s} {'ratio':>6s} {'overhead':>8s}  "
+        f"{'samples/CPU-s':>13s} {'ratio':>6s} {'overhead':>8s}  epochs (samples/s)"
+    )
     summary: dict[str, dict[str, float]] = {}
     for side in sides:
         wall, cpu = statistics.median(rates[side]), statistics.median(cpu_rates[side])
@@ -277,7 +284,12 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
             f"{cpu:13.1f} {cpu / plain_cpu:6.3f} {100 * (plain_cpu / cpu - 1):+7.1f}%  "
             f"{', '.join(f'{r:.0f}' for r in rates[side])}"
         )
-        summary[side] = {"samples_per_s": wall, "overhead": plain / wall - 1, "samples_per_cpu_s": cpu, "cpu_overhead": plain_cpu / cpu - 1}
+        summary[side] = {
+            "samples_per_s": wall,
+            "overhead": plain / wall - 1,
+            "samples_per_cpu_s": cpu,
+            "cpu_overhead": plain_cpu / cpu - 1,
+        }
     if args.json:
         with open(args.json, "w") as handle:
             json.dump({"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu", "settings": vars(args),

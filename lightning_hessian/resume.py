@@ -94,7 +94,11 @@ def capture_rng_state() -> dict[str, Any]:
             "has_gauss": int(has_gauss),
             "cached_gaussian": float(cached_gaussian),
         },
-        "python": {"version": int(version), "state": torch.tensor(internal, dtype=torch.int64), "gauss_next": gauss_next},
+        "python": {
+            "version": int(version),
+            "state": torch.tensor(internal, dtype=torch.int64),
+            "gauss_next": gauss_next,
+        },
     }
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         state["cuda"] = [s.clone() for s in torch.cuda.get_rng_state_all()]
@@ -110,7 +114,13 @@ def restore_rng_state(state: dict[str, Any]) -> None:
     if numpy_state is not None:
         keys = torch.as_tensor(numpy_state["keys"]).cpu().numpy().astype(np.uint32)
         np.random.set_state(
-            (numpy_state["kind"], keys, int(numpy_state["pos"]), int(numpy_state["has_gauss"]), float(numpy_state["cached_gaussian"]))
+            (
+                numpy_state["kind"],
+                keys,
+                int(numpy_state["pos"]),
+                int(numpy_state["has_gauss"]),
+                float(numpy_state["cached_gaussian"]),
+            )
         )
     python_state = state.get("python")
     if python_state is not None:
@@ -144,7 +154,9 @@ class RNGStateCallback(Callback):
         return {"rng": capture_rng_state()}
 
     @override
-    def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
+    def on_load_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
         if self.state_key not in (checkpoint.get("callbacks") or {}):
             rank_zero_warn(
                 "The checkpoint holds no random number generator states (it was written without"
@@ -196,7 +208,9 @@ class CheckpointLogSync(Callback):
             self._resume.update(saved_at=state_dict.get("saved_at"), log_dir=state_dict.get("log_dir"))
 
     @override
-    def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
+    def on_load_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
         # called before load_state_dict, and also for checkpoints without this callback's state
         self._resume = {"global_step": int(checkpoint.get("global_step", 0)), "saved_at": None, "log_dir": None}
 
@@ -211,14 +225,18 @@ class CheckpointLogSync(Callback):
             if not _is_tensorboard_logger(logger) or not log_dir:
                 continue
             same_run = resume["log_dir"] is not None and os.path.abspath(log_dir) == resume["log_dir"]
-            kept = continue_event_log(logger.experiment, log_dir, purge_step=step, saved_at=resume["saved_at"] if same_run else None)
+            kept = continue_event_log(
+                logger.experiment, log_dir, purge_step=step, saved_at=resume["saved_at"] if same_run else None
+            )
             rank_zero_info(
                 f"Continuing the event files of {log_dir} at global step {step}: readers drop what was logged"
                 f" at step {step} or later after the checkpoint ({kept} events logged before it kept)."
             )
 
     @override
-    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
+    def on_save_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
         self._flush(trainer)
         self._flush_pending = True
 
@@ -227,7 +245,9 @@ class CheckpointLogSync(Callback):
         self._flush_if_pending(trainer)
 
     @override
-    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
         self._flush_if_pending(trainer)
 
     @override
@@ -264,7 +284,9 @@ def last_checkpoint_in(directory: str | os.PathLike[str]) -> Path | None:
     return max(candidates, key=lambda p: (p.stat().st_mtime, p.name)) if candidates else None
 
 
-def find_resume_checkpoint(log_root: str | os.PathLike[str], version: int | str | None = None) -> tuple[Path, int | str] | None:
+def find_resume_checkpoint(
+    log_root: str | os.PathLike[str], version: int | str | None = None
+) -> tuple[Path, int | str] | None:
     """``(checkpoint, version)`` of the run to resume under ``log_root`` (a logger's
     ``save_dir/name``, holding ``version_<n>`` directories), or ``None`` if there is none.
 

@@ -43,11 +43,11 @@ __all__ = [
     "CIFAR10",
     "CIFAR100",
     "DATASETS",
+    "MNIST",
     "Digits",
     "FashionMNIST",
     "ImageClassifier",
     "ImageDataModule",
-    "MNIST",
     "rebase",
 ]
 
@@ -82,7 +82,9 @@ def _rebind(value: Any, old: type, new: type) -> Any:
     if isinstance(value, (staticmethod, classmethod)):
         return type(value)(_rebind(value.__func__, old, new))
     if isinstance(value, property):
-        return property(*(None if f is None else _rebind(f, old, new) for f in (value.fget, value.fset, value.fdel)), value.__doc__)
+        return property(
+            *(None if f is None else _rebind(f, old, new) for f in (value.fget, value.fset, value.fdel)), value.__doc__
+        )
     return value
 
 

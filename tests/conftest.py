@@ -23,7 +23,9 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = REPO_ROOT / "configs"
 
 
-def write_cifar_folder(root: Path, *, num_train: int = 100, num_test: int = 40, num_classes: int = 10, seed: int = 0) -> Path:
+def write_cifar_folder(
+    root: Path, *, num_train: int = 100, num_test: int = 40, num_classes: int = 10, seed: int = 0
+) -> Path:
     """Write a CIFAR-10 (or, with 100 classes, CIFAR-100) folder in torchvision's pickle format.
 
     Returns ``root``; the files are under ``root/cifar-10-batches-py`` or ``root/cifar-100-python``.

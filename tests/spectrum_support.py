@@ -173,6 +173,7 @@ def exact_input_quantities(module: nn.Module, x: Tensor, y: Tensor) -> tuple[Ten
     model = copy.deepcopy(module).double().eval()
     eigs, norms = [], []
     for xi, yi in zip(x.double(), y):
+
         def loss(v: Tensor, target: Tensor = yi) -> Tensor:
             return F.cross_entropy(model(v.unsqueeze(0)), target.unsqueeze(0))
 
@@ -195,7 +196,9 @@ class RecordingSpectrum(HessianSpectrumCallback):
             "metrics": metrics,
             "num_local": samples.num_local,
             "num_global": samples.num_global,
-            "eigenvectors": None if self.eigenvectors is None else [{k: v.cpu() for k, v in e.items()} for e in self.eigenvectors],
+            "eigenvectors": None
+            if self.eigenvectors is None
+            else [{k: v.cpu() for k, v in e.items()} for e in self.eigenvectors],
             "state": {k: v.detach().cpu().clone() for k, v in pl_module.state_dict().items()},
         }
         torch.save(record, Path(self.out_dir) / f"rank{trainer.global_rank}_epoch{trainer.current_epoch}.pt")

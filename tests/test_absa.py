@@ -133,8 +133,16 @@ class MemoryLogger(Logger):
 
 def classifier(**kwargs: Any) -> ImageClassifier:
     options = dict(
-        arch="mlp", num_classes=3, input_shape=(1, 4, 4), lr=0.05, base_batch_size=8, batch_size=8,
-        lr_scaling="linear", momentum=0.9, weight_decay=0.0, lr_schedule="constant",
+        arch="mlp",
+        num_classes=3,
+        input_shape=(1, 4, 4),
+        lr=0.05,
+        base_batch_size=8,
+        batch_size=8,
+        lr_scaling="linear",
+        momentum=0.9,
+        weight_decay=0.0,
+        lr_schedule="constant",
     )
     options.update(kwargs)
     return ImageClassifier(**options)
@@ -142,9 +150,17 @@ def classifier(**kwargs: Any) -> ImageClassifier:
 
 def trainer(callbacks: list, tmp_path: Path, max_epochs: int, **kwargs: Any) -> pl.Trainer:
     options = dict(
-        accelerator="cpu", devices=1, max_epochs=max_epochs, reload_dataloaders_every_n_epochs=1,
-        limit_val_batches=0, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-        enable_model_summary=False, default_root_dir=tmp_path, num_sanity_val_steps=0,
+        accelerator="cpu",
+        devices=1,
+        max_epochs=max_epochs,
+        reload_dataloaders_every_n_epochs=1,
+        limit_val_batches=0,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+        num_sanity_val_steps=0,
     )
     options.update(kwargs)
     return pl.Trainer(callbacks=callbacks, **options)
@@ -165,7 +181,9 @@ def test_grows_on_halved_eigenvalue_and_after_max_epochs(tmp_path: Path) -> None
 
     # 4.9 <= 10/2 after epoch 2; 3 epochs at 16 after epoch 5; 1.2 <= 2.5/2 after epoch 7; then at the cap
     assert [(h["epoch"], h["batch_size"], h["reason"]) for h in absa.history] == [
-        (2, 16, "eigenvalue"), (5, 32, "epochs"), (7, 64, "eigenvalue")
+        (2, 16, "eigenvalue"),
+        (5, 32, "epochs"),
+        (7, 64, "eigenvalue"),
     ]
     sizes = [8, 8, 8, 16, 16, 16, 32, 32, 64]
     seen = recorder.per_epoch()
@@ -194,8 +212,10 @@ def test_step_schedule_composes_with_growth(tmp_path: Path) -> None:
     assert len(recorder.steps) == 8 + 4 + 2 + 1
     for epoch, step, size, lr, _ in recorder.steps:
         assert size == 8 * factors[epoch]
-        expected = 0.05 * factors[epoch] * lr_multiplier(
-            step, total_steps=math.inf, warmup_steps=4, schedule="step", milestones=[8], gamma=0.1
+        expected = (
+            0.05
+            * factors[epoch]
+            * lr_multiplier(step, total_steps=math.inf, warmup_steps=4, schedule="step", milestones=[8], gamma=0.1)
         )
         assert lr == pytest.approx(expected, rel=1e-9), (epoch, step)
 
@@ -253,9 +273,16 @@ def test_per_device_batch_size_contract(tmp_path: Path) -> None:
     absa = AdaptiveBatchSizeCallback(max_batch_size=32, max_epochs_per_size=1, lr_scaling="sqrt")
     data = Data()
     fit = L.Trainer(
-        accelerator="cpu", max_epochs=3, accumulate_grad_batches=2, reload_dataloaders_every_n_epochs=1,
-        logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-        callbacks=[ScriptedSpectrum([1.0]), absa, Sizes()], default_root_dir=tmp_path,
+        accelerator="cpu",
+        max_epochs=3,
+        accumulate_grad_batches=2,
+        reload_dataloaders_every_n_epochs=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[ScriptedSpectrum([1.0]), absa, Sizes()],
+        default_root_dir=tmp_path,
     )
     fit.fit(Net(), datamodule=data)
     assert sizes == [4] * 16 + [8] * 8 + [16] * 4  # global 8 -> 16 -> 32, two micro-batches per step
@@ -308,9 +335,18 @@ def _ddp_fit(out_dir: str) -> None:
     pl.seed_everything(5)
     absa = AdaptiveBatchSizeCallback(max_batch_size=32, eigenvalue_factor=None, max_epochs_per_size=1)
     fit = pl.Trainer(
-        accelerator="cpu", devices=2, strategy="ddp_spawn", max_epochs=3, reload_dataloaders_every_n_epochs=1,
-        limit_val_batches=0, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-        enable_model_summary=False, default_root_dir=out_dir, num_sanity_val_steps=0,
+        accelerator="cpu",
+        devices=2,
+        strategy="ddp_spawn",
+        max_epochs=3,
+        reload_dataloaders_every_n_epochs=1,
+        limit_val_batches=0,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=out_dir,
+        num_sanity_val_steps=0,
         callbacks=[ScriptedSpectrum([1.0]), absa, Recorder(out_dir)],
     )
     fit.fit(classifier(), datamodule=TinyImages(batch_size=8))

@@ -13,15 +13,12 @@ from torch import nn
 from lightning_hessian.attacks import AttackSpec, evaluate_attack, fgsm, pgd, run_foolbox_attack
 from lightning_hessian.attacks.evaluation import check_logits
 
-
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _conv_model() -> nn.Module:
     torch.manual_seed(0)
-    model = nn.Sequential(
-        nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 10)
-    )
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 10))
     with torch.no_grad():  # non-trivial running statistics
         model[1].running_mean.uniform_(-0.2, 0.2)
         model[1].running_var.uniform_(0.5, 1.5)
@@ -60,7 +57,9 @@ def test_fgsm_equals_foolbox_bit_for_bit():
     assert torch.equal(outcome.robust_correct, clean & ~success)
 
 
-@pytest.mark.parametrize("norm, cls, eps, step", [("linf", fb.attacks.LinfPGD, 0.05, 0.01), ("l2", fb.attacks.L2PGD, 0.8, 0.2)])
+@pytest.mark.parametrize(
+    "norm, cls, eps, step", [("linf", fb.attacks.LinfPGD, 0.05, 0.01), ("l2", fb.attacks.L2PGD, 0.8, 0.2)]
+)
 def test_pgd_without_random_start_equals_foolbox(norm, cls, eps, step):
     model = _conv_model()
     x = torch.rand(32, 1, 8, 8, generator=torch.Generator().manual_seed(3))
@@ -92,9 +91,13 @@ def test_pgd_is_at_least_as_strong_as_fgsm(digits_model):
     model, x, y = digits_model
     epsilons = [0.02, 0.05, 0.1, 0.15]
     fgsm_acc = evaluate_attack(model, x, y, AttackSpec("fgsm", epsilons)).robust_correct.float().mean(1)
-    pgd_acc = evaluate_attack(
-        model, x, y, AttackSpec("linf_pgd", epsilons, steps=10), generator=torch.Generator().manual_seed(0)
-    ).robust_correct.float().mean(1)
+    pgd_acc = (
+        evaluate_attack(
+            model, x, y, AttackSpec("linf_pgd", epsilons, steps=10), generator=torch.Generator().manual_seed(0)
+        )
+        .robust_correct.float()
+        .mean(1)
+    )
     assert (pgd_acc <= fgsm_acc).all(), (pgd_acc, fgsm_acc)
     assert (pgd_acc < fgsm_acc).any()  # strictly stronger somewhere on this model
 

@@ -8,9 +8,14 @@ import torch.nn.functional as F
 from sklearn.datasets import load_digits
 from torch import nn
 
-from lightning_hessian.attacks import ADVERSARIAL_TRAINING_METHODS, AdversarialTraining, AttackSpec, evaluate_attack, fgsm
+from lightning_hessian.attacks import (
+    ADVERSARIAL_TRAINING_METHODS,
+    AdversarialTraining,
+    AttackSpec,
+    evaluate_attack,
+    fgsm,
+)
 from lightning_hessian.errors import UserInputError
-
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -28,9 +33,18 @@ def _batch(n: int = 32):
 
 
 def test_options_are_validated_with_the_valid_names():
-    with pytest.raises(ValueError, match="valid methods: none, fgsm, fgsm_rs, pgd, trades, gaussian_noise, uniform_noise"):
+    with pytest.raises(
+        ValueError, match="valid methods: none, fgsm, fgsm_rs, pgd, trades, gaussian_noise, uniform_noise"
+    ):
         AdversarialTraining(method="madry")
-    for bad in (dict(epsilon=-0.1), dict(steps=0), dict(step_size=0.0), dict(ratio=0.0), dict(ratio=1.5), dict(beta=-1.0)):
+    for bad in (
+        dict(epsilon=-0.1),
+        dict(steps=0),
+        dict(step_size=0.0),
+        dict(ratio=0.0),
+        dict(ratio=1.5),
+        dict(beta=-1.0),
+    ):
         with pytest.raises(ValueError):
             AdversarialTraining(method="pgd", **bad)
     with pytest.raises(AttributeError):  # frozen

@@ -73,7 +73,9 @@ def check_peers_report(report: dict, model: str) -> None:
 def test_spectrum_vs_peers_smoke_cnn(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """The CNN with BatchNorm (the MLP runs in the suite test below), every installed peer."""
     output = tmp_path / "peers.json"
-    report = load_peers_script().main(["--smoke", "--models", "cnn", "--seeds", "1", "--threads", "1", "--json", str(output)])
+    report = load_peers_script().main(
+        ["--smoke", "--models", "cnn", "--seeds", "1", "--threads", "1", "--json", str(output)]
+    )
     printed = capsys.readouterr().out
     assert "| model | task | ours | PyHessian | curvlinops | hessian-eigenthings | speed-up |" in printed
     assert re.search(r"\| cnn \| top-5 to 0\.001 \| [0-9.]+ s \(\d+ HVPs\) \|", printed)
@@ -111,7 +113,12 @@ def test_gpu_suite_smoke(tmp_path: Path) -> None:
     """Every step of benchmarks/gpu_suite.sh on the CPU with tiny sizes, into one folder."""
     env = {**os.environ, "OUT": str(tmp_path), "PYTHON": sys.executable, "OMP_NUM_THREADS": "1"}
     completed = subprocess.run(
-        ["bash", str(BENCHMARKS / "gpu_suite.sh"), "--smoke"], cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=900
+        ["bash", str(BENCHMARKS / "gpu_suite.sh"), "--smoke"],
+        cwd=REPO_ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
     )
     assert completed.returncode == 0, completed.stdout + completed.stderr
     summary = (tmp_path / "summary.txt").read_text()

@@ -72,7 +72,9 @@ class RecordingCallback(EpochAnalysisCallback):
         loss = batch_loss(pl_module, samples.batch)
         loss.backward()  # leaves .grad: analysis_mode must restore it
         torch.randn(10)  # consumes the RNG: analysis_mode must restore it
-        self.calls.append((trainer.state.fn, trainer.current_epoch, samples, pl_module.training, torch.is_grad_enabled()))
+        self.calls.append(
+            (trainer.state.fn, trainer.current_epoch, samples, pl_module.training, torch.is_grad_enabled())
+        )
         return {"probe/loss": loss.item()}
 
 
@@ -80,8 +82,13 @@ def _fit(callbacks, tmp_path, epochs=3):
     pl.seed_everything(7)
     model = TinyModule()
     trainer = pl.Trainer(
-        max_epochs=epochs, callbacks=callbacks, logger=False, enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
+        max_epochs=epochs,
+        callbacks=callbacks,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
         num_sanity_val_steps=2,
     )
     trainer.fit(model)
@@ -140,27 +147,41 @@ def test_runs_under_validate_and_test_with_their_splits(tmp_path):
 
 def test_num_samples_larger_than_split_fails_before_training(tmp_path):
     model = TinyModule()
-    trainer = pl.Trainer(max_epochs=1, callbacks=[RecordingCallback(num_samples=65)], logger=False,
-                         enable_progress_bar=False, default_root_dir=tmp_path)
+    trainer = pl.Trainer(
+        max_epochs=1,
+        callbacks=[RecordingCallback(num_samples=65)],
+        logger=False,
+        enable_progress_bar=False,
+        default_root_dir=tmp_path,
+    )
     with pytest.raises(ValueError, match="num_samples=65 is larger than the train split \\(64 samples\\)"):
         trainer.fit(model)
     assert trainer.global_step == 0
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    ({"split": "holdout"}, "split='holdout'"),
-    ({"num_samples": 0}, "num_samples=0"),
-    ({"every_n_epochs": -1}, "every_n_epochs=-1"),
-    ({"time_budget": 0}, "time_budget=0"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"split": "holdout"}, "split='holdout'"),
+        ({"num_samples": 0}, "num_samples=0"),
+        ({"every_n_epochs": -1}, "every_n_epochs=-1"),
+        ({"time_budget": 0}, "time_budget=0"),
+    ],
+)
 def test_bad_options(kwargs, message):
     with pytest.raises(ValueError, match=message):
         RecordingCallback(**kwargs)
 
 
 def test_true_half_precision_is_refused(tmp_path):
-    trainer = pl.Trainer(max_epochs=1, precision="bf16-true", callbacks=[RecordingCallback()], logger=False,
-                         enable_progress_bar=False, default_root_dir=tmp_path)
+    trainer = pl.Trainer(
+        max_epochs=1,
+        precision="bf16-true",
+        callbacks=[RecordingCallback()],
+        logger=False,
+        enable_progress_bar=False,
+        default_root_dir=tmp_path,
+    )
     with pytest.raises(ValueError, match="bf16-mixed"):
         trainer.fit(TinyModule())
 
@@ -207,8 +228,15 @@ def test_getitems_datasets_and_clamping_under_test(tmp_path):
 
     probe = RecordingCallback(num_samples=12, seed=0)
     model = FetchModule()
-    trainer = pl.Trainer(max_epochs=1, callbacks=[probe], logger=False, enable_checkpointing=False,
-                         enable_progress_bar=False, limit_val_batches=0, default_root_dir=tmp_path)
+    trainer = pl.Trainer(
+        max_epochs=1,
+        callbacks=[probe],
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        limit_val_batches=0,
+        default_root_dir=tmp_path,
+    )
     trainer.fit(model)
     samples = probe.calls[0][2]
     chosen = torch.randperm(40, generator=torch.Generator().manual_seed(0))[:12]
@@ -298,5 +326,7 @@ def test_every_analysis_callback_takes_its_budget_from_the_base(tmp_path):
     finally:
         EpochAnalysisCallback.start_budget = original
     assert made == [
-        ("HessianSpectrumCallback", 600.0), ("AdversarialRobustnessCallback", 500.0), ("LossLandscapeCallback", 400.0)
+        ("HessianSpectrumCallback", 600.0),
+        ("AdversarialRobustnessCallback", 500.0),
+        ("LossLandscapeCallback", 400.0),
     ]

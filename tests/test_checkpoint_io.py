@@ -39,7 +39,7 @@ class FullDisk:
         def inside(name: object) -> bool:
             return isinstance(name, (str, os.PathLike)) and Path(name).resolve().is_relative_to(self.root)
 
-        def save(obj, f, *args, **kwargs):  # noqa: ANN001, ANN202
+        def save(obj, f, *args, **kwargs):
             if not (self.full and inside(getattr(f, "name", f))):
                 return real_save(obj, f, *args, **kwargs)
             buffer = io.BytesIO()
@@ -52,7 +52,7 @@ class FullDisk:
                 Path(f).write_bytes(data)
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
-        def sendfile(out_fd: int, in_fd: int, offset, count: int) -> int:  # noqa: ANN001
+        def sendfile(out_fd: int, in_fd: int, offset, count: int) -> int:
             if self.full and inside(os.readlink(f"/proc/self/fd/{out_fd}")):
                 written = os.fstat(out_fd).st_size
                 if written >= self.room:
@@ -60,7 +60,7 @@ class FullDisk:
                 count = min(count, self.room - written)
             return real_sendfile(out_fd, in_fd, offset, count)
 
-        def rename(src, dst, *args, **kwargs):  # noqa: ANN001, ANN202
+        def rename(src, dst, *args, **kwargs):
             if inside(dst) and not inside(src):
                 raise OSError(errno.EXDEV, os.strerror(errno.EXDEV), str(src), None, str(dst))
             return real_rename(src, dst, *args, **kwargs)

@@ -53,7 +53,17 @@ def test_every_config_parses_and_has_a_callback_list(capsys: pytest.CaptureFixtu
 
 
 def test_quickstart_fit_writes_a_tensorboard_run_then_test_and_validate(in_tmp_dir: Path) -> None:
-    main(["fit", "--config", QUICKSTART, *TINY, "--trainer.max_epochs=2", "--trainer.limit_train_batches=4", "--trainer.limit_val_batches=2"])
+    main(
+        [
+            "fit",
+            "--config",
+            QUICKSTART,
+            *TINY,
+            "--trainer.max_epochs=2",
+            "--trainer.limit_train_batches=4",
+            "--trainer.limit_val_batches=2",
+        ]
+    )
     run = in_tmp_dir / "runs" / "quickstart" / "version_0"
     assert list(run.glob("events.out.tfevents.*"))
     hparams = yaml.safe_load((run / "hparams.yaml").read_text())
@@ -200,10 +210,10 @@ class RecordBatches(pl.Callback):
         self.directory = directory
         self.sizes: list[int] = []
 
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:  # noqa: ANN001
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         self.sizes.append(len(batch[1]))
 
-    def on_train_end(self, trainer, pl_module) -> None:  # noqa: ANN001
+    def on_train_end(self, trainer, pl_module) -> None:
         record = {
             "world_size": trainer.world_size,
             "accumulate": trainer.accumulate_grad_batches,
@@ -263,8 +273,9 @@ def test_every_console_script_is_a_main_in_lightning_hessian_cli() -> None:
     """pyproject's [project.scripts] point into the cli package, each at a callable ``main``, and
     the installed scripts (this environment's editable install) are the same entry points."""
     import importlib
-    import tomllib
     from importlib.metadata import entry_points
+
+    import tomllib
 
     scripts = tomllib.loads((CONFIGS.parent / "pyproject.toml").read_text())["project"]["scripts"]
     assert scripts == {
@@ -278,7 +289,9 @@ def test_every_console_script_is_a_main_in_lightning_hessian_cli() -> None:
         assert callable(getattr(importlib.import_module(module), name))
     installed = {e.name: e.value for e in entry_points(group="console_scripts") if e.name.startswith("hessian-")}
     assert installed == scripts
-    assert main is importlib.import_module("lightning_hessian.cli.train").main  # `from lightning_hessian.cli import main`
+    assert (
+        main is importlib.import_module("lightning_hessian.cli.train").main
+    )  # `from lightning_hessian.cli import main`
 
 
 @pytest.mark.parametrize(

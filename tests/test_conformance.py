@@ -27,14 +27,13 @@ from typing import Any
 import pytest
 import torch
 import torch.nn.functional as F
+from spectrum_support import exact_hessian
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, IterableDataset, TensorDataset
 
 from lightning_hessian import AdversarialRobustnessCallback, HessianSpectrumCallback, LossLandscapeCallback
 from lightning_hessian.attacks import AttackSpec
 from lightning_hessian.curvature.objective import batch_loss
-
-from spectrum_support import exact_hessian
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -88,12 +87,18 @@ def _datasets(kind: str) -> dict[str, Dataset]:
             tokens = torch.randint(0, 33, (n, 9), generator=generator)
             out[split] = TensorDataset(tokens[:, :-1], tokens[:, 1:])
         elif kind == "mnist":  # the demos' Net
-            out[split] = TensorDataset(torch.rand(n, 1, 28, 28, generator=generator), torch.randint(0, 10, (n,), generator=generator))
+            out[split] = TensorDataset(
+                torch.rand(n, 1, 28, 28, generator=generator), torch.randint(0, 10, (n,), generator=generator)
+            )
         elif kind == "dict":
             x = torch.randn(n, 6, generator=generator)
-            out[split] = DictData(x, x @ torch.linspace(-1, 1, 6)[:, None] + 0.1 * torch.randn(n, 1, generator=generator))
+            out[split] = DictData(
+                x, x @ torch.linspace(-1, 1, 6)[:, None] + 0.1 * torch.randn(n, 1, generator=generator)
+            )
         elif kind == "images":  # dropout + BatchNorm classifier
-            out[split] = TensorDataset(torch.rand(n, 1, 6, 6, generator=generator), torch.randint(0, 3, (n,), generator=generator))
+            out[split] = TensorDataset(
+                torch.rand(n, 1, 6, 6, generator=generator), torch.randint(0, 3, (n,), generator=generator)
+            )
     return out
 
 
@@ -261,7 +266,9 @@ def _callbacks(classifier: bool, exact: bool) -> list[Any]:
     tolerance = {"eig_tol": 1e-6} if exact else {}
     callbacks = [
         HessianSpectrumCallback(top_k=2, num_samples=NUM_SAMPLES, analysis_batch_size=MICRO_BATCH, **tolerance),
-        LossLandscapeCallback(curves=["eig1"], curve_points=3, num_samples=NUM_SAMPLES, analysis_batch_size=MICRO_BATCH),
+        LossLandscapeCallback(
+            curves=["eig1"], curve_points=3, num_samples=NUM_SAMPLES, analysis_batch_size=MICRO_BATCH
+        ),
     ]
     if classifier:
         callbacks.append(
@@ -288,7 +295,9 @@ def _trainer(ns: ModuleType, callbacks: list[Any], log_dir: Path | None) -> Any:
     )
 
 
-def _fit(ns: ModuleType, model_name: str, passing: str, callbacks: list[Any], log_dir: Path | None) -> tuple[Any, Any, Any]:
+def _fit(
+    ns: ModuleType, model_name: str, passing: str, callbacks: list[Any], log_dir: Path | None
+) -> tuple[Any, Any, Any]:
     cls, kind, _ = _models(ns)[model_name]
     ns.seed_everything(0)
     model = cls()
@@ -366,7 +375,9 @@ def test_callbacks_on_projects_we_did_not_write(model_name: str, namespace: str,
         assert torch.equal(a, b), name
 
     for stage in ("validate", "test"):
-        if getattr(type(model), f"{'validation' if stage == 'validate' else 'test'}_step") is getattr(ns.LightningModule, f"{'validation' if stage == 'validate' else 'test'}_step"):
+        if getattr(type(model), f"{'validation' if stage == 'validate' else 'test'}_step") is getattr(
+            ns.LightningModule, f"{'validation' if stage == 'validate' else 'test'}_step"
+        ):
             continue  # Lightning itself refuses validate/test without the step (DemoModel)
         _evaluate(trainer, model, data, passing, stage)
         _check_analyses(callbacks, model, trainer, exact)
@@ -380,8 +391,16 @@ def test_module_defined_loaders_and_combined_loader(namespace: str, tmp_path: Pa
     boring = _models(ns)["BoringModel"][0]
     # eig_tol bounds the residual relative to the eigenvalue; tight here, as the check is to 1e-4
     spectrum = HessianSpectrumCallback(num_samples=NUM_SAMPLES, analysis_batch_size=MICRO_BATCH, eig_tol=1e-6)
-    trainer = ns.Trainer(max_epochs=1, limit_train_batches=3, limit_val_batches=2, callbacks=[spectrum], logger=False,
-                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    trainer = ns.Trainer(
+        max_epochs=1,
+        limit_train_batches=3,
+        limit_val_batches=2,
+        callbacks=[spectrum],
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
     model = boring()
     trainer.fit(model)
     batch = spectrum._samples["train"].batch
@@ -391,15 +410,24 @@ def test_module_defined_loaders_and_combined_loader(namespace: str, tmp_path: Pa
 
     combined_cls = importlib.import_module(f"{ns.__name__}.utilities").CombinedLoader
     x = torch.randn(40, 32)
-    loaders = combined_cls({"a": DataLoader(BareTensors(x), batch_size=8), "b": DataLoader(BareTensors(-x), batch_size=8)})
+    loaders = combined_cls(
+        {"a": DataLoader(BareTensors(x), batch_size=8), "b": DataLoader(BareTensors(-x), batch_size=8)}
+    )
 
     class Combined(boring):
         def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
             return self.step(batch["a"])
 
     spectrum = HessianSpectrumCallback(num_samples=NUM_SAMPLES, analysis_batch_size=MICRO_BATCH)
-    trainer = ns.Trainer(max_epochs=1, callbacks=[spectrum], logger=False, enable_checkpointing=False,
-                         enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0)
+    trainer = ns.Trainer(
+        max_epochs=1,
+        callbacks=[spectrum],
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+    )
     model = Combined()
     trainer.fit(model, loaders)
     chosen = spectrum._samples["train"].batch
@@ -435,23 +463,41 @@ def test_iterable_dataset_and_fit_time_errors() -> None:
             return torch.optim.SGD(self.parameters(), lr=0.1)
 
     spectrum = HessianSpectrumCallback(num_samples=20, analysis_batch_size=8)
-    trainer = ns.Trainer(max_epochs=1, callbacks=[spectrum], logger=False, enable_checkpointing=False,
-                         enable_progress_bar=False, enable_model_summary=False)
+    trainer = ns.Trainer(
+        max_epochs=1,
+        callbacks=[spectrum],
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
     model = Classifier()
     trainer.fit(model, DataLoader(Stream(), batch_size=8))
     assert spectrum._samples["train"].num_local == 20 and "hessian/eig_1" in trainer.callback_metrics
 
     too_many = HessianSpectrumCallback(num_samples=100)
-    trainer = ns.Trainer(max_epochs=1, callbacks=[too_many], logger=False, enable_checkpointing=False,
-                         enable_progress_bar=False, enable_model_summary=False)
+    trainer = ns.Trainer(
+        max_epochs=1,
+        callbacks=[too_many],
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
     model = Classifier()
     with pytest.raises(ValueError, match="num_samples=100 is larger than the train split"):
         trainer.fit(model, DataLoader(TensorDataset(torch.randn(30, 6), torch.randint(0, 3, (30,))), batch_size=8))
     assert model.steps == 0
 
     robust = AdversarialRobustnessCallback(num_samples=8)
-    trainer = ns.Trainer(max_epochs=1, callbacks=[robust], logger=False, enable_checkpointing=False,
-                         enable_progress_bar=False, enable_model_summary=False)
+    trainer = ns.Trainer(
+        max_epochs=1,
+        callbacks=[robust],
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
     model = Classifier()
     dict_loader = DataLoader(DictData(torch.rand(16, 6), torch.randint(0, 3, (16,))), batch_size=8)
     with pytest.raises(TypeError, match="hessian_inputs"):
@@ -492,15 +538,27 @@ def test_analyses_under_test_from_a_checkpoint_log_at_its_step(tmp_path: Path) -
 
     ns = importlib.import_module("pytorch_lightning")
     boring = _models(ns)["BoringModel"][0]
-    trainer = ns.Trainer(max_epochs=2, limit_train_batches=3, limit_val_batches=1, logger=False, default_root_dir=tmp_path,
-                         enable_progress_bar=False, enable_model_summary=False)
+    trainer = ns.Trainer(
+        max_epochs=2,
+        limit_train_batches=3,
+        limit_val_batches=1,
+        logger=False,
+        default_root_dir=tmp_path,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
     trainer.fit(boring())
     checkpoint = trainer.checkpoint_callback.best_model_path
     assert trainer.global_step == 6 and checkpoint
 
     spectrum = HessianSpectrumCallback(num_samples=16)
-    tester = ns.Trainer(callbacks=[spectrum], logger=ns.loggers.TensorBoardLogger(str(tmp_path / "tb"), name="", version=""),
-                        enable_progress_bar=False, enable_model_summary=False, limit_test_batches=1)
+    tester = ns.Trainer(
+        callbacks=[spectrum],
+        logger=ns.loggers.TensorBoardLogger(str(tmp_path / "tb"), name="", version=""),
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_test_batches=1,
+    )
     tester.test(boring(), ckpt_path=checkpoint, verbose=False)
     events = EventAccumulator(str(tmp_path / "tb"))
     events.Reload()
@@ -513,19 +571,35 @@ def test_package_classes_under_either_lightning_cli(namespace: str, tmp_path: Pa
     """The package's model, data modules and callbacks run under either package's own
     ``LightningCLI`` (``lightning_hessian.unified`` holds the ``lightning.pytorch`` classes)."""
     ns = _namespace(namespace)
-    package = importlib.import_module("lightning_hessian.unified" if namespace == "lightning.pytorch" else "lightning_hessian.data")
-    model_class = package.ImageClassifier if namespace == "lightning.pytorch" else importlib.import_module("lightning_hessian").ImageClassifier
+    package = importlib.import_module(
+        "lightning_hessian.unified" if namespace == "lightning.pytorch" else "lightning_hessian.data"
+    )
+    model_class = (
+        package.ImageClassifier
+        if namespace == "lightning.pytorch"
+        else importlib.import_module("lightning_hessian").ImageClassifier
+    )
     cli = importlib.import_module(f"{namespace}.cli")
     args = [
-        "fit", "--data=Digits", "--data.batch_size=64",
-        "--model.arch=mlp", "--model.num_classes=10", "--model.input_shape=[1, 8, 8]",
-        "--trainer.max_epochs=1", "--trainer.limit_train_batches=2", "--trainer.limit_val_batches=1",
-        "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false",
-        f"--trainer.default_root_dir={tmp_path}", "--trainer.logger=false",
-        "--trainer.callbacks+=lightning_hessian.HessianSpectrumCallback", "--trainer.callbacks.num_samples=64",
+        "fit",
+        "--data=Digits",
+        "--data.batch_size=64",
+        "--model.arch=mlp",
+        "--model.num_classes=10",
+        "--model.input_shape=[1, 8, 8]",
+        "--trainer.max_epochs=1",
+        "--trainer.limit_train_batches=2",
+        "--trainer.limit_val_batches=1",
+        "--trainer.enable_progress_bar=false",
+        "--trainer.enable_model_summary=false",
+        f"--trainer.default_root_dir={tmp_path}",
+        "--trainer.logger=false",
+        "--trainer.callbacks+=lightning_hessian.HessianSpectrumCallback",
+        "--trainer.callbacks.num_samples=64",
     ]
-    run = cli.LightningCLI(model_class, package.ImageDataModule, subclass_mode_data=True, args=args,
-                           save_config_callback=None)
+    run = cli.LightningCLI(
+        model_class, package.ImageDataModule, subclass_mode_data=True, args=args, save_config_callback=None
+    )
     assert isinstance(run.trainer, ns.Trainer) and isinstance(run.datamodule, package.Digits)
     assert float(run.trainer.callback_metrics["hessian/eig_1"]) > 0
     # the callback's state is in the checkpoint that package's trainer wrote

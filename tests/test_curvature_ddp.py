@@ -50,7 +50,9 @@ def worker(rank: int, port: int, out: str) -> None:
     try:
         model, x, y = make_problem()
         shard = SHARDS[rank]
-        op = HessianOperator(model, F.cross_entropy, (x[shard], y[shard]), micro_batch_size=4, all_reduce=all_reduce_sum)
+        op = HessianOperator(
+            model, F.cross_entropy, (x[shard], y[shard]), micro_batch_size=4, all_reduce=all_reduce_sum
+        )
         assert op.num_samples == 17 and op.num_local_samples == shard.stop - shard.start
         results = analyse(op)
         torch.save(results, Path(out) / f"rank{rank}.pt")

@@ -70,7 +70,9 @@ def exact_hessian(model: nn.Module, x: torch.Tensor, y: torch.Tensor, names: lis
     blocks = torch.autograd.functional.hessian(loss, tuple(params[n] for n in names), vectorize=True)
     model.train(training)
     sizes = [params[n].numel() for n in names]
-    return torch.cat([torch.cat([blocks[i][j].reshape(sizes[i], sizes[j]) for j in range(len(names))], 1) for i in range(len(names))])
+    return torch.cat(
+        [torch.cat([blocks[i][j].reshape(sizes[i], sizes[j]) for j in range(len(names))], 1) for i in range(len(names))]
+    )
 
 
 def fingerprint(model: nn.Module) -> dict:
@@ -98,7 +100,11 @@ def assert_same_state(before: dict, model: nn.Module) -> None:
 # ------------------------------------------------------------------------------ the operator
 
 
-@pytest.mark.parametrize("make", [lambda: make_cnn(nn.ReLU()), lambda: make_cnn(nn.Softplus()), make_mlp], ids=["cnn-bn-relu", "cnn-bn-softplus", "mlp-softplus"])
+@pytest.mark.parametrize(
+    "make",
+    [lambda: make_cnn(nn.ReLU()), lambda: make_cnn(nn.Softplus()), make_mlp],
+    ids=["cnn-bn-relu", "cnn-bn-softplus", "mlp-softplus"],
+)
 def test_hvp_equals_exact_hessian_times_v(make) -> None:
     model, x, y = make()
     model.train()
@@ -131,13 +137,18 @@ def test_gradient_loss_and_double_backward_mode() -> None:
     op = HessianOperator(model, F.cross_entropy, (x, y), micro_batch_size=4, dtype=torch.float64)
     model.eval()
     params = [p.detach().double().requires_grad_() for p in model.parameters()]
-    tensors = {**{n: b.double() if b.is_floating_point() else b for n, b in model.named_buffers()}, **dict(zip(op.param_names, params))}
+    tensors = {
+        **{n: b.double() if b.is_floating_point() else b for n, b in model.named_buffers()},
+        **dict(zip(op.param_names, params)),
+    }
     loss = F.cross_entropy(torch.func.functional_call(model, tensors, (x.double(),)), y)
     grad = torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss, params)])
     model.train()
     assert torch.allclose(op.loss(), loss.detach(), rtol=1e-12)
     assert torch.allclose(op.gradient(), grad, rtol=1e-10, atol=1e-13)
-    slow = HessianOperator(model, F.cross_entropy, (x, y), micro_batch_size=4, dtype=torch.float64, hvp_mode="double_backward")
+    slow = HessianOperator(
+        model, F.cross_entropy, (x, y), micro_batch_size=4, dtype=torch.float64, hvp_mode="double_backward"
+    )
     V = torch.randn(op.num_params, 3, dtype=torch.float64)
     assert torch.allclose(slow.matmat(V), op.matmat(V), rtol=1e-10, atol=1e-13)
 
@@ -152,7 +163,9 @@ def test_batch_loss_dict_batches_param_filter_and_flatten() -> None:
         return F.cross_entropy(module(batch["input"]), batch["target"])
 
     data = [{"input": x[:7], "target": y[:7]}, {"input": x[7:], "target": y[7:]}]
-    op_dict = HessianOperator(model, data=data, batch_loss=batch_loss, dtype=torch.float64, param_filter=lambda n, p: n.startswith("2"))
+    op_dict = HessianOperator(
+        model, data=data, batch_loss=batch_loss, dtype=torch.float64, param_filter=lambda n, p: n.startswith("2")
+    )
     v = torch.randn(op.num_params, dtype=torch.float64)
     assert torch.allclose(op_dict.matvec(v), H @ v, rtol=1e-10, atol=1e-12)
     shaped = op.unflatten(v)
@@ -250,7 +263,9 @@ def test_trace_is_within_three_standard_errors() -> None:
     for method in ("hutchinson", "hutch++"):
         outside = 0
         for seed in range(10):
-            result = hessian_trace(MatrixOperator(A), method=method, rel_tol=None, max_probes=60, batch_probes=20, seed=seed)
+            result = hessian_trace(
+                MatrixOperator(A), method=method, rel_tol=None, max_probes=60, batch_probes=20, seed=seed
+            )
             assert result.hvp_count == 60 and result.stderr > 0
             outside += abs(result.estimate - exact) > 3 * result.stderr
         assert outside <= 1, method
@@ -326,12 +341,12 @@ class _OldStyleSquare(torch.autograd.Function):
     """A custom function without ``setup_context``: torch.func cannot transform it."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor) -> torch.Tensor:  # noqa: ANN001
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
         ctx.save_for_backward(x)
         return x * x
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:  # noqa: ANN001
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
         (x,) = ctx.saved_tensors
         return 2 * x * grad  # differentiable: double backward works
 
@@ -365,7 +380,7 @@ def test_out_of_memory_halves_the_chunk_and_retries(monkeypatch: pytest.MonkeyPa
     original = HessianOperator._func_hvp
     sizes = []
 
-    def limited(self, loss, primals, chunk):  # noqa: ANN001
+    def limited(self, loss, primals, chunk):
         sizes.append(chunk.shape[0])
         if chunk.shape[0] > 2:
             raise torch.OutOfMemoryError("CUDA out of memory (simulated)")

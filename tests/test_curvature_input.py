@@ -9,26 +9,37 @@ from torch import nn
 
 from lightning_hessian.curvature import input_curvature, input_gradient_norms, input_hessian_eigenvalues
 
-
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make_net(activation: nn.Module) -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
     torch.manual_seed(0)
     model = nn.Sequential(
-        nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), activation, nn.Flatten(), nn.Linear(4 * 4 * 4, 16), activation, nn.Linear(16, 5)
+        nn.Conv2d(1, 4, 3),
+        nn.BatchNorm2d(4),
+        activation,
+        nn.Flatten(),
+        nn.Linear(4 * 4 * 4, 16),
+        activation,
+        nn.Linear(16, 5),
     )
     with torch.no_grad():
         model(torch.randn(16, 1, 6, 6))  # running statistics
     return model, torch.randn(7, 1, 6, 6), torch.randint(0, 5, (7,))
 
 
-def per_sample_exact(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def per_sample_exact(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Exact float64 (largest, smallest, gradient norm) per sample, one sample at a time."""
     model = model.eval()
-    tensors = {n: t.detach().double() if t.is_floating_point() else t for n, t in (*model.named_parameters(), *model.named_buffers())}
+    tensors = {
+        n: t.detach().double() if t.is_floating_point() else t
+        for n, t in (*model.named_parameters(), *model.named_buffers())
+    }
     largest, smallest, norms = [], [], []
     for i in range(x.shape[0]):
+
         def loss(xi: torch.Tensor, i: int = i) -> torch.Tensor:
             return F.cross_entropy(torch.func.functional_call(model, tensors, (xi[None],)), y[i : i + 1])
 
@@ -59,7 +70,9 @@ def test_input_curvature_matches_exact_per_sample_hessians(activation: nn.Module
 
 def test_relu_cross_entropy_input_hessian_is_psd_softplus_is_not() -> None:
     relu, x, y = make_net(nn.ReLU())
-    smallest_relu = input_hessian_eigenvalues(relu, F.cross_entropy, x, y, which="smallest", dtype=torch.float64, tol=1e-8)
+    smallest_relu = input_hessian_eigenvalues(
+        relu, F.cross_entropy, x, y, which="smallest", dtype=torch.float64, tol=1e-8
+    )
     largest_relu = input_hessian_eigenvalues(relu, F.cross_entropy, x, y, dtype=torch.float64, tol=1e-8)
     assert (smallest_relu.eigenvalues >= -1e-6).all()
     assert (largest_relu.eigenvalues > 1e-4).all()

@@ -40,7 +40,7 @@ def test_digits_split_shapes_and_pixel_range() -> None:
     assert Digits(normalize=False).mean == (0.0,) and Digits(normalize=False).std == (1.0,)
 
 
-def _pairs(dataset) -> set[tuple[bytes, int]]:  # noqa: ANN001
+def _pairs(dataset) -> set[tuple[bytes, int]]:
     return {(img.numpy().tobytes(), int(label)) for img, label in zip(dataset.images, dataset.labels)}
 
 
@@ -206,7 +206,7 @@ class _BatchSpy(pl.Callback):
     def __init__(self) -> None:
         self.train: list[torch.Tensor] = []
 
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:  # noqa: ANN001
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         self.train.append(batch[0].clone())
 
 

@@ -16,10 +16,10 @@ from lightning_hessian.data import DataNotFoundError
 from lightning_hessian.errors import is_user_error, run_console_script
 
 
-def _raised(function) -> BaseException:  # noqa: ANN001
+def _raised(function) -> BaseException:
     try:
         function()
-    except BaseException as error:  # noqa: BLE001 - the test inspects whatever it was
+    except BaseException as error:
         return error
     raise AssertionError("nothing raised")
 

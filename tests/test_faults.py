@@ -10,11 +10,10 @@ from pathlib import Path
 import pytest
 import pytorch_lightning as pl
 import torch
+from spectrum_support import PlainClassifier, RecordingSpectrum, exact_hessian
 
 from lightning_hessian import AdversarialRobustnessCallback, HessianSpectrumCallback, LossLandscapeCallback
 from lightning_hessian.attacks import AttackSpec
-
-from spectrum_support import PlainClassifier, RecordingSpectrum, exact_hessian
 
 pytestmark = [
     pytest.mark.usefixtures("one_thread"),
@@ -27,18 +26,39 @@ def test_a_diverged_run_gets_nan_metrics_and_one_warning_not_a_crash(tmp_path: P
     model = PlainClassifier(lr=1e6)  # diverges to non-finite weights within a few steps
     callbacks = [
         HessianSpectrumCallback(top_k=2, quantities=["eigenvalues", "trace"], num_samples=32),
-        LossLandscapeCallback(curves=["eig1", "gradient"], surfaces=[("eig1", "random1")], surface_points=3, curve_points=3,
-                              num_samples=32, sharpness=True, sharpness_steps=2),
+        LossLandscapeCallback(
+            curves=["eig1", "gradient"],
+            surfaces=[("eig1", "random1")],
+            surface_points=3,
+            curve_points=3,
+            num_samples=32,
+            sharpness=True,
+            sharpness_steps=2,
+        ),
         AdversarialRobustnessCallback(attacks=[AttackSpec("fgsm", [0.0, 0.1])], bounds=(-10.0, 10.0), num_samples=16),
     ]
-    trainer = pl.Trainer(max_epochs=3, callbacks=callbacks, logger=False, enable_checkpointing=False,
-                         enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path)
+    trainer = pl.Trainer(
+        max_epochs=3,
+        callbacks=callbacks,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+    )
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         trainer.fit(model)
     assert trainer.current_epoch == 3  # trained to the end
     assert not all(torch.isfinite(p).all() for p in model.parameters())
-    for tag in ("hessian/eig_1", "hessian/trace", "landscape/loss", "landscape/sharpness", "robust/clean_acc", "robust/fgsm/eps_0.1"):
+    for tag in (
+        "hessian/eig_1",
+        "hessian/trace",
+        "landscape/loss",
+        "landscape/sharpness",
+        "robust/clean_acc",
+        "robust/fgsm/eps_0.1",
+    ):
         assert math.isnan(float(trainer.callback_metrics[tag])), tag
     messages = [str(w.message) for w in caught if "logging NaN" in str(w.message)]
     # one warning per callback, not one per epoch
@@ -51,8 +71,16 @@ def _ddp_batchnorm_run(out_dir: Path) -> None:
     model = PlainClassifier(lr=0.2, batch_norm=True, n_train=96)
     spectrum = RecordingSpectrum(str(out_dir), top_k=1, num_samples=51, analysis_batch_size=16, eig_tol=1e-7)
     trainer = pl.Trainer(
-        accelerator="cpu", devices=2, strategy="ddp_spawn", max_epochs=1, limit_val_batches=0, logger=False,
-        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, default_root_dir=out_dir,
+        accelerator="cpu",
+        devices=2,
+        strategy="ddp_spawn",
+        max_epochs=1,
+        limit_val_batches=0,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=out_dir,
         callbacks=[spectrum],
     )
     trainer.fit(model)

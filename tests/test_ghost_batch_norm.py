@@ -63,7 +63,9 @@ def _input(kind: str, batch: int) -> torch.Tensor:
 @pytest.mark.parametrize("kind", ["2d", "1d"])
 @pytest.mark.parametrize("momentum", [0.1, None])
 @pytest.mark.parametrize("batch", [512, 500])
-def test_ghost_bn_equals_accumulating_micro_batches_through_plain_bn(kind: str, momentum: float | None, batch: int) -> None:
+def test_ghost_bn_equals_accumulating_micro_batches_through_plain_bn(
+    kind: str, momentum: float | None, batch: int
+) -> None:
     """A batch of 512 (or 500: a last chunk of 116) with virtual size 128 = micro-batches of 128
     through plain BatchNorm, one after the other: outputs, running mean/var (one momentum update per
     chunk, in order; cumulative average for momentum=None), num_batches_tracked (+ number of chunks),
@@ -134,7 +136,7 @@ def test_network_gradients_and_statistics_equal_four_accumulated_micro_batches()
 def test_eval_mode_is_plain_batch_norm() -> None:
     plain, ghost = _lenet_pair()
     x = torch.rand(512, 1, 28, 28, dtype=torch.float64)
-    ghost(x), plain(x)  # noqa: B018 - training steps that move the running statistics
+    ghost(x), plain(x)
     plain.load_state_dict(ghost.state_dict())
     plain.eval(), ghost.eval()
     for batch in (512, 300, 7):
@@ -194,7 +196,9 @@ def test_every_registered_architecture_gets_ghost_batch_norm(arch: str) -> None:
     logits = ghost.train()(torch.rand(11, *SHAPES[arch]))  # chunks of 4, 4 and 3
     assert logits.shape == (11, 10) and torch.isfinite(logits).all()
     # without BatchNorm there is nothing to swap
-    no_bn = build_architecture(arch, input_shape=SHAPES[arch], num_classes=10, batch_norm=False, bn_virtual_batch_size=4)
+    no_bn = build_architecture(
+        arch, input_shape=SHAPES[arch], num_classes=10, batch_norm=False, bn_virtual_batch_size=4
+    )
     assert not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in no_bn.modules())
 
 
@@ -238,12 +242,25 @@ def _clean_argv(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 @pytest.mark.usefixtures("_clean_argv")
-def test_cli_accepts_bn_virtual_batch_size_and_refuses_a_bad_one(in_tmp_dir: Path, capsys: pytest.CaptureFixture) -> None:
+def test_cli_accepts_bn_virtual_batch_size_and_refuses_a_bad_one(
+    in_tmp_dir: Path, capsys: pytest.CaptureFixture
+) -> None:
     import yaml
 
     quickstart = str(CONFIGS / "quickstart.yaml")
     with pytest.raises(SystemExit) as info:
-        main(["fit", "--config", quickstart, "--model.bn_virtual_batch_size", "128", "--model.init", "he_normal", "--print_config"])
+        main(
+            [
+                "fit",
+                "--config",
+                quickstart,
+                "--model.bn_virtual_batch_size",
+                "128",
+                "--model.init",
+                "he_normal",
+                "--print_config",
+            ]
+        )
     assert info.value.code in (0, None)
     model = yaml.safe_load(capsys.readouterr().out)["model"]
     assert model["bn_virtual_batch_size"] == 128 and model["init"] == "he_normal"

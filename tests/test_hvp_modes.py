@@ -55,7 +55,7 @@ def make_mlp() -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
     return model, torch.randn(17, 6), torch.randint(0, 4, (17,))
 
 
-def exact_hessian(model: nn.Module, x: torch.Tensor, y: torch.Tensor, loss_of_outputs=F.cross_entropy) -> torch.Tensor:  # noqa: ANN001
+def exact_hessian(model: nn.Module, x: torch.Tensor, y: torch.Tensor, loss_of_outputs=F.cross_entropy) -> torch.Tensor:
     """Dense float64 Hessian of the full-batch mean loss in eval mode, by
     torch.autograd.functional.hessian on one batch: shares nothing with the operator."""
     training = model.training
@@ -65,12 +65,16 @@ def exact_hessian(model: nn.Module, x: torch.Tensor, y: torch.Tensor, loss_of_ou
     buffers = {n: b.double() if b.is_floating_point() else b for n, b in model.named_buffers()}
 
     def loss(*values: torch.Tensor) -> torch.Tensor:
-        return loss_of_outputs(torch.func.functional_call(model, {**params, **buffers, **dict(zip(names, values))}, (x.double(),)), y)
+        return loss_of_outputs(
+            torch.func.functional_call(model, {**params, **buffers, **dict(zip(names, values))}, (x.double(),)), y
+        )
 
     blocks = torch.autograd.functional.hessian(loss, tuple(params.values()), vectorize=True)
     model.train(training)
     sizes = [p.numel() for p in params.values()]
-    return torch.cat([torch.cat([blocks[i][j].reshape(sizes[i], sizes[j]) for j in range(len(sizes))], 1) for i in range(len(sizes))])
+    return torch.cat(
+        [torch.cat([blocks[i][j].reshape(sizes[i], sizes[j]) for j in range(len(sizes))], 1) for i in range(len(sizes))]
+    )
 
 
 def fingerprint(model: nn.Module) -> dict:
@@ -100,7 +104,7 @@ def count_builds(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     builds: list[int] = []
     original = HessianOperator._build_retained_graph
 
-    def counting(self: HessianOperator, signature: tuple):  # noqa: ANN202
+    def counting(self: HessianOperator, signature: tuple):
         builds.append(1)
         return original(self, signature)
 
@@ -154,7 +158,10 @@ def test_parameters_with_constant_gradient_have_zero_hessian_rows(mode: str) -> 
 
     linear = nn.Linear(4, 2)  # loss linear in every parameter: H = 0
     zero = HessianOperator(linear, summed, (x, y), dtype=torch.float64, hvp_mode=mode)
-    assert torch.equal(zero.matvec(torch.randn(zero.num_params, dtype=torch.float64)), torch.zeros(zero.num_params, dtype=torch.float64))
+    assert torch.equal(
+        zero.matvec(torch.randn(zero.num_params, dtype=torch.float64)),
+        torch.zeros(zero.num_params, dtype=torch.float64),
+    )
 
 
 def test_all_reduce_sums_retained_graph_products_and_counts() -> None:
@@ -168,7 +175,15 @@ def test_all_reduce_sums_retained_graph_products_and_counts() -> None:
         calls.append(tensor.numel())
         return tensor * 2
 
-    op = HessianOperator(model, F.cross_entropy, (x, y), micro_batch_size=6, dtype=torch.float64, all_reduce=twice, hvp_mode="retained_graph")
+    op = HessianOperator(
+        model,
+        F.cross_entropy,
+        (x, y),
+        micro_batch_size=6,
+        dtype=torch.float64,
+        all_reduce=twice,
+        hvp_mode="retained_graph",
+    )
     assert op.num_samples == 2 * 17
     V = torch.randn(op.num_params, 2, dtype=torch.float64)
     with op.analysis():
@@ -183,7 +198,9 @@ def test_all_reduce_sums_retained_graph_products_and_counts() -> None:
 def test_retained_graph_is_built_once_per_context_and_released(monkeypatch: pytest.MonkeyPatch) -> None:
     builds = count_builds(monkeypatch)
     model, x, y = make_cnn()
-    op = HessianOperator(model, F.cross_entropy, (x, y), micro_batch_size=4, dtype=torch.float64, hvp_mode="retained_graph")
+    op = HessianOperator(
+        model, F.cross_entropy, (x, y), micro_batch_size=4, dtype=torch.float64, hvp_mode="retained_graph"
+    )
     v = torch.randn(op.num_params, dtype=torch.float64)
     with op.analysis():
         first = op.matvec(v)
@@ -244,7 +261,9 @@ def test_retained_graph_under_inference_mode_keeps_the_model_state() -> None:
     H = exact_hessian(model, x, y)
     with torch.inference_mode():
         xi, yi = x.clone(), y.clone()  # inference tensors
-        op = HessianOperator(model, F.cross_entropy, (xi, yi), micro_batch_size=6, dtype=torch.float64, hvp_mode="retained_graph")
+        op = HessianOperator(
+            model, F.cross_entropy, (xi, yi), micro_batch_size=6, dtype=torch.float64, hvp_mode="retained_graph"
+        )
         v = torch.randn(op.num_params, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
         with op.analysis():
             assert not model.training  # BatchNorm uses its running statistics
@@ -267,11 +286,13 @@ def test_retained_graph_that_does_not_fit_falls_back_to_double_backward(monkeypa
     model, x, y = make_mlp()
     H = exact_hessian(model, x, y)
 
-    def out_of_memory(self: HessianOperator, signature: tuple):  # noqa: ANN202
+    def out_of_memory(self: HessianOperator, signature: tuple):
         raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
 
     monkeypatch.setattr(HessianOperator, "_build_retained_graph", out_of_memory)
-    op = HessianOperator(model, F.cross_entropy, (x, y), micro_batch_size=5, dtype=torch.float64, hvp_mode="retained_graph")
+    op = HessianOperator(
+        model, F.cross_entropy, (x, y), micro_batch_size=5, dtype=torch.float64, hvp_mode="retained_graph"
+    )
     V = torch.randn(op.num_params, 2, dtype=torch.float64)
     with pytest.warns(UserWarning, match="double_backward"):
         assert torch.allclose(op.matmat(V), H @ V, rtol=1e-10, atol=1e-12)
@@ -292,7 +313,9 @@ def test_retained_graph_that_does_not_fit_falls_back_to_double_backward(monkeypa
         return original(self, vectors, batched=batched)
 
     monkeypatch.setattr(HessianOperator, "_retained_product", out_of_memory_in_second_product)
-    late = HessianOperator(model, F.cross_entropy, (x, y), micro_batch_size=5, dtype=torch.float64, hvp_mode="retained_graph")
+    late = HessianOperator(
+        model, F.cross_entropy, (x, y), micro_batch_size=5, dtype=torch.float64, hvp_mode="retained_graph"
+    )
     with late.analysis():
         assert torch.allclose(late.matmat(V), H @ V, rtol=1e-10, atol=1e-12)
         assert late._retained is not None
@@ -304,12 +327,14 @@ def test_retained_graph_that_does_not_fit_falls_back_to_double_backward(monkeypa
 def test_vmap_over_the_retained_graph_halves_chunks_and_falls_back(monkeypatch: pytest.MonkeyPatch) -> None:
     model, x, y = make_cnn()
     H = exact_hessian(model, x, y)
-    op = HessianOperator(model, F.cross_entropy, (x, y), dtype=torch.float64, max_chunk=8, hvp_mode="retained_graph_vmap")
+    op = HessianOperator(
+        model, F.cross_entropy, (x, y), dtype=torch.float64, max_chunk=8, hvp_mode="retained_graph_vmap"
+    )
     V = torch.randn(op.num_params, 7, dtype=torch.float64)
     original = HessianOperator._retained_vmap
     sizes = []
 
-    def limited(self: HessianOperator, graph, chunk: torch.Tensor) -> torch.Tensor:  # noqa: ANN001
+    def limited(self: HessianOperator, graph, chunk: torch.Tensor) -> torch.Tensor:
         sizes.append(chunk.shape[0])
         if chunk.shape[0] > 2:
             raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
@@ -319,7 +344,7 @@ def test_vmap_over_the_retained_graph_halves_chunks_and_falls_back(monkeypatch: 
     assert torch.allclose(op.matmat(V), H @ V, rtol=1e-10, atol=1e-12)
     assert sizes[:3] == [7, 4, 2] and op._chunk == 2
 
-    def unsupported(self: HessianOperator, graph, chunk: torch.Tensor) -> torch.Tensor:  # noqa: ANN001
+    def unsupported(self: HessianOperator, graph, chunk: torch.Tensor) -> torch.Tensor:
         raise RuntimeError("Batching rule not implemented (simulated)")
 
     monkeypatch.setattr(HessianOperator, "_retained_vmap", unsupported)
@@ -334,12 +359,12 @@ class _OldStyleSquare(torch.autograd.Function):
     """A custom function without ``setup_context``: torch.func cannot transform it."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor) -> torch.Tensor:  # noqa: ANN001
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
         ctx.save_for_backward(x)
         return x * x
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:  # noqa: ANN001
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
         (x,) = ctx.saved_tensors
         return 2 * x * grad
 
@@ -386,13 +411,19 @@ def test_mode_trial_keeps_the_default_unless_another_mode_is_clearly_faster() ->
     candidates, default = ["retained_graph", "func"], "retained_graph"
     assert trial({"retained_graph": [1.0], "func": [0.1]}).decision(candidates, default) is None  # too few calls
     assert trial({"retained_graph": [1.0, 1.1], "func": [0.9, 0.95]}).decision(candidates, default) is None  # unclear
-    assert trial({"retained_graph": [1.0, 1.1], "func": [0.6, 0.65]}).decision(candidates, default) == "func"  # 1.5x: early
-    assert trial({"retained_graph": [1.0, 1.1], "func": [0.6, 0.7]}).decision(candidates, default) is None  # 1.43x: wait
+    assert (
+        trial({"retained_graph": [1.0, 1.1], "func": [0.6, 0.65]}).decision(candidates, default) == "func"
+    )  # 1.5x: early
+    assert (
+        trial({"retained_graph": [1.0, 1.1], "func": [0.6, 0.7]}).decision(candidates, default) is None
+    )  # 1.43x: wait
     assert trial({"retained_graph": [1.0, 1.0, 1.0], "func": [0.9, 0.9, 0.9]}).decision(candidates, default) == default
     assert trial({"retained_graph": [1.0, 1.0, 1.0], "func": [0.8, 0.8, 0.8]}).decision(candidates, default) == "func"
     assert trial({"retained_graph": [0.8, 0.8, 0.8], "func": [1.0, 1.0, 1.0]}).decision(candidates, default) == default
     # one outlier (a busy moment) does not move the median
-    assert trial({"retained_graph": [1.0, 5.0, 1.0], "func": [0.95, 0.9, 0.95]}).decision(candidates, default) == default
+    assert (
+        trial({"retained_graph": [1.0, 5.0, 1.0], "func": [0.95, 0.9, 0.95]}).decision(candidates, default) == default
+    )
     assert "99.0" not in repr(trial({"func": [1.0]}).seconds)
 
     schedule = _ModeTrial()
@@ -402,7 +433,16 @@ def test_mode_trial_keeps_the_default_unless_another_mode_is_clearly_faster() ->
         order.append(mode)
         schedule.record(mode, 1.0)
     # torch.func first (its first call finds out whether it runs), warm-up then timed, then alternating
-    assert order == ["func", "func", "retained_graph", "retained_graph", "func", "retained_graph", "func", "retained_graph"]
+    assert order == [
+        "func",
+        "func",
+        "retained_graph",
+        "retained_graph",
+        "func",
+        "retained_graph",
+        "func",
+        "retained_graph",
+    ]
 
 
 def test_auto_counts_every_product_and_keeps_its_choice_per_model(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -432,7 +472,7 @@ def test_auto_counts_every_product_and_keeps_its_choice_per_model(monkeypatch: p
     for name in ("_retained_product", "_product"):
         original = getattr(HessianOperator, name)
 
-        def spy(self, *args, _name=name, _original=original, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
+        def spy(self, *args, _name=name, _original=original, **kwargs):
             ran.append(_name)
             return _original(self, *args, **kwargs)
 

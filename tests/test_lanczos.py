@@ -47,9 +47,13 @@ SPECTRA = {
     # 12 eigenvalues 0.5 % apart above a bulk: tight, Hessian-like outliers
     "clustered": torch.cat([10 - 0.05 * torch.arange(12, dtype=torch.float64), bulk(SIZE - 12, 0.0, 5.0, 1)]),
     # near-degenerate pairs (relative gaps 1e-4 and 1.1e-5)
-    "close_gaps": torch.cat([torch.tensor([10.0, 10 - 1e-3, 9.0, 9 - 1e-4, 8.0], dtype=torch.float64), bulk(SIZE - 5, 0.0, 6.0, 2)]),
+    "close_gaps": torch.cat(
+        [torch.tensor([10.0, 10 - 1e-3, 9.0, 9 - 1e-4, 8.0], dtype=torch.float64), bulk(SIZE - 5, 0.0, 6.0, 2)]
+    ),
     # outliers of both signs around an indefinite bulk
-    "indefinite": torch.cat([torch.tensor([-9.0, 8.5, -8.0, 7.5, -7.0, 6.5], dtype=torch.float64), bulk(SIZE - 6, -3.0, 3.0, 3)]),
+    "indefinite": torch.cat(
+        [torch.tensor([-9.0, 8.5, -8.0, 7.5, -7.0, 6.5], dtype=torch.float64), bulk(SIZE - 6, -3.0, 3.0, 3)]
+    ),
 }
 
 
@@ -61,10 +65,17 @@ def relative_spacing(values: torch.Tensor) -> float:
 @pytest.mark.parametrize("tol", [1e-2, 1e-3, 1e-6])
 @pytest.mark.parametrize(
     ("name", "which", "k", "outliers"),
-    [("clustered", "largest", 5, True), ("close_gaps", "largest", 4, True), ("indefinite", "largest", 3, True),
-     ("indefinite", "smallest", 3, True), ("indefinite", "largest", 6, False)],
+    [
+        ("clustered", "largest", 5, True),
+        ("close_gaps", "largest", 4, True),
+        ("indefinite", "largest", 3, True),
+        ("indefinite", "smallest", 3, True),
+        ("indefinite", "largest", 6, False),
+    ],
 )
-def test_converged_eigenvalues_keep_the_documented_guarantee(name: str, which: str, k: int, outliers: bool, tol: float) -> None:
+def test_converged_eigenvalues_keep_the_documented_guarantee(
+    name: str, which: str, k: int, outliers: bool, tol: float
+) -> None:
     """Every converged pair, over several seeds: its residual is its true residual and at most
     ``tol * |theta|``; an eigenvalue lies within it; the value never overshoots the i-th
     eigenvalue. Where the wanted eigenvalues are outliers spaced by more than ``tol`` (relative),
@@ -127,7 +138,12 @@ def test_invariant_subspaces_continue_with_fresh_directions(block_size: int) -> 
     assert result.converged.all() and len(result.eigenvalues) == 4
     assert float(result.eigenvalues[0]) == pytest.approx(5.0, rel=1e-12)
     assert bool((result.eigenvalues[:-1] >= result.eigenvalues[1:]).all())
-    assert float((result.eigenvalues[:, None] - torch.tensor([5.0, 3.0, 1.0], dtype=torch.float64)).abs().amin(dim=1).max()) < 1e-10
+    assert (
+        float(
+            (result.eigenvalues[:, None] - torch.tensor([5.0, 3.0, 1.0], dtype=torch.float64)).abs().amin(dim=1).max()
+        )
+        < 1e-10
+    )
     vectors = torch.stack(result.eigenvectors)
     assert torch.allclose(vectors @ vectors.T, torch.eye(4, dtype=torch.float64), atol=1e-10)
     assert float(torch.linalg.matrix_norm(A @ vectors.T - vectors.T * result.eigenvalues)) < 1e-9
@@ -138,7 +154,9 @@ def test_exact_double_eigenvalue_needs_a_block() -> None:
     spectrum = torch.cat([torch.tensor([7.0, 7.0], dtype=torch.float64), bulk(SIZE - 2, 0.0, 3.0, 8)])
     A = rotated(spectrum, seed=1009)
     result = top_eigenvalues(MatrixOperator(A), k=2, tol=1e-9, block_size=2)
-    assert result.converged.all() and torch.allclose(result.eigenvalues, torch.full((2,), 7.0, dtype=torch.float64), rtol=1e-9)
+    assert result.converged.all() and torch.allclose(
+        result.eigenvalues, torch.full((2,), 7.0, dtype=torch.float64), rtol=1e-9
+    )
 
 
 def test_second_gram_schmidt_pass_runs_when_cancellation_costs_orthogonality() -> None:
@@ -184,7 +202,7 @@ def test_one_pass_suffices_in_an_ordinary_step() -> None:
     assert float((basis @ W[0]).abs().max() / W.norm()) < 1e-14
 
 
-def diagonal_apply(diagonals: torch.Tensor):  # noqa: ANN201 - a closure
+def diagonal_apply(diagonals: torch.Tensor):
     """``apply(V, rows)`` for recurrence ``r`` on ``diag(diagonals[r])``."""
 
     def apply(vectors: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
@@ -235,7 +253,9 @@ def test_rows_reach_the_operator_without_transposing_copies() -> None:
     product = op.matmat(rows.T)
     assert product.T.is_contiguous() and torch.allclose(product, A @ rows.T, rtol=1e-12, atol=1e-12)
     out = operator_rows(op, rows)
-    assert out.is_contiguous() and out.dtype == torch.float64 and torch.allclose(out, rows @ A.T, rtol=1e-12, atol=1e-12)
+    assert (
+        out.is_contiguous() and out.dtype == torch.float64 and torch.allclose(out, rows @ A.T, rtol=1e-12, atol=1e-12)
+    )
     assert op.hvp_count == 6
     strided = torch.randn(50, 3, dtype=torch.float64, generator=generator)  # column layout: the plain product
     assert torch.allclose(op.matmat(strided), A @ strided, rtol=1e-12, atol=1e-12)
@@ -243,8 +263,13 @@ def test_rows_reach_the_operator_without_transposing_copies() -> None:
 
 def test_bad_settings_are_user_errors() -> None:
     op = MatrixOperator(torch.eye(4, dtype=torch.float64))
-    for kwargs, match in [({"k": 5}, "k=5"), ({"which": "top"}, "which='top'"), ({"tol": 0.0}, "tol=0.0"),
-                          ({"block_size": 0}, "block_size=0"), ({"backend": "arpack"}, "backend='arpack'")]:
+    for kwargs, match in [
+        ({"k": 5}, "k=5"),
+        ({"which": "top"}, "which='top'"),
+        ({"tol": 0.0}, "tol=0.0"),
+        ({"block_size": 0}, "block_size=0"),
+        ({"backend": "arpack"}, "backend='arpack'"),
+    ]:
         with pytest.raises(UserInputError, match=match):
             top_eigenvalues(op, **kwargs)
     with pytest.raises(UserInputError, match="square"):
@@ -288,7 +313,7 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
         stack.append(node)
         for target in sorted(graph[node]):
             if state.get(target) == 1:
-                return stack[stack.index(target):] + [target]
+                return stack[stack.index(target) :] + [target]
             if target not in state and (cycle := visit(target)):
                 return cycle
         stack.pop()
@@ -314,8 +339,12 @@ def test_import_graph_has_no_cycle_and_results_import_no_algorithm() -> None:
 
 def test_result_types_keep_their_old_import_locations() -> None:
     results = importlib.import_module("lightning_hessian.curvature.results")
-    for module, names in [("lanczos", ["EigenResult", "LanczosProgress"]), ("trace", ["TraceResult"]),
-                          ("density", ["DensityResult"]), ("", ["EigenResult", "LanczosProgress", "TraceResult", "DensityResult"])]:
+    for module, names in [
+        ("lanczos", ["EigenResult", "LanczosProgress"]),
+        ("trace", ["TraceResult"]),
+        ("density", ["DensityResult"]),
+        ("", ["EigenResult", "LanczosProgress", "TraceResult", "DensityResult"]),
+    ]:
         source = importlib.import_module("lightning_hessian.curvature" + (f".{module}" if module else ""))
         for name in names:
             assert getattr(source, name) is getattr(results, name)

@@ -59,9 +59,7 @@ def least_squares():
 
 def _cnn() -> nn.Module:
     torch.manual_seed(0)
-    model = nn.Sequential(
-        nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 5)
-    )
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 5))
     with torch.no_grad():  # non-trivial running statistics
         model[1].running_mean.uniform_(-0.5, 0.5)
         model[1].running_var.uniform_(0.5, 2.0)
@@ -146,9 +144,9 @@ def test_eigenvector_directions_match_eigh(least_squares):
     values, vectors = eigenvector_directions(model, batches, 2, batch_loss=_mse_loss, tol=1e-10)
     np.testing.assert_allclose(values, eigenvalues[::-1][:2], rtol=1e-8)
     for value, vector, index in zip(values, vectors, (-1, -2)):
-        assert abs(abs(float(vector["weight"].double().ravel() @ torch.from_numpy(eigenvectors[:, index])))) == pytest.approx(
-            1.0, abs=1e-6
-        )
+        assert abs(
+            abs(float(vector["weight"].double().ravel() @ torch.from_numpy(eigenvectors[:, index])))
+        ) == pytest.approx(1.0, abs=1e-6)
 
 
 # ------------------------------------------------------------------------------ directions
@@ -165,7 +163,10 @@ def test_filter_normalised_random_direction():
         else:
             dims = tuple(range(1, d.dim()))
             torch.testing.assert_close(
-                torch.linalg.vector_norm(d, dim=dims), torch.linalg.vector_norm(params[name], dim=dims), rtol=1e-5, atol=0
+                torch.linalg.vector_norm(d, dim=dims),
+                torch.linalg.vector_norm(params[name], dim=dims),
+                rtol=1e-5,
+                atol=0,
             )
     again = random_direction(params, seed=3)
     other = random_direction(params, seed=4)
@@ -282,8 +283,15 @@ def test_interpolation_curvature_along_the_path(least_squares):
     model, batches, _, _, hessian = least_squares
     state_b = {"weight": model.weight.detach() + 1.0}
     result = interpolation_path(
-        model, model.state_dict(), state_b, [0.0, 1.0], {"train": batches}, batch_loss=_mse_loss, accuracy=False,
-        eigenvalues=True, eigen_kwargs={"tol": 1e-10},
+        model,
+        model.state_dict(),
+        state_b,
+        [0.0, 1.0],
+        {"train": batches},
+        batch_loss=_mse_loss,
+        accuracy=False,
+        eigenvalues=True,
+        eigen_kwargs={"tol": 1e-10},
     )
     # least squares: the Hessian does not depend on the weights
     np.testing.assert_allclose(result.top_eigenvalue, np.linalg.eigvalsh(hessian)[-1], rtol=1e-8)
@@ -357,7 +365,9 @@ def test_save_and_load_round_trip(tmp_path):
     params = trainable_parameters(model)
     d1, d2 = random_direction(params, seed=1), random_direction(params, seed=2)
     curve = loss_curve(model, d1, np.linspace(-1, 1, 7), batches, name="random1")
-    surface = loss_surface(model, d1, d2, np.linspace(-1, 1, 4), np.linspace(-1, 1, 3), batches, names=("random1", "random2"))
+    surface = loss_surface(
+        model, d1, d2, np.linspace(-1, 1, 4), np.linspace(-1, 1, 3), batches, names=("random1", "random2")
+    )
     paths = save_landscape(tmp_path / "landscape" / "epoch_000", [curve], [surface], {"sharpness": 1.5})
     assert [p.name for p in paths] == ["epoch_000.npz", "epoch_000_curves.csv", "epoch_000_surface_random1_random2.csv"]
     curves, surfaces, extra = load_landscape(paths[0])

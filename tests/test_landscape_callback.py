@@ -20,7 +20,9 @@ from lightning_hessian.landscape import load_landscape
 class TinyClassifier(pl.LightningModule):
     def __init__(self) -> None:
         super().__init__()
-        self.net = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 5))
+        self.net = nn.Sequential(
+            nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 5)
+        )
 
     def forward(self, x):
         return self.net(x)
@@ -52,9 +54,16 @@ def _fit(tmp_path, callbacks, epochs: int = 2, logger: bool = True) -> tuple[pl.
     pl.seed_everything(0, workers=True)
     model = TinyClassifier()
     trainer = pl.Trainer(
-        max_epochs=epochs, accelerator="cpu", devices=1, logger=TensorBoardLogger(tmp_path, name="run") if logger else False,
-        callbacks=callbacks, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-        deterministic=True, default_root_dir=tmp_path,  # without a logger the raw grids go there
+        max_epochs=epochs,
+        accelerator="cpu",
+        devices=1,
+        logger=TensorBoardLogger(tmp_path, name="run") if logger else False,
+        callbacks=callbacks,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        deterministic=True,
+        default_root_dir=tmp_path,  # without a logger the raw grids go there
     )
     trainer.fit(model, train_dataloaders=_loader())
     return trainer, model
@@ -62,9 +71,17 @@ def _fit(tmp_path, callbacks, epochs: int = 2, logger: bool = True) -> tuple[pl.
 
 def test_callback_logs_figures_and_raw_grids_without_changing_training(tmp_path):
     landscape = LossLandscapeCallback(
-        curves=["eig1", "gradient", "random1"], surfaces=[("eig1", "random1")], curve_range=0.02, curve_points=5,
-        surface_range=0.5, surface_points=5, num_samples=64, analysis_batch_size=64, sharpness=True,
-        sharpness_steps=2, eig_tol=1e-3,
+        curves=["eig1", "gradient", "random1"],
+        surfaces=[("eig1", "random1")],
+        curve_range=0.02,
+        curve_points=5,
+        surface_range=0.5,
+        surface_points=5,
+        num_samples=64,
+        analysis_batch_size=64,
+        sharpness=True,
+        sharpness_steps=2,
+        eig_tol=1e-3,
     )
     trainer, model = _fit(tmp_path, [landscape])
     _, reference = _fit(tmp_path / "plain", [], logger=False)
@@ -80,7 +97,13 @@ def test_callback_logs_figures_and_raw_grids_without_changing_training(tmp_path)
         assert [e.step for e in events.Images(tag)] == [3, 6]  # one per epoch (3 steps each)
         assert events.Images(tag)[0].encoded_image_string.startswith(b"\x89PNG")
     scalars = events.Tags()["scalars"]
-    for tag in ("landscape/sharpness", "landscape/loss", "landscape/eig_1", "landscape/curvature/eig1", "landscape/rise/random1"):
+    for tag in (
+        "landscape/sharpness",
+        "landscape/loss",
+        "landscape/eig_1",
+        "landscape/curvature/eig1",
+        "landscape/rise/random1",
+    ):
         assert tag in scalars, tag
 
     metrics = landscape.last_metrics
@@ -110,7 +133,12 @@ def test_uses_the_spectrum_callbacks_eigenvectors(tmp_path):
 
     spectrum = HessianSpectrumCallback(top_k=2, num_samples=64, eig_tol=1e-3)
     landscape = LossLandscapeCallback(
-        curves=["eig2"], surfaces=[], curve_points=3, curve_range=0.01, num_samples=64, log_figures=False,
+        curves=["eig2"],
+        surfaces=[],
+        curve_points=3,
+        curve_range=0.01,
+        num_samples=64,
+        log_figures=False,
         save_raw=False,
     )
     _fit(tmp_path, [spectrum, landscape], epochs=1, logger=False)
@@ -129,8 +157,11 @@ def test_validate_runs_once_with_its_own_file(tmp_path):
     )
     pl.seed_everything(0)
     trainer = pl.Trainer(
-        accelerator="cpu", logger=TensorBoardLogger(tmp_path, name="val"), callbacks=[landscape],
-        enable_progress_bar=False, enable_model_summary=False,
+        accelerator="cpu",
+        logger=TensorBoardLogger(tmp_path, name="val"),
+        callbacks=[landscape],
+        enable_progress_bar=False,
+        enable_model_summary=False,
     )
     trainer.validate(TinyClassifier(), dataloaders=_loader())
     assert (tmp_path / "val" / "version_0" / "landscape" / "validate_epoch_000_curves.csv").exists()

@@ -25,18 +25,34 @@ def checkpoints(tmp_path_factory) -> tuple[Path, Path]:
     paths = []
     for name, batch in (("small", 32), ("large", 256)):
         # the small-batch run also carries the landscape callback, added on the command line
-        landscape = [
-            "--trainer.callbacks+=lightning_hessian.callbacks.landscape.LossLandscapeCallback",
-            "--trainer.callbacks.curves=[gradient, random1]", "--trainer.callbacks.surfaces=[[random1, random2]]",
-            "--trainer.callbacks.curve_points=5", "--trainer.callbacks.surface_points=5",
-            "--trainer.callbacks.num_samples=128",
-        ] if name == "small" else []
-        train_main([
-            "fit", "--config", str(CONFIG), "--trainer.max_epochs=1", "--trainer.limit_train_batches=4",
-            "--trainer.limit_val_batches=1", f"--trainer.logger.init_args.save_dir={root}",
-            f"--trainer.logger.init_args.name={name}", f"--data.init_args.batch_size={batch}",
-            "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false", *landscape,
-        ])
+        landscape = (
+            [
+                "--trainer.callbacks+=lightning_hessian.callbacks.landscape.LossLandscapeCallback",
+                "--trainer.callbacks.curves=[gradient, random1]",
+                "--trainer.callbacks.surfaces=[[random1, random2]]",
+                "--trainer.callbacks.curve_points=5",
+                "--trainer.callbacks.surface_points=5",
+                "--trainer.callbacks.num_samples=128",
+            ]
+            if name == "small"
+            else []
+        )
+        train_main(
+            [
+                "fit",
+                "--config",
+                str(CONFIG),
+                "--trainer.max_epochs=1",
+                "--trainer.limit_train_batches=4",
+                "--trainer.limit_val_batches=1",
+                f"--trainer.logger.init_args.save_dir={root}",
+                f"--trainer.logger.init_args.name={name}",
+                f"--data.init_args.batch_size={batch}",
+                "--trainer.enable_progress_bar=false",
+                "--trainer.enable_model_summary=false",
+                *landscape,
+            ]
+        )
         paths.append(next((root / name).rglob("*.ckpt")))
     return paths[0], paths[1]
 
@@ -55,10 +71,27 @@ def test_quickstart_run_with_the_callback_shows_the_figures_in_tensorboard(check
 def test_interpolation_endpoints_are_the_checkpoints_own_losses(checkpoints, tmp_path):
     ckpt_a, ckpt_b = checkpoints
     out = tmp_path / "out"
-    code = main([
-        "interpolate", "--ckpt-a", str(ckpt_a), "--ckpt-b", str(ckpt_b), "--config", str(CONFIG), "--num", "5",
-        "--num-samples", "200", "--batch-size", "64", "--output-dir", str(out), "--device", "cpu",
-    ])
+    code = main(
+        [
+            "interpolate",
+            "--ckpt-a",
+            str(ckpt_a),
+            "--ckpt-b",
+            str(ckpt_b),
+            "--config",
+            str(CONFIG),
+            "--num",
+            "5",
+            "--num-samples",
+            "200",
+            "--batch-size",
+            "64",
+            "--output-dir",
+            str(out),
+            "--device",
+            "cpu",
+        ]
+    )
     assert code == 0
     assert (out / "interpolation.png").read_bytes().startswith(b"\x89PNG")
     rows = list(csv.DictReader((out / "interpolation.csv").open()))
@@ -68,10 +101,32 @@ def test_interpolation_endpoints_are_the_checkpoints_own_losses(checkpoints, tmp
 
     # an odd grid that misses alpha = 0 and 1 still evaluates both models
     odd = tmp_path / "odd"
-    assert main([
-        "interpolate", "--ckpt-a", str(ckpt_a), "--ckpt-b", str(ckpt_b), "--config", str(CONFIG), "--num", "4",
-        "--num-samples", "32", "--batch-size", "64", "--output-dir", str(odd), "--device", "cpu", "--splits", "test",
-    ]) == 0
+    assert (
+        main(
+            [
+                "interpolate",
+                "--ckpt-a",
+                str(ckpt_a),
+                "--ckpt-b",
+                str(ckpt_b),
+                "--config",
+                str(CONFIG),
+                "--num",
+                "4",
+                "--num-samples",
+                "32",
+                "--batch-size",
+                "64",
+                "--output-dir",
+                str(odd),
+                "--device",
+                "cpu",
+                "--splits",
+                "test",
+            ]
+        )
+        == 0
+    )
     odd_rows = list(csv.DictReader((odd / "interpolation.csv").open()))
     odd_alphas = [float(r["alpha"]) for r in odd_rows]
     assert 0.0 in odd_alphas and 1.0 in odd_alphas and odd_alphas == sorted(odd_alphas) and len(odd_alphas) == 6
@@ -94,10 +149,20 @@ def test_interpolation_endpoints_are_the_checkpoints_own_losses(checkpoints, tmp
 
 def test_architecture_mismatch_is_a_clear_error(checkpoints, tmp_path, capsys):
     ckpt_a, ckpt_b = checkpoints
-    code = main([
-        "interpolate", "--ckpt-a", str(ckpt_a), "--ckpt-b", str(ckpt_b), "--config", str(CONFIG),
-        "--model.batch_norm=false", "--output-dir", str(tmp_path),
-    ])
+    code = main(
+        [
+            "interpolate",
+            "--ckpt-a",
+            str(ckpt_a),
+            "--ckpt-b",
+            str(ckpt_b),
+            "--config",
+            str(CONFIG),
+            "--model.batch_norm=false",
+            "--output-dir",
+            str(tmp_path),
+        ]
+    )
     assert code == 2
     err = capsys.readouterr().err
     assert "does not match the model's architecture" in err and "unexpected keys" in err and "running_mean" in err
@@ -112,9 +177,27 @@ def test_unsafe_checkpoint_is_refused_unless_trusted(checkpoints, tmp_path, caps
     state = load_state_dict(checkpoints[0])
     unsafe = tmp_path / "unsafe.ckpt"
     torch.save({"state_dict": state, "extra": NotAllowListed()}, unsafe)
-    args = ["interpolate", "--ckpt-a", str(unsafe), "--ckpt-b", str(checkpoints[1]), "--config", str(CONFIG),
-            "--num", "2", "--alpha-min", "0", "--alpha-max", "1", "--num-samples", "32", "--splits", "test",
-            "--output-dir", str(tmp_path / "o")]
+    args = [
+        "interpolate",
+        "--ckpt-a",
+        str(unsafe),
+        "--ckpt-b",
+        str(checkpoints[1]),
+        "--config",
+        str(CONFIG),
+        "--num",
+        "2",
+        "--alpha-min",
+        "0",
+        "--alpha-max",
+        "1",
+        "--num-samples",
+        "32",
+        "--splits",
+        "test",
+        "--output-dir",
+        str(tmp_path / "o"),
+    ]
     assert main(args) == 2
     assert "--trust-checkpoints" in capsys.readouterr().err
     assert main([*args, "--trust-checkpoints"]) == 0
@@ -202,7 +285,9 @@ def test_surface_of_a_checkpoint_along_its_top_eigenvectors(checkpoints, tmp_pat
     ],
 )
 def test_surface_bad_options_are_one_line_errors(checkpoints, tmp_path, capsys, arguments, message):
-    code = main(["surface", "--ckpt", str(checkpoints[0]), "--config", str(CONFIG), "--output-dir", str(tmp_path), *arguments])
+    code = main(
+        ["surface", "--ckpt", str(checkpoints[0]), "--config", str(CONFIG), "--output-dir", str(tmp_path), *arguments]
+    )
     assert code == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err

@@ -181,7 +181,9 @@ def test_lars_steps_equal_the_formula_computed_by_hand(nesterov: bool) -> None:
         if step == 0:  # written out once: the weight matrix is adapted and decayed, the bias neither
             local_lr = eta * weight.norm() / (gradient.norm() + weight_decay * weight.norm())
             first = (1 + momentum) if nesterov else 1.0  # Nesterov: d + m * buf with buf = d
-            torch.testing.assert_close(network[0].weight, weight - lr * first * local_lr * (gradient + weight_decay * weight))
+            torch.testing.assert_close(
+                network[0].weight, weight - lr * first * local_lr * (gradient + weight_decay * weight)
+            )
             torch.testing.assert_close(network[0].bias, bias - lr * first * bias_gradient)
 
 
@@ -194,7 +196,9 @@ def test_lamb_steps_equal_the_update_computed_by_hand() -> None:
     network = _tiny_network()
     by_hand = copy.deepcopy(network)
     optimizer = build_optimizer("lamb", network, lr=lr, momentum=beta1, weight_decay=weight_decay)
-    moments: dict[str, tuple[torch.Tensor, torch.Tensor]] = {name: (0 * p, 0 * p) for name, p in by_hand.named_parameters()}
+    moments: dict[str, tuple[torch.Tensor, torch.Tensor]] = {
+        name: (0 * p, 0 * p) for name, p in by_hand.named_parameters()
+    }
     for step in range(3):
         _backward(network, step)
         _backward(by_hand, step)
@@ -218,12 +222,24 @@ def test_lamb_steps_equal_the_update_computed_by_hand() -> None:
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [
-        ({"optimizer": "lars", "trust_coefficient": 0.0}, r"trust_coefficient must be a positive number, got 0.0; LARS's usual value is 0.001"),
+        (
+            {"optimizer": "lars", "trust_coefficient": 0.0},
+            r"trust_coefficient must be a positive number, got 0.0; LARS's usual value is 0.001",
+        ),
         ({"optimizer": "lars", "trust_coefficient": -1e-3}, r"trust_coefficient must be a positive number, got -0.001"),
-        ({"optimizer": "lars", "trust_coefficient": float("nan")}, r"trust_coefficient must be a positive number, got nan"),
-        ({"optimizer": "lamb", "trust_coefficient": 0.01}, r"trust_coefficient=0.01 is LARS's, optimizer 'lamb' has none.*use optimizer lars"),
+        (
+            {"optimizer": "lars", "trust_coefficient": float("nan")},
+            r"trust_coefficient must be a positive number, got nan",
+        ),
+        (
+            {"optimizer": "lamb", "trust_coefficient": 0.01},
+            r"trust_coefficient=0.01 is LARS's, optimizer 'lamb' has none.*use optimizer lars",
+        ),
         ({"optimizer": "sgd", "trust_coefficient": 0.01}, r"optimizer 'sgd' has none"),
-        ({"optimizer": "lamb", "nesterov": True}, r"nesterov=True does not apply to optimizer 'lamb'.*set nesterov false"),
+        (
+            {"optimizer": "lamb", "nesterov": True},
+            r"nesterov=True does not apply to optimizer 'lamb'.*set nesterov false",
+        ),
     ],
 )
 def test_settings_that_do_not_apply_fail_before_training(kwargs: dict, match: str) -> None:
@@ -250,7 +266,7 @@ class _GroupRates(pl.Callback):
     def __init__(self) -> None:
         self.lrs: list[list[float]] = []
 
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:  # noqa: ANN001
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         self.lrs.append([group["lr"] for group in trainer.optimizers[0].param_groups])
 
 
@@ -271,6 +287,9 @@ def test_scaling_warmup_and_step_decay_drive_both_groups(tmp_path: Path, optimiz
     )  # fmt: skip
     trainer.fit(model, datamodule=Digits(batch_size=64))
     peak = 0.05 * math.sqrt(2)
-    expected = [peak * lr_multiplier(t, total_steps=8, warmup_steps=2, schedule="step", milestones=[4], gamma=0.1) for t in range(8)]
+    expected = [
+        peak * lr_multiplier(t, total_steps=8, warmup_steps=2, schedule="step", milestones=[4], gamma=0.1)
+        for t in range(8)
+    ]
     assert [rates[0] for rates in recorder.lrs] == pytest.approx(expected)
     assert all(len(rates) == 2 and rates[0] == rates[1] for rates in recorder.lrs)

@@ -62,13 +62,19 @@ def test_paper_models_first_fc_sizes_are_computed() -> None:
 
 def test_resnet20_has_the_paper_size() -> None:
     """He et al.'s ResNet-20 has 0.27M parameters."""
-    params = sum(p.numel() for p in build_architecture("resnet20", input_shape=(3, 32, 32), num_classes=10).parameters())
+    params = sum(
+        p.numel() for p in build_architecture("resnet20", input_shape=(3, 32, 32), num_classes=10).parameters()
+    )
     assert 0.26e6 < params < 0.28e6
 
 
-@pytest.mark.parametrize("activation,module_type", [("relu", nn.ReLU), ("elu", nn.ELU), ("gelu", nn.GELU), ("softplus", nn.Softplus)])
+@pytest.mark.parametrize(
+    "activation,module_type", [("relu", nn.ReLU), ("elu", nn.ELU), ("gelu", nn.GELU), ("softplus", nn.Softplus)]
+)
 def test_activation_choice_replaces_every_activation(activation: str, module_type: type) -> None:
-    network = build_architecture("c2", input_shape=(3, 32, 32), num_classes=10, activation=activation, softplus_beta=7.0)
+    network = build_architecture(
+        "c2", input_shape=(3, 32, 32), num_classes=10, activation=activation, softplus_beta=7.0
+    )
     found = {type(m) for m in network.modules() if isinstance(m, (nn.ReLU, nn.ELU, nn.GELU, nn.Softplus))}
     assert found == {module_type}
     assert sum(isinstance(m, module_type) for m in network.modules()) == 6  # 4 conv + 2 hidden FC
@@ -79,10 +85,14 @@ def test_activation_choice_replaces_every_activation(activation: str, module_typ
 def test_softplus_with_large_beta_approaches_relu() -> None:
     torch.manual_seed(0)
     relu_net = build_architecture("c1", input_shape=(3, 32, 32), num_classes=10, activation="relu").eval()
-    soft_net = build_architecture("c1", input_shape=(3, 32, 32), num_classes=10, activation="softplus", softplus_beta=1e4).eval()
+    soft_net = build_architecture(
+        "c1", input_shape=(3, 32, 32), num_classes=10, activation="softplus", softplus_beta=1e4
+    ).eval()
     soft_net.load_state_dict(relu_net.state_dict())
     x = torch.rand(4, 3, 32, 32)
-    smooth = build_architecture("c1", input_shape=(3, 32, 32), num_classes=10, activation="softplus", softplus_beta=1.0).eval()
+    smooth = build_architecture(
+        "c1", input_shape=(3, 32, 32), num_classes=10, activation="softplus", softplus_beta=1.0
+    ).eval()
     smooth.load_state_dict(relu_net.state_dict())
     close = (soft_net(x) - relu_net(x)).abs().max()
     far = (smooth(x) - relu_net(x)).abs().max()
@@ -138,7 +148,13 @@ def test_bad_names_list_the_valid_ones(kwargs: dict, bad: str) -> None:
     with pytest.raises(ValueError, match="valid names") as info:
         ImageClassifier(input_shape=(1, 8, 8), **{"arch": "mlp", **kwargs})
     assert bad in str(info.value)
-    valid = {"arch": "resnet18", "activation": "softplus", "optimizer": "sgd", "lr_scaling": "sqrt", "lr_schedule": "cosine"}
+    valid = {
+        "arch": "resnet18",
+        "activation": "softplus",
+        "optimizer": "sgd",
+        "lr_scaling": "sqrt",
+        "lr_schedule": "cosine",
+    }
     assert valid[next(iter(kwargs))] in str(info.value)
 
 
@@ -159,7 +175,9 @@ def test_learning_rate_scaling_rules() -> None:
     assert scaled_learning_rate(0.1, 2048, 128, "sqrt") == pytest.approx(0.4)
     assert scaled_learning_rate(0.1, 2048, 128, "none") == pytest.approx(0.1)
     assert scaled_learning_rate(0.1, 64, 128, "linear") == pytest.approx(0.05)
-    assert ImageClassifier(arch="mlp", input_shape=(1, 8, 8), lr=0.2, batch_size=512, base_batch_size=128, lr_scaling="sqrt").learning_rate == pytest.approx(0.4)
+    assert ImageClassifier(
+        arch="mlp", input_shape=(1, 8, 8), lr=0.2, batch_size=512, base_batch_size=128, lr_scaling="sqrt"
+    ).learning_rate == pytest.approx(0.4)
 
 
 def test_lr_multiplier_schedules() -> None:
@@ -171,7 +189,9 @@ def test_lr_multiplier_schedules() -> None:
     # cosine after 2 warm-up steps over 10 steps: halfway at step 6, ~0 at the end
     assert lr_multiplier(2, total_steps=10, warmup_steps=2, schedule="cosine") == pytest.approx(1.0)
     assert lr_multiplier(6, total_steps=10, warmup_steps=2, schedule="cosine") == pytest.approx(0.5)
-    assert lr_multiplier(9, total_steps=10, warmup_steps=2, schedule="cosine") == pytest.approx(0.5 * (1 + math.cos(math.pi * 7 / 8)))
+    assert lr_multiplier(9, total_steps=10, warmup_steps=2, schedule="cosine") == pytest.approx(
+        0.5 * (1 + math.cos(math.pi * 7 / 8))
+    )
     with pytest.raises(ValueError, match="finite"):
         lr_multiplier(5, total_steps=math.inf, schedule="cosine")
 
@@ -180,7 +200,7 @@ class _LearningRateRecorder(pl.Callback):
     def __init__(self) -> None:
         self.lrs: list[float] = []
 
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:  # noqa: ANN001
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         self.lrs.append(trainer.optimizers[0].param_groups[0]["lr"])
 
 
@@ -211,7 +231,14 @@ def test_hparams_are_plain_yaml_with_adversarial_settings(tmp_path) -> None:
     loaded = yaml.safe_load((tmp_path / "hparams.yaml").read_text())
     assert loaded["arch"] == "mlp" and loaded["batch_size"] == 256 and loaded["lr"] == 0.1
     assert loaded["input_shape"] == [1, 8, 8] and loaded["mean"] == [0.3]
-    assert loaded["adversarial"] == {"method": "pgd", "epsilon": 0.1, "steps": 3, "step_size": None, "ratio": 1.0, "beta": 6.0}
+    assert loaded["adversarial"] == {
+        "method": "pgd",
+        "epsilon": 0.1,
+        "steps": 3,
+        "step_size": None,
+        "ratio": 1.0,
+        "beta": 6.0,
+    }
     # a checkpoint's hparams rebuild the same module, adversarial settings included
     rebuilt = ImageClassifier(**{k: v for k, v in loaded.items() if not k.startswith("_")})
     assert rebuilt.adversarial == model.adversarial
@@ -225,8 +252,20 @@ def test_robust_training_step_uses_the_attack() -> None:
     dm.setup("fit")
     x, y = dm.train_dataset.batch(range(64))
     clean = ImageClassifier(arch="mlp", input_shape=(1, 8, 8), mean=dm.mean, std=dm.std)
-    fgsm = ImageClassifier(arch="mlp", input_shape=(1, 8, 8), mean=dm.mean, std=dm.std, adversarial=AdversarialTraining(method="fgsm", epsilon=0.1))
-    noise0 = ImageClassifier(arch="mlp", input_shape=(1, 8, 8), mean=dm.mean, std=dm.std, adversarial=AdversarialTraining(method="uniform_noise", epsilon=0.0))
+    fgsm = ImageClassifier(
+        arch="mlp",
+        input_shape=(1, 8, 8),
+        mean=dm.mean,
+        std=dm.std,
+        adversarial=AdversarialTraining(method="fgsm", epsilon=0.1),
+    )
+    noise0 = ImageClassifier(
+        arch="mlp",
+        input_shape=(1, 8, 8),
+        mean=dm.mean,
+        std=dm.std,
+        adversarial=AdversarialTraining(method="uniform_noise", epsilon=0.0),
+    )
     fgsm.load_state_dict(clean.state_dict())
     noise0.load_state_dict(clean.state_dict())
     for model in (clean, fgsm, noise0):

@@ -83,15 +83,35 @@ def test_fashion_mnist_lenet5_paper_config_trains_on_the_cpu(in_tmp_dir: Path) -
 
 #: overlay -> callback class names it installs (in order), extra trainer/model settings it must hold
 OVERLAYS = {
-    "absa": (["LearningRateMonitor", "HessianSpectrumCallback", "AdaptiveBatchSizeCallback"],
-             {"reload_dataloaders_every_n_epochs": 1}),
+    "absa": (
+        ["LearningRateMonitor", "HessianSpectrumCallback", "AdaptiveBatchSizeCallback"],
+        {"reload_dataloaders_every_n_epochs": 1},
+    ),
     "stability_watch": (["LearningRateMonitor", "HessianSpectrumCallback"], {}),
     "no_analysis": (["LearningRateMonitor"], {}),
-    "paper_study": (["LearningRateMonitor", "HessianSpectrumCallback", "HessianSpectrumCallback",
-                     "HessianSpectrumCallback", "LossLandscapeCallback", "AdversarialRobustnessCallback"], {}),
-    "paper_study_same_loss": (["LearningRateMonitor", "HessianSpectrumCallback", "HessianSpectrumCallback",
-                               "HessianSpectrumCallback", "LossLandscapeCallback", "AdversarialRobustnessCallback",
-                               "EarlyStopping"], {}),
+    "paper_study": (
+        [
+            "LearningRateMonitor",
+            "HessianSpectrumCallback",
+            "HessianSpectrumCallback",
+            "HessianSpectrumCallback",
+            "LossLandscapeCallback",
+            "AdversarialRobustnessCallback",
+        ],
+        {},
+    ),
+    "paper_study_same_loss": (
+        [
+            "LearningRateMonitor",
+            "HessianSpectrumCallback",
+            "HessianSpectrumCallback",
+            "HessianSpectrumCallback",
+            "LossLandscapeCallback",
+            "AdversarialRobustnessCallback",
+            "EarlyStopping",
+        ],
+        {},
+    ),
 }
 
 
@@ -101,11 +121,21 @@ def test_every_overlay_is_checked() -> None:
 
 @pytest.mark.parametrize("overlay", sorted(OVERLAYS))
 @pytest.mark.parametrize("name", ["paper_fashion_mnist_lenet5", "paper_cifar10_resnet20"])
-def test_overlay_replaces_the_callbacks_and_keeps_the_recipe(capsys: pytest.CaptureFixture, name: str, overlay: str) -> None:
+def test_overlay_replaces_the_callbacks_and_keeps_the_recipe(
+    capsys: pytest.CaptureFixture, name: str, overlay: str
+) -> None:
     callbacks, trainer_settings = OVERLAYS[overlay]
     with pytest.raises(SystemExit) as info:
-        main(["fit", "--config", str(CONFIGS / f"{name}.yaml"), "--config", str(CONFIGS / "overlays" / f"{overlay}.yaml"),
-              "--print_config"])
+        main(
+            [
+                "fit",
+                "--config",
+                str(CONFIGS / f"{name}.yaml"),
+                "--config",
+                str(CONFIGS / "overlays" / f"{overlay}.yaml"),
+                "--print_config",
+            ]
+        )
     assert info.value.code in (0, None)
     config = yaml.safe_load(capsys.readouterr().out)
     assert [c["class_path"].rsplit(".", 1)[-1] for c in config["trainer"]["callbacks"]] == callbacks

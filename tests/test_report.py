@@ -17,8 +17,8 @@ from lightning_hessian.cli.report import main
 from lightning_hessian.density_histogram import density_from_histogram, density_histogram
 from lightning_hessian.landscape.evaluation import LossCurve, LossSurface
 from lightning_hessian.landscape.export import save_landscape
-from lightning_hessian.report.events import find_run_dirs, read_events
 from lightning_hessian.report import load_runs
+from lightning_hessian.report.events import find_run_dirs, read_events
 from lightning_hessian.report.figures import find_landscape, step_to_epoch, training_trajectory
 from lightning_hessian.report.runs import describe_variant, load_run
 from lightning_hessian.report.tables import format_cell, summarize_runs
@@ -77,7 +77,9 @@ def _write_run(
     test_tags = [tag for tag in final if "/test/" in tag]
     if not test_phase:  # robustness during fit instead, on validation samples
         fit_tags += [tag.replace("robust/test/", "robust/") for tag in test_tags if tag.startswith("robust/")]
-        final.update({tag.replace("robust/test/", "robust/"): final[tag] for tag in test_tags if tag.startswith("robust/")})
+        final.update(
+            {tag.replace("robust/test/", "robust/"): final[tag] for tag in test_tags if tag.startswith("robust/")}
+        )
         for tag in test_tags + ["test/acc"]:
             del final[tag]
     steps_per_epoch = 4096 // batch_size
@@ -195,12 +197,16 @@ def test_report_table_numbers_and_figures(sweep_runs: tuple[Path, dict], tmp_pat
 
     # bs64_seed1 logged NaN as its last trace (time budget): left out of that cell only
     trace_64 = standard_rows[64]["metrics"]["hessian/trace"]
-    assert trace_64["values"] == pytest.approx([finals[("standard", 64, 0)]["hessian/trace"]]) and trace_64["std"] is None
+    assert (
+        trace_64["values"] == pytest.approx([finals[("standard", 64, 0)]["hessian/trace"]]) and trace_64["std"] is None
+    )
     assert trace_64["title"] == "trace, train"
 
     fgsm_row = tables["fgsm ε=0.1"]["rows"][0]
     assert fgsm_row["batch_size"] == 256 and fgsm_row["seeds"] == [None]
-    assert fgsm_row["metrics"]["hessian/eig_1"]["values"] == pytest.approx([finals[("fgsm", 256, None)]["hessian/eig_1"]])
+    assert fgsm_row["metrics"]["hessian/eig_1"]["values"] == pytest.approx(
+        [finals[("fgsm", 256, None)]["hessian/eig_1"]]
+    )
     assert fgsm_row["metrics"]["hessian/eig_1"]["std"] is None
     # robustness logged during fit on validation samples (the callback's default split): named so
     assert fgsm_row["metrics"]["robust/fgsm/eps_0.05"]["title"] == "fgsm ε=0.05 (%), val"
@@ -245,7 +251,9 @@ def test_unfinished_runs_on_request(sweep_runs: tuple[Path, dict], tmp_path: Pat
     assert not skipped
 
 
-def test_min_accuracy_leaves_out_and_lists_runs_that_did_not_train(sweep_runs: tuple[Path, dict], tmp_path: Path) -> None:
+def test_min_accuracy_leaves_out_and_lists_runs_that_did_not_train(
+    sweep_runs: tuple[Path, dict], tmp_path: Path
+) -> None:
     root, finals = sweep_runs
     # test/acc: bs64 89.36 / 91.36 %, bs256 87.44 / 89.44 %; the hparams-only fgsm run has val/acc 70 %
     runs, skipped = load_runs([root], min_accuracy=88)
@@ -261,7 +269,9 @@ def test_min_accuracy_leaves_out_and_lists_runs_that_did_not_train(sweep_runs: t
     assert [table["variant"] for table in summary["tables"]] == ["standard"]
     row_256 = next(row for row in summary["tables"][0]["rows"] if row["batch_size"] == 256)
     assert row_256["seeds"] == [1]
-    assert row_256["metrics"]["hessian/eig_1"]["values"] == pytest.approx([finals[("standard", 256, 1)]["hessian/eig_1"]])
+    assert row_256["metrics"]["hessian/eig_1"]["values"] == pytest.approx(
+        [finals[("standard", 256, 1)]["hessian/eig_1"]]
+    )
     assert "bs256_seed0" in (out / "report.md").read_text()  # listed as left out
 
     with pytest.raises(ValueError, match="min_accuracy is a percentage in \\[0, 100\\], got 150"):
@@ -371,7 +381,10 @@ def test_find_landscape_takes_the_newest_landscape_file(tmp_path: Path) -> None:
 
 def test_describe_variant() -> None:
     assert describe_variant({"adversarial": {"method": "none", "epsilon": 0.1}}) == "standard"
-    assert describe_variant({"adversarial": {"method": "pgd", "epsilon": 8 / 255}, "activation": "relu"}) == "pgd ε=0.03137"
+    assert (
+        describe_variant({"adversarial": {"method": "pgd", "epsilon": 8 / 255}, "activation": "relu"})
+        == "pgd ε=0.03137"
+    )
     assert describe_variant({"adversarial": {"method": "none"}, "activation": "softplus", "softplus_beta": 5.0}) == (
         "standard, softplus β=5"
     )

@@ -37,9 +37,18 @@ EPSILONS = (0.01, 0.05, 0.1)
 CONFIG = {
     "trainer": {
         "callbacks": [
-            {"class_path": "lightning_hessian.callbacks.spectrum.HessianSpectrumCallback", "init_args": {"split": "train"}},
-            {"class_path": "lightning_hessian.callbacks.landscape.LossLandscapeCallback", "init_args": {"split": "train"}},
-            {"class_path": "lightning_hessian.callbacks.robustness.AdversarialRobustnessCallback", "init_args": {"split": "val"}},
+            {
+                "class_path": "lightning_hessian.callbacks.spectrum.HessianSpectrumCallback",
+                "init_args": {"split": "train"},
+            },
+            {
+                "class_path": "lightning_hessian.callbacks.landscape.LossLandscapeCallback",
+                "init_args": {"split": "train"},
+            },
+            {
+                "class_path": "lightning_hessian.callbacks.robustness.AdversarialRobustnessCallback",
+                "init_args": {"split": "val"},
+            },
         ]
     }
 }
@@ -99,7 +108,9 @@ def _write_run(run_dir: Path, *, batch_size: int, seed: int, variant: str, metho
         if metrics.parse_split_tag(tag)[0] is None and tag.startswith(("hessian/", "landscape/")):
             writer.add_scalar(tag, value, last)
     grid = torch.linspace(-1.0, final[metrics.TOP_EIGENVALUE], 64, dtype=torch.float64)
-    writer.add_histogram_raw(metrics.DENSITY, global_step=last, **density_histogram(grid, torch.exp(-grid.abs()), 44_000))
+    writer.add_histogram_raw(
+        metrics.DENSITY, global_step=last, **density_histogram(grid, torch.exp(-grid.abs()), 44_000)
+    )
     writer.close()
     tester = SummaryWriter(str(run_dir))  # hessian-train test from the checkpoint
     tester.add_scalar(metrics.TEST_ACC, final[metrics.TEST_ACC], 0)
@@ -107,7 +118,13 @@ def _write_run(run_dir: Path, *, batch_size: int, seed: int, variant: str, metho
         if metrics.parse_split_tag(tag)[0] == "test":
             tester.add_scalar(tag, value, last)
     tester.close()
-    record = {"batch_size": batch_size, "seed": seed, "variant": variant, "status": "finished", "wall_seconds": 100.0 + batch_size / 100}
+    record = {
+        "batch_size": batch_size,
+        "seed": seed,
+        "variant": variant,
+        "status": "finished",
+        "wall_seconds": 100.0 + batch_size / 100,
+    }
     (run_dir / "sweep.json").write_text(json.dumps(record))
     (run_dir / "checkpoint.json").write_text(json.dumps({"checkpoint": str(run_dir / "checkpoints" / "last.ckpt"),
                                                          "epoch": epochs, "global_step": last}))  # fmt: skip
@@ -126,7 +143,9 @@ def _write_run(run_dir: Path, *, batch_size: int, seed: int, variant: str, metho
     return final
 
 
-def _write_interpolation(out: Path, run_a: Path, run_b: Path, labels: tuple[str, str], top_a: float, top_b: float) -> None:
+def _write_interpolation(
+    out: Path, run_a: Path, run_b: Path, labels: tuple[str, str], top_a: float, top_b: float
+) -> None:
     alphas = np.union1d(np.linspace(-0.5, 1.5, 5), [0.0, 1.0])
     loss = 0.1 + (alphas - 0.5) ** 2
     out.mkdir(parents=True)
@@ -251,7 +270,9 @@ def test_claims_are_judged_by_the_stated_rule(report, study) -> None:
     assert sharper["verdict"] == HOLDS and sharper["setting"].startswith("B=128 → B=16384 (standard)")
     (robust_end,) = _claims(summary, "Model interpolation: the robustly trained end is flatter")
     assert robust_end["verdict"] == HOLDS
-    assert robust_end["numbers"]["alpha_1"] == pytest.approx([finals[("fgsm ε=0.1", 128, s)]["hessian/eig_1"] for s in SEEDS])
+    assert robust_end["numbers"]["alpha_1"] == pytest.approx(
+        [finals[("fgsm ε=0.1", 128, s)]["hessian/eig_1"] for s in SEEDS]
+    )
     assert summary["claims_rule"].startswith("Each line compares two means over seeds")
 
 
@@ -279,7 +300,9 @@ def test_figures_and_files_for_a_reviewer(report) -> None:
         assert "train" in caption or "test" in caption, caption
     assert "surface eig1_eig2 on train samples" in markdown and "one colour scale for both panels" in markdown
     rows = list(csv.DictReader((out / "runs.csv").open()))
-    assert len(rows) == 15 and {"epochs", "steps", "wall_seconds", "hessian/test/eig_1", "hessian/eig_1"} <= set(rows[0])
+    assert len(rows) == 15 and {"epochs", "steps", "wall_seconds", "hessian/test/eig_1", "hessian/eig_1"} <= set(
+        rows[0]
+    )
     assert "Run time (fit and test, from `sweep.json`)" in markdown
 
 
@@ -310,7 +333,13 @@ def test_fit_splits_come_from_the_callbacks_in_config_yaml() -> None:
 
 
 def test_split_tags_round_trip_and_refuse_what_is_no_analysis_tag() -> None:
-    for tag in ("hessian/eig_1", "robust/linf_pgd/eps_0.1", "landscape/rise/eig1", "hessian/layer/net.3/eig_2", "probe/loss"):
+    for tag in (
+        "hessian/eig_1",
+        "robust/linf_pgd/eps_0.1",
+        "landscape/rise/eig1",
+        "hessian/layer/net.3/eig_2",
+        "probe/loss",
+    ):
         for split in metrics.SPLITS:
             qualified = metrics.split_tag(tag, split)
             assert metrics.parse_split_tag(qualified) == (split, tag)

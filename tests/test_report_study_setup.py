@@ -76,7 +76,16 @@ def test_study_overlay_holds_every_analysis_of_the_paper(capsys: pytest.CaptureF
     assert robust["num_samples"] == 1000
     # the recipe itself is the base config's
     base_config = yaml.safe_load((CONFIGS / f"{base}.yaml").read_text())
-    for key in ("arch", "lr", "lr_scaling", "lr_schedule", "lr_milestones", "momentum", "weight_decay", "bn_virtual_batch_size"):
+    for key in (
+        "arch",
+        "lr",
+        "lr_scaling",
+        "lr_schedule",
+        "lr_milestones",
+        "momentum",
+        "weight_decay",
+        "bn_virtual_batch_size",
+    ):
         assert config["model"][key] == base_config["model"][key], key
 
 
@@ -137,9 +146,13 @@ def test_study_script_commands_are_valid_and_complete() -> None:
     assert control.variant == "standard, same train loss" and "model.lr_schedule=constant" in control.overrides
     assert control.extra_args == ("--trainer.max_epochs", "200")
     pgd = next(s for s in sweeps if s.sweep_name == "pgd")
-    assert {"model.adversarial.method=pgd", "model.adversarial.epsilon=0.1", "model.adversarial.steps=5"} <= set(pgd.overrides)
+    assert {"model.adversarial.method=pgd", "model.adversarial.epsilon=0.1", "model.adversarial.steps=5"} <= set(
+        pgd.overrides
+    )
     interpolations = [args for args, _ in landscapes if args.command == "interpolate"]
-    assert len(interpolations) == 6 and all(args.eigenvalue and args.splits == ["train", "test"] for args in interpolations)
+    assert len(interpolations) == 6 and all(
+        args.eigenvalue and args.splits == ["train", "test"] for args in interpolations
+    )
     assert (interpolations[0].alpha_min, interpolations[0].alpha_max) == (-0.5, 1.5)
     surfaces = [args for args, _ in landscapes if args.command == "surface"]
     assert [Path(args.output_dir).parts[-3:] for args in surfaces] == [
@@ -181,14 +194,35 @@ def test_tiny_study_end_to_end(in_tmp_dir: Path) -> None:
         norm = math.sqrt(sum(float(p.detach().double().square().sum()) for p in model.parameters() if p.requires_grad))
         assert events.final("model/weight_norm") == pytest.approx(norm, rel=1e-5)
         # fit: training samples, unqualified; test: split-qualified, at the checkpoint's step
-        assert events.scalars["hessian/test/eig_1"][-1].step == events.scalars["hessian/eig_10"][-1].step == record["global_step"]
-        assert {"hessian/eig_min", "hessian/trace", "hessian/input_eig_1", "landscape/curvature/eig1"} <= set(events.scalars)
-        assert {"robust/test/fgsm/eps_0.1", "robust/test/l2_cw/median_norm", "landscape/test/loss"} <= set(events.scalars)
+        assert (
+            events.scalars["hessian/test/eig_1"][-1].step
+            == events.scalars["hessian/eig_10"][-1].step
+            == record["global_step"]
+        )
+        assert {"hessian/eig_min", "hessian/trace", "hessian/input_eig_1", "landscape/curvature/eig1"} <= set(
+            events.scalars
+        )
+        assert {"robust/test/fgsm/eps_0.1", "robust/test/l2_cw/median_norm", "landscape/test/loss"} <= set(
+            events.scalars
+        )
         assert not any(tag.startswith("robust/") and "/test/" not in tag for tag in events.scalars)  # test only
 
     content = build_report([settings.sweep_dir], in_tmp_dir / "report")
     keys = {column.key for column in content.columns}
-    assert {"hessian/eig_1", "hessian/test/eig_1", "hessian/eig_10", "robust/test/l2_deepfool/median_norm", "run/epochs"} <= keys
-    assert any(claim.claim.startswith("Large batches converge to points of larger curvature") for claim in content.claims)
+    assert {
+        "hessian/eig_1",
+        "hessian/test/eig_1",
+        "hessian/eig_10",
+        "robust/test/l2_deepfool/median_norm",
+        "run/epochs",
+    } <= keys
+    assert any(
+        claim.claim.startswith("Large batches converge to points of larger curvature") for claim in content.claims
+    )
     names = {figure.file_name for figure in content.figures}
-    assert {"topk_spectrum.png", "spectral_density.png", "landscape_curves_0_standard.png", "median_norms_vs_batch_size.png"} <= names
+    assert {
+        "topk_spectrum.png",
+        "spectral_density.png",
+        "landscape_curves_0_standard.png",
+        "median_norms_vs_batch_size.png",
+    } <= names

@@ -71,12 +71,12 @@ class NoisyModule(pl.LightningModule):
         super().__init__()
         self.net = nn.Sequential(nn.Linear(6, 16), nn.Dropout(0.3), nn.ReLU(), nn.Linear(16, 2))
 
-    def training_step(self, batch, batch_idx):  # noqa: ANN001, ANN201
+    def training_step(self, batch, batch_idx):
         x, y = batch
         x = x + 0.1 * torch.randn_like(x)
         return nn.functional.cross_entropy(self.net(x), y)
 
-    def configure_optimizers(self):  # noqa: ANN201
+    def configure_optimizers(self):
         return torch.optim.SGD(self.parameters(), lr=0.1, momentum=0.9)
 
     def train_dataloader(self) -> DataLoader:
@@ -109,7 +109,7 @@ def test_rng_callback_makes_a_resumed_fit_repeat_the_uninterrupted_one(tmp_path:
 # event files
 
 
-def _writer(run_dir: Path):  # noqa: ANN202
+def _writer(run_dir: Path):
     from torch.utils.tensorboard import SummaryWriter
 
     return SummaryWriter(str(run_dir))
@@ -164,7 +164,9 @@ def test_continue_event_log_purges_after_the_checkpoint_and_keeps_what_came_befo
     scalars = _accumulated(tmp_path)
     assert scalars["train/loss"] == [(s, float(s)) for s in range(9)]
     assert scalars["analysis/lambda"] == [(6, 7.0)]
-    assert {tag: [(p.step, p.value) for p in points] for tag, points in read_events(tmp_path).scalars.items()} == scalars
+    assert {
+        tag: [(p.step, p.value) for p in points] for tag, points in read_events(tmp_path).scalars.items()
+    } == scalars
 
 
 def test_find_resume_checkpoint_takes_the_newest_run_with_a_last_checkpoint(tmp_path: Path) -> None:
@@ -201,12 +203,17 @@ def test_ckpt_path_last_without_a_checkpoint_is_an_error(in_tmp_dir: Path, capsy
     with pytest.raises(SystemExit) as info:
         main(["fit", "--config", config, *TINY, "--ckpt_path", "last"])
     assert info.value.code == 2
-    assert "--ckpt_path last: there is no last checkpoint in runs/quickstart/version_*/checkpoints" in capsys.readouterr().err
+    assert (
+        "--ckpt_path last: there is no last checkpoint in runs/quickstart/version_*/checkpoints"
+        in capsys.readouterr().err
+    )
     assert not (in_tmp_dir / "runs" / "quickstart" / "version_0" / "checkpoints").exists()
 
 
 @pytest.mark.usefixtures("_clean_argv")
-def test_fit_saves_a_last_checkpoint_unless_the_config_says_otherwise(in_tmp_dir: Path, caplog: pytest.LogCaptureFixture) -> None:
+def test_fit_saves_a_last_checkpoint_unless_the_config_says_otherwise(
+    in_tmp_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     config = str(Path(__file__).parents[1] / "configs" / "quickstart.yaml")
     main(["fit", "--config", config, *TINY])
     checkpoints = in_tmp_dir / "runs" / "quickstart" / "version_0" / "checkpoints"
@@ -219,7 +226,9 @@ def test_fit_saves_a_last_checkpoint_unless_the_config_says_otherwise(in_tmp_dir
         "fit", "--config", config, *TINY, "--trainer.callbacks+=ModelCheckpoint",
         "--trainer.callbacks.save_last=false", "--trainer.callbacks.filename=mine",
     ])  # fmt: skip
-    assert [p.name for p in (in_tmp_dir / "runs" / "quickstart" / "version_1" / "checkpoints").iterdir()] == ["mine.ckpt"]
+    assert [p.name for p in (in_tmp_dir / "runs" / "quickstart" / "version_1" / "checkpoints").iterdir()] == [
+        "mine.ckpt"
+    ]
 
     # `test --ckpt_path last`: the newest run with a last checkpoint (version_0), logged to a new directory
     with caplog.at_level("INFO"):
@@ -296,7 +305,7 @@ def _hessian_train(directory: Path, *extra: str, hold_at: int = -1) -> subproces
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HOLD_AT_STEP": str(hold_at)}
     env["PYTHONPATH"] = os.pathsep.join([str(directory.parent), env.get("PYTHONPATH", "")])
     command = [sys.executable, "-m", "lightning_hessian.cli", "fit", "--config", "../tiny.yaml", *extra]
-    log = open(directory / f"log{time.monotonic_ns()}.txt", "w")  # noqa: SIM115 (closed with the process)
+    log = open(directory / f"log{time.monotonic_ns()}.txt", "w")
     return subprocess.Popen(command, cwd=directory, env=env, stdout=log, stderr=subprocess.STDOUT)
 
 
@@ -339,13 +348,18 @@ def test_kill_9_mid_epoch_then_ckpt_path_last_repeats_the_uninterrupted_run(tmp_
     assert actual["global_step"] == expected["global_step"] == 12
     assert expected["state_dict"].keys() == actual["state_dict"].keys()
     assert all(torch.equal(actual["state_dict"][k], v) for k, v in expected["state_dict"].items())
-    momenta = [(s["momentum_buffer"], actual["optimizer_states"][0]["state"][i]["momentum_buffer"]) for i, s in expected["optimizer_states"][0]["state"].items()]
+    momenta = [
+        (s["momentum_buffer"], actual["optimizer_states"][0]["state"][i]["momentum_buffer"])
+        for i, s in expected["optimizer_states"][0]["state"].items()
+    ]
     assert momenta and all(torch.equal(a, b) for a, b in momenta)
     # every curve, as TensorBoard reads it (the purge honoured), is the uninterrupted run's
     reference = _accumulated(uninterrupted_dir / "runs" / "tiny" / "version_0")
     assert {"train/loss_step", "train/loss", "val/loss", "lr-SGD", "probe/param_sum"} <= set(reference)
     curves = _accumulated(run)
-    assert {tag: sorted(points) for tag, points in curves.items()} == {tag: sorted(points) for tag, points in reference.items()}
+    assert {tag: sorted(points) for tag, points in curves.items()} == {
+        tag: sorted(points) for tag, points in reference.items()
+    }
     # and the report's reader has one value per step per tag
     for tag, points in read_events(run).scalars.items():
         steps = [p.step for p in points]

@@ -59,8 +59,16 @@ class DigitsModule(pl.LightningModule):
 
 def _trainer(tmp_path, callbacks, epochs=2, **kwargs) -> pl.Trainer:
     defaults = dict(
-        max_epochs=epochs, callbacks=callbacks, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-        enable_model_summary=False, default_root_dir=tmp_path, num_sanity_val_steps=1, accelerator="cpu", devices=1,
+        max_epochs=epochs,
+        callbacks=callbacks,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+        num_sanity_val_steps=1,
+        accelerator="cpu",
+        devices=1,
     )
     defaults.update(kwargs)
     return pl.Trainer(**defaults)
@@ -86,9 +94,15 @@ def test_logs_robust_accuracy_median_norm_and_figures(tmp_path):
     trainer.fit(model)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("robust/")}
     assert set(metrics) == {
-        "robust/clean_acc", "robust/fgsm/eps_0", "robust/fgsm/eps_0.05", "robust/fgsm/eps_0.1",
-        "robust/linf_pgd/eps_0.05", "robust/l2_deepfool/eps_0.5", "robust/l2_deepfool/eps_1",
-        "robust/l2_deepfool/median_norm", "robust/seconds",
+        "robust/clean_acc",
+        "robust/fgsm/eps_0",
+        "robust/fgsm/eps_0.05",
+        "robust/fgsm/eps_0.1",
+        "robust/linf_pgd/eps_0.05",
+        "robust/l2_deepfool/eps_0.5",
+        "robust/l2_deepfool/eps_1",
+        "robust/l2_deepfool/median_norm",
+        "robust/seconds",
     }
     # an independent computation on the callback's samples agrees
     samples = callback._samples["val"]
@@ -98,7 +112,9 @@ def test_logs_robust_accuracy_median_norm_and_figures(tmp_path):
         clean = (model(samples.batch[0]).argmax(1) == samples.batch[1]).float().mean().item()
     assert metrics["robust/clean_acc"] == pytest.approx(clean) and 0.5 < clean < 1
     assert metrics["robust/fgsm/eps_0"] == metrics["robust/clean_acc"]
-    expected = evaluate_attack(model, samples.batch[0], samples.batch[1], AttackSpec("fgsm", [0.05, 0.1]), backend="foolbox")
+    expected = evaluate_attack(
+        model, samples.batch[0], samples.batch[1], AttackSpec("fgsm", [0.05, 0.1]), backend="foolbox"
+    )
     assert metrics["robust/fgsm/eps_0.05"] == pytest.approx(expected.robust_correct[0].float().mean().item())
     assert metrics["robust/fgsm/eps_0.1"] == pytest.approx(expected.robust_correct[1].float().mean().item())
     assert metrics["robust/fgsm/eps_0.1"] < metrics["robust/fgsm/eps_0.05"] < clean
@@ -132,8 +148,13 @@ def test_training_is_bit_identical_with_and_without_the_callback(tmp_path):
     callbacks = [
         AdversarialRobustnessCallback(attacks=[AttackSpec("linf_pgd", [0.05], steps=3)], num_samples=64, split="train"),
         AdversarialRobustnessCallback(
-            attacks=[AttackSpec("fgsm", [0.05]), AttackSpec("l2_pgd", [0.5], steps=2), AttackSpec("l2_deepfool", [0.5], steps=5)],
-            backend="foolbox", num_samples=64,
+            attacks=[
+                AttackSpec("fgsm", [0.05]),
+                AttackSpec("l2_pgd", [0.5], steps=2),
+                AttackSpec("l2_deepfool", [0.5], steps=5),
+            ],
+            backend="foolbox",
+            num_samples=64,
         ),
     ]
     attacked, attacked_optimizer = _fit_weights(tmp_path, callbacks)
@@ -149,7 +170,10 @@ def test_training_is_bit_identical_with_and_without_the_callback(tmp_path):
 @pytest.mark.parametrize(
     "kwargs, message",
     [
-        ({"attacks": [{"name": "pgd", "epsilons": [0.1]}]}, "unknown attack 'pgd'; valid attacks: fgsm, linf_pgd, l2_pgd"),
+        (
+            {"attacks": [{"name": "pgd", "epsilons": [0.1]}]},
+            "unknown attack 'pgd'; valid attacks: fgsm, linf_pgd, l2_pgd",
+        ),
         ({"attacks": [{"name": "fgsm", "epsilons": [-0.01]}]}, "epsilon must be >= 0"),
         ({"attacks": [{"name": "linf_pgd", "epsilons": [8]}]}, "larger than the input range"),
         ({"attacks": [{"name": "fgsm", "epsilons": [0.1]}, {"name": "fgsm", "epsilons": [0.2]}]}, "once"),
@@ -202,11 +226,17 @@ def test_configurable_from_yaml():
 def _validate(tmp_path, **kwargs):
     pl.seed_everything(0)
     callback = AdversarialRobustnessCallback(
-        attacks=[AttackSpec("fgsm", [0.0, 0.05, 0.1]), AttackSpec("l2_deepfool", [0.5], steps=10)], num_samples=101, seed=2
+        attacks=[AttackSpec("fgsm", [0.0, 0.05, 0.1]), AttackSpec("l2_deepfool", [0.5], steps=10)],
+        num_samples=101,
+        seed=2,
     )
     trainer = _trainer(tmp_path, [callback], **kwargs)
     trainer.validate(DigitsModule(), verbose=False)
-    return {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("robust/") and k != "robust/val/seconds"}
+    return {
+        k: float(v)
+        for k, v in trainer.callback_metrics.items()
+        if k.startswith("robust/") and k != "robust/val/seconds"
+    }
 
 
 def test_ddp_ranks_attack_their_shards_and_sum(tmp_path):
@@ -234,13 +264,17 @@ def test_data_normalised_outside_the_model_is_attacked_in_pixel_space(tmp_path):
 
     pl.seed_everything(0)
     module = DigitsModule(shift=-0.5)  # the "data module" yields x - 0.5, the model expects it
-    callback = AdversarialRobustnessCallback(attacks=[AttackSpec("fgsm", [0.05, 0.1])], mean=[0.5], std=[1.0], num_samples=64)
+    callback = AdversarialRobustnessCallback(
+        attacks=[AttackSpec("fgsm", [0.05, 0.1])], mean=[0.5], std=[1.0], num_samples=64
+    )
     trainer = _trainer(tmp_path, [callback])
     trainer.validate(module, verbose=False)
     samples = callback._samples["val"]
     pixels = samples.batch[0] + 0.5
     assert 0 <= pixels.min() and pixels.max() <= 1
-    expected = evaluate_attack(NormalizedInput(module, [0.5], [1.0]), pixels, samples.batch[1], AttackSpec("fgsm", [0.05, 0.1]))
+    expected = evaluate_attack(
+        NormalizedInput(module, [0.5], [1.0]), pixels, samples.batch[1], AttackSpec("fgsm", [0.05, 0.1])
+    )
     accuracies = expected.robust_correct.float().mean(1)
     assert trainer.callback_metrics["robust/val/fgsm/eps_0.05"] == pytest.approx(accuracies[0].item())
     assert trainer.callback_metrics["robust/val/fgsm/eps_0.1"] == pytest.approx(accuracies[1].item())
@@ -263,11 +297,16 @@ class RobustDigitsModule(DigitsModule):
 def test_robust_training_and_evaluation_under_ddp(tmp_path):
     pl.seed_everything(0)
     callback = AdversarialRobustnessCallback(attacks=[AttackSpec("linf_pgd", [0.1], steps=3)], num_samples=40)
-    trainer = _trainer(tmp_path, [callback], epochs=1, strategy="ddp_spawn", devices=2, limit_train_batches=3,
-                       limit_val_batches=1)
+    trainer = _trainer(
+        tmp_path, [callback], epochs=1, strategy="ddp_spawn", devices=2, limit_train_batches=3, limit_val_batches=1
+    )
     model = RobustDigitsModule()
     initial = [p.detach().clone() for p in model.parameters()]
     trainer.fit(model)
     assert trainer.state.finished and "train_acc" in trainer.callback_metrics
-    assert 0 <= float(trainer.callback_metrics["robust/linf_pgd/eps_0.1"]) <= float(trainer.callback_metrics["robust/clean_acc"])
+    assert (
+        0
+        <= float(trainer.callback_metrics["robust/linf_pgd/eps_0.1"])
+        <= float(trainer.callback_metrics["robust/clean_acc"])
+    )
     assert any(not torch.equal(a, b) for a, b in zip(initial, model.parameters()))  # rank 0's trained weights came back

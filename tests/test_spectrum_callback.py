@@ -14,15 +14,15 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
-
-from lightning_hessian.callbacks.spectrum import QUANTITIES, HessianSpectrumCallback
-from lightning_hessian.curvature import HessianOperator, hessian_trace, top_eigenvalues
 from spectrum_support import (
     HessianLossRegressor,
     PlainClassifier,
     exact_hessian,
     exact_input_quantities,
 )
+
+from lightning_hessian.callbacks.spectrum import QUANTITIES, HessianSpectrumCallback
+from lightning_hessian.curvature import HessianOperator, hessian_trace, top_eigenvalues
 
 pytestmark = pytest.mark.filterwarnings(
     "ignore:.*does not have many workers.*",
@@ -50,7 +50,9 @@ def _trainer(tmp_path: Path, callbacks: list, logger=None, **kwargs) -> pl.Train
 def _event_tags(log_dir: Path) -> dict[str, set[str]]:
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    accumulator = EventAccumulator(str(log_dir), size_guidance={"histograms": 0, "images": 0, "scalars": 0, "tensors": 0})
+    accumulator = EventAccumulator(
+        str(log_dir), size_guidance={"histograms": 0, "images": 0, "scalars": 0, "tensors": 0}
+    )
     accumulator.Reload()
     return accumulator.Tags(), accumulator
 
@@ -88,7 +90,9 @@ def test_plain_module_numbers_match_exact_hessian_and_engine(tmp_path: Path) -> 
     exact = torch.linalg.eigvalsh(hessian)
     torch.testing.assert_close(
         torch.tensor([metrics[f"hessian/eig_{i}"] for i in (1, 2, 3)], dtype=torch.float64),
-        exact.flip(0)[:3], rtol=1e-4, atol=1e-6,
+        exact.flip(0)[:3],
+        rtol=1e-4,
+        atol=1e-6,
     )
     assert metrics["hessian/eig_min"] == pytest.approx(float(exact[0]), rel=1e-4, abs=1e-6)
     exact_trace = float(hessian.trace())
@@ -97,7 +101,9 @@ def test_plain_module_numbers_match_exact_hessian_and_engine(tmp_path: Path) -> 
     layer_exact = torch.linalg.eigvalsh(exact_hessian(model, samples.batch, names=layer_names)).flip(0)[:2]
     torch.testing.assert_close(
         torch.tensor([metrics["hessian/layer/net.3/eig_1"], metrics["hessian/layer/net.3/eig_2"]], dtype=torch.float64),
-        layer_exact, rtol=1e-4, atol=1e-6,
+        layer_exact,
+        rtol=1e-4,
+        atol=1e-6,
     )
     input_eigs, input_norms = exact_input_quantities(model, samples.batch[0], samples.batch[1])
     assert metrics["hessian/input_eig_1"] == pytest.approx(float(input_eigs.mean()), rel=1e-3)
@@ -110,8 +116,10 @@ def test_plain_module_numbers_match_exact_hessian_and_engine(tmp_path: Path) -> 
     operator = HessianOperator(model, torch.nn.functional.cross_entropy, samples.batch, micro_batch_size=32)
     direct = top_eigenvalues(operator, k=3, tol=1e-6, seed=0)
     torch.testing.assert_close(
-        torch.tensor([metrics[f"hessian/eig_{i}"] for i in (1, 2, 3)], dtype=torch.float64), direct.eigenvalues.double(),
-        rtol=1e-6, atol=1e-9,
+        torch.tensor([metrics[f"hessian/eig_{i}"] for i in (1, 2, 3)], dtype=torch.float64),
+        direct.eigenvalues.double(),
+        rtol=1e-6,
+        atol=1e-9,
     )
     trace = hessian_trace(operator, method="auto", rel_tol=1e-3, max_probes=40, seed=0)  # the callback's adaptive trace
     assert metrics["hessian/trace"] == pytest.approx(float(trace.estimate), rel=1e-6)
@@ -126,9 +134,19 @@ def test_plain_module_numbers_match_exact_hessian_and_engine(tmp_path: Path) -> 
 
     # TensorBoard: scalars per epoch, the density histogram and figure, the custom-scalars layout
     tags, accumulator = _event_tags(Path(logger.log_dir))
-    for name in ("hessian/eig_1", "hessian/eig_3", "hessian/eig_min", "hessian/trace", "hessian/trace_stderr",
-                 "hessian/input_eig_1", "hessian/input_grad_norm", "hessian/hvps", "hessian/seconds",
-                 "hessian/converged", "hessian/layer/net.3/eig_1"):
+    for name in (
+        "hessian/eig_1",
+        "hessian/eig_3",
+        "hessian/eig_min",
+        "hessian/trace",
+        "hessian/trace_stderr",
+        "hessian/input_eig_1",
+        "hessian/input_grad_norm",
+        "hessian/hvps",
+        "hessian/seconds",
+        "hessian/converged",
+        "hessian/layer/net.3/eig_1",
+    ):
         assert name in tags["scalars"], name
     assert [e.step for e in accumulator.Scalars("hessian/eig_1")] == [6, 12]  # 96 samples / 16 per step
     assert [e.step for e in accumulator.Histograms("hessian/density")] == [6, 12]
@@ -144,8 +162,9 @@ def test_module_with_hessian_loss_under_validate_and_test(tmp_path: Path) -> Non
     trainer.test (test split), i.e. under inference mode, with numbers equal to the oracle."""
     pl.seed_everything(1)
     model = HessianLossRegressor()
-    spectrum = HessianSpectrumCallback(top_k=2, quantities=["eigenvalues", "smallest_eigenvalue"], num_samples=32,
-                                       split="val", eig_tol=1e-6)
+    spectrum = HessianSpectrumCallback(
+        top_k=2, quantities=["eigenvalues", "smallest_eigenvalue"], num_samples=32, split="val", eig_tol=1e-6
+    )
     trainer = _trainer(tmp_path, [spectrum], logger=CSVLogger(tmp_path, name="csv"))
     trainer.validate(model)
     val = spectrum._samples["val"]
@@ -233,9 +252,12 @@ def test_image_classifier_with_batch_norm(tmp_path: Path) -> None:
     generator = torch.Generator().manual_seed(8)
     images = torch.rand(64, 1, 2, 2, generator=generator)
     labels = (images.flatten(1).sum(dim=1) > 2).long()
-    model = ImageClassifier(arch="mlp", num_classes=2, input_shape=(1, 2, 2), batch_size=16, lr=0.05,
-                            activation="softplus")
-    spectrum = HessianSpectrumCallback(top_k=1, num_samples=48, eig_tol=1e-3, quantities=["eigenvalues", "input_hessian"])
+    model = ImageClassifier(
+        arch="mlp", num_classes=2, input_shape=(1, 2, 2), batch_size=16, lr=0.05, activation="softplus"
+    )
+    spectrum = HessianSpectrumCallback(
+        top_k=1, num_samples=48, eig_tol=1e-3, quantities=["eigenvalues", "input_hessian"]
+    )
     loader = DataLoader(TensorDataset(images, labels), batch_size=16, shuffle=True)
     _trainer(tmp_path, [spectrum], max_epochs=1).fit(model, train_dataloaders=loader)
     samples = spectrum._samples["train"]
@@ -251,8 +273,14 @@ def test_pyhessian_backend_on_the_same_samples(tmp_path: Path) -> None:
     """backend='pyhessian' (power iteration, Hutchinson) on the callback's samples: close to exact."""
     pl.seed_everything(9)
     model = PlainClassifier()
-    spectrum = HessianSpectrumCallback(backend="pyhessian", quantities=["eigenvalues", "trace"], num_samples=40,
-                                       eig_tol=1e-4, trace_rel_tol=1e-3, trace_max_probes=300)
+    spectrum = HessianSpectrumCallback(
+        backend="pyhessian",
+        quantities=["eigenvalues", "trace"],
+        num_samples=40,
+        eig_tol=1e-4,
+        trace_rel_tol=1e-3,
+        trace_max_probes=300,
+    )
     _trainer(tmp_path, [spectrum], limit_val_batches=0).fit(model)
     hessian = exact_hessian(model, spectrum._samples["train"].batch)
     assert spectrum.last_metrics["hessian/eig_1"] == pytest.approx(float(torch.linalg.eigvalsh(hessian)[-1]), rel=1e-2)
@@ -274,8 +302,18 @@ def _train(tmp_path: Path, callbacks: list) -> tuple[dict, dict]:
 
 def test_training_is_bit_identical_with_and_without_callback(tmp_path: Path) -> None:
     spectrum = HessianSpectrumCallback(
-        top_k=1, quantities=QUANTITIES, num_samples=32, every_n_epochs=1, every_n_train_steps=5, eig_tol=1e-2,
-        density_probes=2, density_steps=4, density_grid=32, trace_max_probes=4, trace_rel_tol=0.5, layers=["net.0"],
+        top_k=1,
+        quantities=QUANTITIES,
+        num_samples=32,
+        every_n_epochs=1,
+        every_n_train_steps=5,
+        eig_tol=1e-2,
+        density_probes=2,
+        density_steps=4,
+        density_grid=32,
+        trace_max_probes=4,
+        trace_rel_tol=0.5,
+        layers=["net.0"],
     )
     with_weights, with_optimizer = _train(tmp_path / "with", [spectrum])
     without_weights, without_optimizer = _train(tmp_path / "without", [])
@@ -328,11 +366,18 @@ def _logged(csv_dir: Path, name: str) -> list[tuple[int, float]]:
 def test_resume_continues_curves_without_gaps_or_repeats(tmp_path: Path) -> None:
     def run(max_epochs: int, directory: Path, ckpt_path: str | None = None) -> HessianSpectrumCallback:
         pl.seed_everything(5)
-        spectrum = HessianSpectrumCallback(top_k=2, quantities=["eigenvalues", "trace"], num_samples=64, eig_tol=1e-6,
-                                           trace_max_probes=30)
+        spectrum = HessianSpectrumCallback(
+            top_k=2, quantities=["eigenvalues", "trace"], num_samples=64, eig_tol=1e-6, trace_max_probes=30
+        )
         checkpoint = ModelCheckpoint(dirpath=directory / "ckpt", save_last=True, save_top_k=0)
-        trainer = _trainer(directory, [spectrum, checkpoint], logger=CSVLogger(directory, name="csv"),
-                           max_epochs=max_epochs, enable_checkpointing=True, limit_val_batches=0)
+        trainer = _trainer(
+            directory,
+            [spectrum, checkpoint],
+            logger=CSVLogger(directory, name="csv"),
+            max_epochs=max_epochs,
+            enable_checkpointing=True,
+            limit_val_batches=0,
+        )
         # no shuffling: Lightning checkpoints do not carry the global RNG that orders the batches
         trainer.fit(PlainClassifier(shuffle=False), ckpt_path=ckpt_path)
         return spectrum
@@ -377,8 +422,9 @@ def test_final_weights_are_analysed_once(tmp_path: Path) -> None:
     for epochs, expected in ((4, [18, 24]), (3, [18])):
         spectrum = HessianSpectrumCallback(every_n_epochs=3, num_samples=16, eig_tol=1e-2)
         directory = tmp_path / str(epochs)
-        _trainer(directory, [spectrum], logger=CSVLogger(directory, name="csv"), max_epochs=epochs,
-                 limit_val_batches=0).fit(PlainClassifier(shuffle=False))
+        _trainer(
+            directory, [spectrum], logger=CSVLogger(directory, name="csv"), max_epochs=epochs, limit_val_batches=0
+        ).fit(PlainClassifier(shuffle=False))
         assert [s for s, _ in _logged(directory / "csv", "hessian/eig_1")] == expected
 
 
@@ -386,8 +432,9 @@ def test_final_weights_are_analysed_once(tmp_path: Path) -> None:
 
 
 def test_logger_without_figures_gets_scalars_and_one_warning(tmp_path: Path) -> None:
-    spectrum = HessianSpectrumCallback(quantities=["eigenvalues", "density"], num_samples=32, density_probes=2,
-                                       density_steps=12, density_grid=64)
+    spectrum = HessianSpectrumCallback(
+        quantities=["eigenvalues", "density"], num_samples=32, density_probes=2, density_steps=12, density_grid=64
+    )
     trainer = _trainer(tmp_path, [spectrum], logger=CSVLogger(tmp_path, name="csv"), max_epochs=2, limit_val_batches=0)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -401,8 +448,13 @@ def test_time_budget_stops_cleanly_with_honest_flags(tmp_path: Path, caplog: pyt
     """A budget spent before the analysis starts: the top eigenvalue still gets one Lanczos step (a
     rough value, flagged unconverged), everything after it is skipped and logged as NaN, with a
     warning; progress lines name the stage, HVPs and seconds."""
-    spectrum = HessianSpectrumCallback(top_k=2, quantities=["eigenvalues", "smallest_eigenvalue", "trace"],
-                                       num_samples=32, time_budget=1e-9, progress_interval=1e-9)
+    spectrum = HessianSpectrumCallback(
+        top_k=2,
+        quantities=["eigenvalues", "smallest_eigenvalue", "trace"],
+        num_samples=32,
+        time_budget=1e-9,
+        progress_interval=1e-9,
+    )
     with caplog.at_level("INFO"), pytest.warns(UserWarning, match="time budget of 1e-09 s spent"):
         _trainer(tmp_path, [spectrum], limit_val_batches=0).fit(PlainClassifier())
     metrics = spectrum.last_metrics
@@ -508,7 +560,9 @@ def test_quickstart_config_logs_the_spectrum_to_tensorboard(in_tmp_dir: Path) ->
         "--trainer.limit_val_batches=0", "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false",
     ])  # fmt: skip
     tags, accumulator = _event_tags(in_tmp_dir / "runs" / "quickstart" / "version_0")
-    assert {"hessian/eig_1", "hessian/eig_2", "hessian/trace", "hessian/hvps", "hessian/seconds"} <= set(tags["scalars"])
+    assert {"hessian/eig_1", "hessian/eig_2", "hessian/trace", "hessian/hvps", "hessian/seconds"} <= set(
+        tags["scalars"]
+    )
     assert [e.step for e in accumulator.Scalars("hessian/eig_1")] == [20]  # 10 epochs x 2 steps
     assert math.isfinite(accumulator.Scalars("hessian/eig_1")[0].value)
     assert "hessian/density" in tags["histograms"] and "hessian/density_plot" in tags["images"]
@@ -518,4 +572,6 @@ def test_quickstart_config_logs_the_spectrum_to_tensorboard(in_tmp_dir: Path) ->
             "landscape/surface3d/eig1_eig2"} <= set(tags["images"])  # fmt: skip
     clean = accumulator.Scalars("robust/clean_acc")[0].value
     assert accumulator.Scalars("robust/fgsm/eps_0")[0].value == clean
-    assert accumulator.Scalars("robust/linf_pgd/eps_0.1")[0].value <= accumulator.Scalars("robust/fgsm/eps_0.1")[0].value
+    assert (
+        accumulator.Scalars("robust/linf_pgd/eps_0.1")[0].value <= accumulator.Scalars("robust/fgsm/eps_0.1")[0].value
+    )

@@ -9,7 +9,6 @@ from pathlib import Path
 import pytest
 import pytorch_lightning as pl
 import torch
-
 from spectrum_support import PlainClassifier, RecordingSpectrum, exact_hessian
 
 pytestmark = pytest.mark.filterwarnings(

@@ -22,7 +22,6 @@ from lightning_hessian.callbacks.spectrum_output import density_figure, spectrum
 from lightning_hessian.curvature import HessianOperator
 from lightning_hessian.density_histogram import density_from_histogram, density_histogram
 
-
 # ------------------------------------------------------------------------------ density histogram
 
 
@@ -57,7 +56,9 @@ def test_density_histogram_decodes_to_the_density_it_encoded() -> None:
 
     flat = density_histogram(grid, torch.zeros_like(grid), num_params=49)
     assert flat["bucket_counts"] == pytest.approx([1.0] * 49)
-    _, uniform = density_from_histogram(np.array([flat["min"], *flat["bucket_limits"]]), np.array(flat["bucket_counts"]))
+    _, uniform = density_from_histogram(
+        np.array([flat["min"], *flat["bucket_limits"]]), np.array(flat["bucket_counts"])
+    )
     assert uniform == pytest.approx(np.full(49, 1 / 12.25))  # 49 buckets of width 0.25
 
 

@@ -51,13 +51,21 @@ class Quadratic(pl.LightningModule):
 def _fit(module: Quadratic) -> tuple[dict[str, float], pl.Trainer]:
     spectrum = HessianSpectrumCallback(num_samples=4, eig_tol=1e-8, analyse_on_train_end=False)
     loader = DataLoader(torch.zeros(8, 1), batch_size=4)
-    trainer = pl.Trainer(max_epochs=1, callbacks=[spectrum], logger=False, enable_checkpointing=False,
-                         enable_progress_bar=False, enable_model_summary=False)
+    trainer = pl.Trainer(
+        max_epochs=1,
+        callbacks=[spectrum],
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
     trainer.fit(module, loader)
     return spectrum.last_metrics, trainer
 
 
-@pytest.mark.parametrize(("momentum", "nesterov", "factor"), [(0.0, False, 2.0), (0.9, False, 3.8), (0.9, True, 3.8 / 2.8)])
+@pytest.mark.parametrize(
+    ("momentum", "nesterov", "factor"), [(0.0, False, 2.0), (0.9, False, 3.8), (0.9, True, 3.8 / 2.8)]
+)
 def test_sgd_ratio_is_the_closed_form(momentum: float, nesterov: bool, factor: float) -> None:
     metrics, _ = _fit(Quadratic("sgd", lr=0.05, momentum=momentum, nesterov=nesterov))
     top = float(torch.linalg.eigvalsh(_matrix().float().double())[-1])
@@ -87,7 +95,9 @@ def test_scaled_operator_matches_the_dense_product() -> None:
     operator = DiagonallyScaledOperator(MatrixOperator(matrix), scale)
     dense = scale[:, None] * matrix * scale[None, :]
     result = top_eigenvalues(operator, k=2, tol=1e-10)
-    assert [float(v) for v in result.eigenvalues] == pytest.approx(torch.linalg.eigvalsh(dense)[-2:].flip(0).tolist(), rel=1e-8)
+    assert [float(v) for v in result.eigenvalues] == pytest.approx(
+        torch.linalg.eigvalsh(dense)[-2:].flip(0).tolist(), rel=1e-8
+    )
     with pytest.raises(ValueError, match="positive"):
         DiagonallyScaledOperator(MatrixOperator(matrix), -scale)
 

@@ -119,7 +119,9 @@ def test_dry_run_prints_and_writes_nothing(tmp_path: Path, fake_train: Path, cap
     assert [(r.seed, r.batch_size) for r in runs] == [(0, 32), (0, 64), (1, 32), (1, 64)]  # seed-major
     assert all(r.status == "pending" for r in runs)
     output = capsys.readouterr().out
-    assert "--trainer.logger.init_args.version=bs64_seed1" in output and "--trainer.logger.init_args.name=grid" in output
+    assert (
+        "--trainer.logger.init_args.version=bs64_seed1" in output and "--trainer.logger.init_args.name=grid" in output
+    )
     assert not (tmp_path / "sweeps").exists()
     assert [r.run_dir for r in plan_sweep(settings)][-1] == tmp_path / "sweeps" / "grid" / "bs64_seed1"
 
@@ -174,7 +176,10 @@ def test_real_hessian_train_end_to_end(tmp_path: Path) -> None:
     config = tmp_path / "tiny.yaml"
     config.write_text(yaml.safe_dump(TINY_CONFIG))
     root = tmp_path / "sweeps"
-    assert main(["--config", str(config), "--seeds", "3", "--root", str(root), "--name", "digits", "--batch-sizes", "32"]) == 0
+    assert (
+        main(["--config", str(config), "--seeds", "3", "--root", str(root), "--name", "digits", "--batch-sizes", "32"])
+        == 0
+    )
     run_dir = root / "digits" / "bs32_seed3"
     assert json.loads((run_dir / "sweep.json").read_text())["status"] == "finished"
     # A failed run beside it (as a sweep whose fit died before logging anything leaves it).
@@ -491,7 +496,10 @@ def test_the_old_module_path_still_runs_the_sweep_with_a_deprecation_warning(tmp
         [sys.executable, "-m", "lightning_hessian.report.sweep", *argv], capture_output=True, text=True, timeout=300
     )
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "lightning_hessian.report.sweep is deprecated" in result.stderr and "lightning_hessian.cli.sweep" in result.stderr
+    assert (
+        "lightning_hessian.report.sweep is deprecated" in result.stderr
+        and "lightning_hessian.cli.sweep" in result.stderr
+    )
     assert "1 finished" in result.stdout
     record = json.loads((tmp_path / "sweeps" / "quickstart" / "bs32_seed0" / "sweep.json").read_text())
     assert record["status"] == "finished"
@@ -502,7 +510,9 @@ def test_the_old_module_path_still_runs_the_sweep_with_a_deprecation_warning(tmp
         import lightning_hessian.sweep as sweep
 
         assert report.SweepSettings is sweep.SweepSettings and report.run_sweep is sweep.run_sweep
-    assert any(issubclass(w.category, DeprecationWarning) and "lightning_hessian.sweep" in str(w.message) for w in caught)
+    assert any(
+        issubclass(w.category, DeprecationWarning) and "lightning_hessian.sweep" in str(w.message) for w in caught
+    )
 
 
 def test_one_definition_of_the_sweep_record_file() -> None:

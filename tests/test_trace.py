@@ -162,8 +162,12 @@ def test_heavy_diagonal_keeps_hutchinson() -> None:
 
 def test_bad_settings_are_user_errors() -> None:
     op = MatrixOperator(torch.eye(4, dtype=torch.float64))
-    for kwargs, match in [({"method": "xtrace"}, "method='xtrace'"), ({"rel_tol": 0.0}, "rel_tol=0.0"),
-                          ({"min_probes": 1}, "min_probes=1"), ({"backend": "other"}, "backend='other'")]:
+    for kwargs, match in [
+        ({"method": "xtrace"}, "method='xtrace'"),
+        ({"rel_tol": 0.0}, "rel_tol=0.0"),
+        ({"min_probes": 1}, "min_probes=1"),
+        ({"backend": "other"}, "backend='other'"),
+    ]:
         with pytest.raises(UserInputError, match=match):
             hessian_trace(op, **kwargs)  # type: ignore[arg-type]
     assert math.isinf(trace_module.TraceResult(0.0, 1.0, 2, 2, 0.0).relative_stderr)

@@ -70,12 +70,16 @@ def run_native_attack(
     # epsilon 0 allows no perturbation (pgd returns x0 exactly): its row is the clean one, unattacked
     attacked = [k for k, eps in enumerate(spec.epsilons) if eps > 0]
     epsilons = torch.tensor([spec.epsilons[k] for k in attacked], dtype=inputs.dtype, device=inputs.device)
-    step_sizes = torch.tensor([spec.pgd_step_size(spec.epsilons[k]) for k in attacked], dtype=inputs.dtype, device=inputs.device)
+    step_sizes = torch.tensor(
+        [spec.pgd_step_size(spec.epsilons[k]) for k in attacked], dtype=inputs.dtype, device=inputs.device
+    )
     with torch.inference_mode(False), torch.enable_grad(), eval_mode(model), frozen_parameters(model):
         x = inputs.detach().clone()
         y = targets.detach().clone()
         with torch.no_grad():
-            clean_correct = torch.cat([model(x[part]).argmax(dim=-1) == y[part] for part in _micro_batches(num_samples, batch_size)])
+            clean_correct = torch.cat(
+                [model(x[part]).argmax(dim=-1) == y[part] for part in _micro_batches(num_samples, batch_size)]
+            )
         robust_correct = torch.empty(len(attacked) * num_samples, dtype=torch.bool, device=x.device)
         for part in _micro_batches(robust_correct.numel(), batch_size):
             index = torch.arange(part.start, part.stop, device=x.device)
@@ -126,7 +130,9 @@ def evaluate_attack(
     if backend not in ("native", "foolbox"):
         raise ValueError(f"unknown backend {backend!r}; valid backends: 'native', 'foolbox'")
     if backend == "native" and spec.info.native:
-        return run_native_attack(model, inputs, targets, spec, bounds=bounds, batch_size=batch_size, generator=generator)
+        return run_native_attack(
+            model, inputs, targets, spec, bounds=bounds, batch_size=batch_size, generator=generator
+        )
     outcomes = [
         run_foolbox_attack(model, inputs[part], targets[part], spec, bounds=bounds)
         for part in _micro_batches(inputs.shape[0], batch_size)

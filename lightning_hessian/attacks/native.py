@@ -40,8 +40,8 @@ __all__ = [
     "fgsm",
     "frozen_parameters",
     "input_gradient",
-    "pgd",
     "perturbation_norms",
+    "pgd",
     "random_start",
 ]
 
@@ -117,9 +117,7 @@ def _per_sample(epsilon: float | Tensor, like: Tensor) -> float | Tensor:
         if epsilon.ndim == like.ndim and epsilon.shape[0] == like.shape[0] and epsilon[0].numel() == 1:
             return epsilon  # already reshaped
         if epsilon.ndim != 1 or epsilon.shape[0] != like.shape[0]:
-            raise ValueError(
-                f"a per-sample epsilon must have shape ({like.shape[0]},), got {tuple(epsilon.shape)}"
-            )
+            raise ValueError(f"a per-sample epsilon must have shape ({like.shape[0]},), got {tuple(epsilon.shape)}")
         return epsilon.to(device=like.device, dtype=like.dtype).view(-1, *([1] * (like.ndim - 1)))
     return float(epsilon)
 
@@ -153,9 +151,7 @@ def _project(x: Tensor, x0: Tensor, epsilon: float | Tensor, norm: Norm) -> Tens
     return x0 + delta * factor
 
 
-def random_start(
-    x0: Tensor, epsilon: float | Tensor, norm: Norm, generator: torch.Generator | None = None
-) -> Tensor:
+def random_start(x0: Tensor, epsilon: float | Tensor, norm: Norm, generator: torch.Generator | None = None) -> Tensor:
     """A point drawn uniformly from the ``norm`` ball of radius ``epsilon`` around ``x0``.
 
     L2 uses Voelker et al. (2017): the first n coordinates of a uniform point on the (n+2)-sphere

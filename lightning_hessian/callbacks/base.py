@@ -88,7 +88,9 @@ class _ForkedRNG:
         self._python = random.getstate()
         self._numpy = np.random.get_state()
         self._torch = torch.get_rng_state()
-        self._cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
+        self._cuda = (
+            torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
+        )
 
     def __exit__(self, *exc: object) -> None:
         random.setstate(self._python)
@@ -436,10 +438,12 @@ class EpochAnalysisCallback(Callback):
         else:
             try:
                 with torch.no_grad():
-                    losses = torch.stack([
-                        batch_loss(pl_module, batch).detach().double().reshape(())
-                        for batch in samples.micro_batches(self.analysis_batch_size)
-                    ])
+                    losses = torch.stack(
+                        [
+                            batch_loss(pl_module, batch).detach().double().reshape(())
+                            for batch in samples.micro_batches(self.analysis_batch_size)
+                        ]
+                    )
                 flags[1], flags[2] = float(torch.isnan(losses).any()), float(torch.isinf(losses).any())
             except TypeError:  # no loss for this batch structure: the analysis itself says what is missing
                 pass
@@ -612,7 +616,12 @@ def _rank_zero_buffers(trainer: pl.Trainer, pl_module: nn.Module) -> Iterator[No
     rank 0's. Analysing each rank's own statistics would analyse a model that was never saved.
     """
     buffers = [b for b in pl_module.buffers() if b.numel() > 0]
-    if trainer.world_size <= 1 or not buffers or not torch.distributed.is_available() or not torch.distributed.is_initialized():
+    if (
+        trainer.world_size <= 1
+        or not buffers
+        or not torch.distributed.is_available()
+        or not torch.distributed.is_initialized()
+    ):
         yield
         return
     own = [b.detach().clone() for b in buffers]

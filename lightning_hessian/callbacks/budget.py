@@ -97,4 +97,6 @@ class TimeBudget:
             self.exhausted = True
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}(seconds={self.seconds}, elapsed={self.elapsed():.3f}, exhausted={self.exhausted})"
+        return (
+            f"{type(self).__name__}(seconds={self.seconds}, elapsed={self.elapsed():.3f}, exhausted={self.exhausted})"
+        )

@@ -206,14 +206,22 @@ class LossLandscapeCallback(EpochAnalysisCallback):
                     f"LossLandscapeCallback: {name}={value} must be an odd number >= 3 so that t = 0 (the"
                     f" model itself) is a grid point; use {max(3, value + 1 - value % 2)}."
                 )
-        for name, value in (("curve_range", curve_range), ("surface_range", surface_range),
-                            ("sharpness_epsilon", sharpness_epsilon), ("eig_tol", eig_tol)):
+        for name, value in (
+            ("curve_range", curve_range),
+            ("surface_range", surface_range),
+            ("sharpness_epsilon", sharpness_epsilon),
+            ("eig_tol", eig_tol),
+        ):
             if not value > 0:
                 raise UserInputError(f"LossLandscapeCallback: {name}={value} must be > 0.")
         if normalization not in _NORMALIZATIONS:
-            raise UserInputError(f"LossLandscapeCallback: normalization={normalization!r} is not one of {_NORMALIZATIONS}.")
+            raise UserInputError(
+                f"LossLandscapeCallback: normalization={normalization!r} is not one of {_NORMALIZATIONS}."
+            )
         if evaluation not in ("auto", "vmap", "sequential"):
-            raise UserInputError(f"LossLandscapeCallback: evaluation={evaluation!r} is not 'auto', 'vmap' or 'sequential'.")
+            raise UserInputError(
+                f"LossLandscapeCallback: evaluation={evaluation!r} is not 'auto', 'vmap' or 'sequential'."
+            )
         if sharpness_steps < 1 or chunk_size < 1:
             raise UserInputError(
                 f"LossLandscapeCallback: sharpness_steps={sharpness_steps} and chunk_size={chunk_size} must be >= 1."
@@ -264,7 +272,11 @@ class LossLandscapeCallback(EpochAnalysisCallback):
 
     @override
     def unavailable_metrics(self) -> dict[str, float]:
-        return {tags.LANDSCAPE_LOSS: math.nan, tags.SHARPNESS: math.nan} if self.sharpness else {tags.LANDSCAPE_LOSS: math.nan}
+        return (
+            {tags.LANDSCAPE_LOSS: math.nan, tags.SHARPNESS: math.nan}
+            if self.sharpness
+            else {tags.LANDSCAPE_LOSS: math.nan}
+        )
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -298,7 +310,9 @@ class LossLandscapeCallback(EpochAnalysisCallback):
         state = super().state_dict()
         state["analysed_step"] = self._analysed_step
         state["eigenvectors"] = (
-            None if self._eigenvectors is None else [{n: t.detach().cpu() for n, t in v.items()} for v in self._eigenvectors]
+            None
+            if self._eigenvectors is None
+            else [{n: t.detach().cpu() for n, t in v.items()} for v in self._eigenvectors]
         )
         return state
 
@@ -331,7 +345,9 @@ class LossLandscapeCallback(EpochAnalysisCallback):
         # even if a model's forward writes into its buffers.
         with analysis_mode(pl_module, tensors=True):
             directions, eigenvalues = self._directions(trainer, pl_module, micro_batches, all_reduce)
-            metrics.update({tags.landscape_eigenvalue_tag(i): v for i, v in enumerate(eigenvalues, start=1) if v is not None})
+            metrics.update(
+                {tags.landscape_eigenvalue_tag(i): v for i, v in enumerate(eigenvalues, start=1) if v is not None}
+            )
 
             curves: list[LossCurve] = []
             steps = self._grid(self.curve_range, self.curve_points)
@@ -346,14 +362,24 @@ class LossLandscapeCallback(EpochAnalysisCallback):
                     break
                 surfaces.append(
                     loss_surface(
-                        pl_module, directions[first], directions[second], axis, axis, micro_batches,
-                        names=(first, second), **eval_kwargs,
+                        pl_module,
+                        directions[first],
+                        directions[second],
+                        axis,
+                        axis,
+                        micro_batches,
+                        names=(first, second),
+                        **eval_kwargs,
                     )
                 )
             if self.sharpness and not self._out_of_time(budget, "sharpness"):
                 result = epsilon_sharpness(
-                    pl_module, micro_batches, epsilon=self.sharpness_epsilon, steps=self.sharpness_steps,
-                    batch_loss=batch_loss, all_reduce=all_reduce,
+                    pl_module,
+                    micro_batches,
+                    epsilon=self.sharpness_epsilon,
+                    steps=self.sharpness_steps,
+                    batch_loss=batch_loss,
+                    all_reduce=all_reduce,
                 )
                 metrics[tags.SHARPNESS] = result.sharpness
                 metrics[tags.LANDSCAPE_LOSS] = result.loss
@@ -395,7 +421,9 @@ class LossLandscapeCallback(EpochAnalysisCallback):
         """Whether the budget is spent (on any rank: every rank takes the same decision), with a
         warning naming what is skipped."""
         if budget.spent():
-            rank_zero_warn(f"LossLandscapeCallback: time_budget={self.time_budget} s spent; skipping {what} and what follows.")
+            rank_zero_warn(
+                f"LossLandscapeCallback: time_budget={self.time_budget} s spent; skipping {what} and what follows."
+            )
             return True
         return False
 
@@ -415,8 +443,15 @@ class LossLandscapeCallback(EpochAnalysisCallback):
             if vectors is None:
                 init = self._eigenvectors if self._eigenvectors is not None and len(self._eigenvectors) >= k else None
                 values, vectors = eigenvector_directions(
-                    pl_module, micro_batches, k, batch_loss=batch_loss, all_reduce=all_reduce, tol=self.eig_tol,
-                    max_iter=self.eig_max_iter, init=None if init is None else init[:k], seed=self.seed,
+                    pl_module,
+                    micro_batches,
+                    k,
+                    batch_loss=batch_loss,
+                    all_reduce=all_reduce,
+                    tol=self.eig_tol,
+                    max_iter=self.eig_max_iter,
+                    init=None if init is None else init[:k],
+                    seed=self.seed,
                 )
                 self._eigenvectors = [{n: t.detach() for n, t in v.items()} for v in vectors]
                 eigenvalues = list(values)
@@ -431,7 +466,9 @@ class LossLandscapeCallback(EpochAnalysisCallback):
             directions["gradient"] = normalize_direction(directions["gradient"], params, eig_norm)
         for name in sorted(n for n in wanted if n.startswith("random")):
             # seed + 1000 k: independent of the sample choice (seed) and of each other
-            directions[name] = random_direction(params, seed=self.seed + 1000 * int(name[6:]), normalization=random_norm)
+            directions[name] = random_direction(
+                params, seed=self.seed + 1000 * int(name[6:]), normalization=random_norm
+            )
         return directions, eigenvalues
 
     def _shared_eigenvectors(self, trainer: pl.Trainer, params: dict[str, Tensor], k: int) -> list[Direction] | None:

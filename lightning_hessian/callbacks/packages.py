@@ -26,7 +26,14 @@ from lightning_utilities.core.overrides import is_overridden as _is_overridden
 
 from lightning_hessian.metrics import Split
 
-__all__ = ["Callback", "is_overridden", "lightning_packages", "split_dataloader", "tensorboard_logger_types", "trainer_fn"]
+__all__ = [
+    "Callback",
+    "is_overridden",
+    "lightning_packages",
+    "split_dataloader",
+    "tensorboard_logger_types",
+    "trainer_fn",
+]
 
 
 @cache

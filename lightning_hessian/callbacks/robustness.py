@@ -25,11 +25,11 @@ from pytorch_lightning.utilities.rank_zero import rank_zero_warn
 from torch import Tensor
 from typing_extensions import override
 
+from lightning_hessian import metrics as tags
 from lightning_hessian.attacks.evaluation import Backend, check_logits, evaluate_attack
 from lightning_hessian.attacks.foolbox_adapter import check_inputs_in_bounds
 from lightning_hessian.attacks.preprocessing import NormalizedInput, to_pixel_space
 from lightning_hessian.attacks.specs import ATTACKS, AttackSpec
-from lightning_hessian import metrics as tags
 from lightning_hessian.callbacks.base import AnalysisSamples, EpochAnalysisCallback
 from lightning_hessian.curvature.context import analysis_mode
 from lightning_hessian.errors import UserInputError
@@ -157,7 +157,9 @@ class AdversarialRobustnessCallback(EpochAnalysisCallback):
         self.backend: Backend = backend
         self.bounds = (lower, upper)
         if (mean is None) != (std is None):
-            raise UserInputError(f"give both mean and std of the data normalisation, or neither; got mean={mean}, std={std}")
+            raise UserInputError(
+                f"give both mean and std of the data normalisation, or neither; got mean={mean}, std={std}"
+            )
         if std is not None and any(value <= 0 for value in std):
             raise UserInputError(f"std must be positive, got {std}")
         self.mean = None if mean is None else [float(v) for v in mean]
@@ -177,7 +179,9 @@ class AdversarialRobustnessCallback(EpochAnalysisCallback):
             return attack
         if isinstance(attack, Mapping):
             return AttackSpec(**attack)
-        raise UserInputError(f"attacks must be AttackSpec objects or dicts of their fields, got {type(attack).__name__}")
+        raise UserInputError(
+            f"attacks must be AttackSpec objects or dicts of their fields, got {type(attack).__name__}"
+        )
 
     def _attacked(self, pl_module: pl.LightningModule, inputs: Tensor) -> tuple[torch.nn.Module, Tensor]:
         """The model with a pixel-space input, and ``inputs`` in pixel space."""
@@ -236,7 +240,9 @@ class AdversarialRobustnessCallback(EpochAnalysisCallback):
         for spec in self.attacks:
             if budget.spent():
                 skipped = [s.name for s in self.attacks if s not in done]
-                rank_zero_warn(f"{type(self).__name__}: time_budget={self.time_budget}s spent; skipped {skipped} this time")
+                rank_zero_warn(
+                    f"{type(self).__name__}: time_budget={self.time_budget}s spent; skipped {skipped} this time"
+                )
                 break
             outcome = evaluate_attack(
                 model,

@@ -227,9 +227,7 @@ class HessianSpectrumCallback(EpochAnalysisCallback):
                 f"HessianSpectrumCallback: nothing to compute; pass quantities from {list(QUANTITIES)} or `layers`."
             )
         if backend not in BACKENDS:
-            raise UserInputError(
-                f"HessianSpectrumCallback: unknown backend {backend!r}; choose from {list(BACKENDS)}."
-            )
+            raise UserInputError(f"HessianSpectrumCallback: unknown backend {backend!r}; choose from {list(BACKENDS)}.")
         if backend == "pyhessian":
             unsupported = [q for q in quantities if q not in _PYHESSIAN_QUANTITIES]
             if unsupported or layers is not None:
@@ -246,7 +244,11 @@ class HessianSpectrumCallback(EpochAnalysisCallback):
         _check_int("density_grid", density_grid, 2)
         if max_iter is not None:
             _check_int("max_iter", max_iter, 1)
-        for name, value in (("eig_tol", eig_tol), ("trace_rel_tol", trace_rel_tol), ("progress_interval", progress_interval)):
+        for name, value in (
+            ("eig_tol", eig_tol),
+            ("trace_rel_tol", trace_rel_tol),
+            ("progress_interval", progress_interval),
+        ):
             if not value > 0:
                 raise UserInputError(f"HessianSpectrumCallback: `{name}` must be > 0, got {value}.")
         if density_sigma is not None and not density_sigma > 0:
@@ -425,7 +427,9 @@ class HessianSpectrumCallback(EpochAnalysisCallback):
         if "eigenvalues" in self.quantities:
             # The headline number: with the budget already spent it still gets one Lanczos step
             # (a rough, unconverged estimate) rather than nothing.
-            result = self._lanczos(operator, self.top_k, "largest", self._eigenvectors, budget, progress.with_base(hvps))
+            result = self._lanczos(
+                operator, self.top_k, "largest", self._eigenvectors, budget, progress.with_base(hvps)
+            )
             hvps += result.hvp_count
             top_values = [float(v) for v in result.eigenvalues]
             metrics.update({tags.eigenvalue_tag(i): v for i, v in enumerate(top_values, start=1)})
@@ -483,7 +487,12 @@ class HessianSpectrumCallback(EpochAnalysisCallback):
 
         if "input_hessian" in self.quantities and not budget.spent():
             metrics[tags.INPUT_EIG_1], metrics[tags.INPUT_GRAD_NORM] = input_hessian_means(
-                pl_module, samples, budget.all_reduce, batch_size=self.analysis_batch_size, tol=self.eig_tol, seed=self.seed
+                pl_module,
+                samples,
+                budget.all_reduce,
+                batch_size=self.analysis_batch_size,
+                tol=self.eig_tol,
+                seed=self.seed,
             )
             progress.report("input Hessian", hvps)
 
@@ -495,7 +504,9 @@ class HessianSpectrumCallback(EpochAnalysisCallback):
             init = self._layer_eigenvectors.get(layer)
             result = self._lanczos(layer_operator, self.layer_top_k, "largest", init, budget, progress.with_base(hvps))
             hvps += result.hvp_count
-            metrics.update({tags.layer_eigenvalue_tag(layer, i): float(v) for i, v in enumerate(result.eigenvalues, start=1)})
+            metrics.update(
+                {tags.layer_eigenvalue_tag(layer, i): float(v) for i, v in enumerate(result.eigenvalues, start=1)}
+            )
             converged += padded_flags(result.converged, self.layer_top_k)
             if len(result.eigenvectors) == self.layer_top_k:
                 self._layer_eigenvectors[layer] = [{n: t.detach() for n, t in v.items()} for v in result.eigenvectors]

@@ -160,7 +160,12 @@ def _parser() -> argparse.ArgumentParser:
     inter.add_argument("--config", required=True, type=Path, help="the hessian-train config both were trained with")
     inter.add_argument("--alpha-min", type=float, default=-0.5)
     inter.add_argument("--alpha-max", type=float, default=1.5)
-    inter.add_argument("--num", type=int, default=21, help="number of evenly spaced alphas (default 21); alpha = 0 and 1 (the two models) are always added")
+    inter.add_argument(
+        "--num",
+        type=int,
+        default=21,
+        help="number of evenly spaced alphas (default 21); alpha = 0 and 1 (the two models) are always added",
+    )
     inter.add_argument("--eigenvalue", action="store_true", help="also the top Hessian eigenvalue at every alpha")
     inter.add_argument("--eig-tol", type=float, default=1e-3, help="Lanczos tolerance for --eigenvalue")
     inter.add_argument("--splits", nargs="+", default=["train", "test"], choices=list(SPLITS))
@@ -173,7 +178,8 @@ def _parser() -> argparse.ArgumentParser:
     inter.add_argument("--label-a", default=None, help="legend label of A (default: file name)")
     inter.add_argument("--label-b", default=None, help="legend label of B (default: file name)")
     inter.add_argument(
-        "--trust-checkpoints", action="store_true",
+        "--trust-checkpoints",
+        action="store_true",
         help="allow full unpickling of checkpoints the safe loader refuses (only for trusted files)",
     )
     surf = commands.add_parser(
@@ -185,13 +191,21 @@ def _parser() -> argparse.ArgumentParser:
     surf.add_argument("--ckpt", required=True, type=Path, help="the checkpoint")
     surf.add_argument("--config", required=True, type=Path, help="the hessian-train config it was trained with")
     surf.add_argument(
-        "--directions", nargs=2, default=["eig1", "eig2"], metavar=("D1", "D2"),
+        "--directions",
+        nargs=2,
+        default=["eig1", "eig2"],
+        metavar=("D1", "D2"),
         help="eig<k> (k-th top Hessian eigenvector, unit length) or random<k> (filter-normalised); default eig1 eig2",
     )
-    surf.add_argument("--range", type=float, default=1.0, help="the grid spans [-range, range] on both axes (default 1)")
+    surf.add_argument(
+        "--range", type=float, default=1.0, help="the grid spans [-range, range] on both axes (default 1)"
+    )
     surf.add_argument("--points", type=int, default=21, help="grid points per axis, odd (default 21)")
     surf.add_argument(
-        "--splits", nargs="+", default=["train"], choices=list(SPLITS),
+        "--splits",
+        nargs="+",
+        default=["train"],
+        choices=list(SPLITS),
         help="the samples the loss is evaluated on; the eigenvectors come from the first (default: train)",
     )
     surf.add_argument("--num-samples", type=int, default=1024, help="samples per split (0: the whole split)")
@@ -203,7 +217,8 @@ def _parser() -> argparse.ArgumentParser:
     surf.add_argument("--output-dir", type=Path, default=Path("surface"))
     surf.add_argument("--label", default=None, help="figure title (default: the checkpoint's file name)")
     surf.add_argument(
-        "--trust-checkpoints", action="store_true",
+        "--trust-checkpoints",
+        action="store_true",
         help="allow full unpickling of a checkpoint the safe loader refuses (only for trusted files)",
     )
     return parser
@@ -227,7 +242,9 @@ def _split_batches(
     data = {}
     for split in splits:
         x, y = select_samples(datamodule, split, count, seed)
-        data[split] = [(x[i : i + batch_size].to(device), y[i : i + batch_size].to(device)) for i in range(0, len(x), batch_size)]
+        data[split] = [
+            (x[i : i + batch_size].to(device), y[i : i + batch_size].to(device)) for i in range(0, len(x), batch_size)
+        ]
     return data
 
 
@@ -258,7 +275,13 @@ def interpolate(args: argparse.Namespace, overrides: Sequence[str]) -> Interpola
     start = time.perf_counter()
     # batch_loss=None: the module's hooks (hessian_loss, hessian_accuracy) as the callbacks use them
     result = interpolation_path(
-        model, state_a, state_b, alphas, data, batch_loss=None, chunk_size=args.chunk_size,
+        model,
+        state_a,
+        state_b,
+        alphas,
+        data,
+        batch_loss=None,
+        chunk_size=args.chunk_size,
         eigenvalues=args.eigenvalue,
         eigen_kwargs={"tol": args.eig_tol, "seed": args.seed},
     )
@@ -271,9 +294,15 @@ def interpolate(args: argparse.Namespace, overrides: Sequence[str]) -> Interpola
     figure = plot_interpolation(result, labels=labels, title=f"{labels[0]} (alpha=0) to {labels[1]} (alpha=1)")
     figure.savefig(out / "interpolation.png", dpi=120)
     summary = {
-        "ckpt_a": str(args.ckpt_a), "ckpt_b": str(args.ckpt_b), "config": str(args.config),
-        "overrides": list(overrides), "labels": list(labels), "num_samples": {s: sum(len(b[0]) for b in data[s]) for s in data},
-        "seed": args.seed, "device": str(device), "seconds": seconds,
+        "ckpt_a": str(args.ckpt_a),
+        "ckpt_b": str(args.ckpt_b),
+        "config": str(args.config),
+        "overrides": list(overrides),
+        "labels": list(labels),
+        "num_samples": {s: sum(len(b[0]) for b in data[s]) for s in data},
+        "seed": args.seed,
+        "device": str(device),
+        "seconds": seconds,
         "alphas": result.alphas.tolist(),
         "loss": {s: v.tolist() for s, v in result.loss.items()},
         "accuracy": {s: v.tolist() for s, v in result.accuracy.items()},
@@ -282,7 +311,9 @@ def interpolate(args: argparse.Namespace, overrides: Sequence[str]) -> Interpola
         "eigenvalue_split": args.splits[0] if args.eigenvalue else None,
     }
     (out / "interpolation.json").write_text(json.dumps(summary, indent=2))
-    print(f"hessian-landscape: {len(alphas)} alphas x {list(data)} in {seconds:.2f} s -> {out}/interpolation.{{png,csv,json}}")
+    print(
+        f"hessian-landscape: {len(alphas)} alphas x {list(data)} in {seconds:.2f} s -> {out}/interpolation.{{png,csv,json}}"
+    )
     return result
 
 
@@ -309,7 +340,9 @@ def surface(args: argparse.Namespace, overrides: Sequence[str]) -> dict[str, Los
     if first == second:
         raise UserInputError(f"--directions: two different directions are needed, got {first} twice")
     if args.points < 3 or args.points % 2 == 0:
-        raise UserInputError(f"--points={args.points} must be an odd number >= 3 so that the model itself is on the grid")
+        raise UserInputError(
+            f"--points={args.points} must be an odd number >= 3 so that the model itself is on the grid"
+        )
     if not args.range > 0:
         raise UserInputError(f"--range={args.range} must be > 0")
     if args.batch_size < 1 or args.chunk_size < 1 or args.num_samples < 0:
@@ -324,7 +357,9 @@ def surface(args: argparse.Namespace, overrides: Sequence[str]) -> dict[str, Los
 
     start = time.perf_counter()
     params = trainable_parameters(model)
-    wanted = [int(m.group(2)) for name in (first, second) if (m := _SURFACE_DIRECTION.match(name)) and m.group(1) == "eig"]
+    wanted = [
+        int(m.group(2)) for name in (first, second) if (m := _SURFACE_DIRECTION.match(name)) and m.group(1) == "eig"
+    ]
     eigenvalues: list[float] = []
     directions = {}
     surfaces: dict[str, LossSurface] = {}
@@ -342,7 +377,9 @@ def surface(args: argparse.Namespace, overrides: Sequence[str]) -> dict[str, Los
         for name in (first, second):
             if name.startswith("random"):
                 # the landscape callback's seeds (seed + 1000 k): the same directions as its surfaces
-                directions[name] = random_direction(params, seed=args.seed + 1000 * int(name[6:]), normalization="filter")
+                directions[name] = random_direction(
+                    params, seed=args.seed + 1000 * int(name[6:]), normalization="filter"
+                )
         for split, batches in data.items():
             surfaces[split] = loss_surface(
                 model, directions[first], directions[second], axis, axis, batches, names=(first, second),
@@ -367,7 +404,9 @@ def surface(args: argparse.Namespace, overrides: Sequence[str]) -> dict[str, Los
         "center_loss": {s: float(r.loss[args.points // 2, args.points // 2]) for s, r in surfaces.items()},
     }  # fmt: skip
     (out / "surface.json").write_text(json.dumps(summary, indent=2))
-    print(f"hessian-landscape: {args.points}x{args.points} surface x {list(data)} in {seconds:.2f} s -> {out}/surface_*.{{npz,png}}")
+    print(
+        f"hessian-landscape: {args.points}x{args.points} surface x {list(data)} in {seconds:.2f} s -> {out}/surface_*.{{npz,png}}"
+    )
     return surfaces
 
 

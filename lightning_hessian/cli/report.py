@@ -15,9 +15,9 @@ from __future__ import annotations
 
 import argparse
 import shlex
-from collections import Counter
 import sys
 import warnings
+from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -76,10 +76,14 @@ def _main(argv: Sequence[str]) -> int:
                 else:
                     warnings.showwarning(warning.message, warning.category, warning.filename, warning.lineno)
     out = Path(arguments.out)
-    print(f"Read {len(content.runs)} runs ({len(content.skipped)} skipped); wrote {out / 'report.md'}, {out / 'report.html'}")
+    print(
+        f"Read {len(content.runs)} runs ({len(content.skipped)} skipped); wrote {out / 'report.md'}, {out / 'report.html'}"
+    )
     if content.claims:
         verdicts = Counter(claim.verdict for claim in content.claims)
-        print("  claims of the paper: " + ", ".join(f"{count} {verdict}" for verdict, count in sorted(verdicts.items())))
+        print(
+            "  claims of the paper: " + ", ".join(f"{count} {verdict}" for verdict, count in sorted(verdicts.items()))
+        )
     for item in content.missing:
         print(f"  not drawn: {item}")
     return 0

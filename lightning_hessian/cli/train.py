@@ -255,7 +255,11 @@ def _find_last_checkpoint(trainer_config: Any) -> tuple[Path | None, int | str |
         root = Path(save_dir) / str(name or "")
         version = init_args.get("version")
         found = find_resume_checkpoint(root, version)
-        runs = root / (f"version_{version}" if isinstance(version, int) else str(version)) if version is not None else root / "version_*"
+        runs = (
+            root / (f"version_{version}" if isinstance(version, int) else str(version))
+            if version is not None
+            else root / "version_*"
+        )
         return (*(found or (None, None)), str(runs / "checkpoints"))
     root_dir = Path(trainer_config.get("default_root_dir") or os.getcwd())
     if trainer_config.get("logger") in (None, True):  # Lightning's default TensorBoard logger
@@ -264,7 +268,9 @@ def _find_last_checkpoint(trainer_config: Any) -> tuple[Path | None, int | str |
     return last_checkpoint_in(root_dir / "checkpoints"), None, str(root_dir / "checkpoints")
 
 
-def build_from_config(config: str | Path, overrides: Sequence[str] = ()) -> tuple[pl.LightningModule, pl.LightningDataModule]:
+def build_from_config(
+    config: str | Path, overrides: Sequence[str] = ()
+) -> tuple[pl.LightningModule, pl.LightningDataModule]:
     """The LightningModule and LightningDataModule a ``hessian-train`` config describes, without a
     trainer, a logger or callbacks (``hessian-landscape`` builds the model its checkpoints fit).
 

@@ -50,7 +50,9 @@ def batch_size(batch: Any) -> int:
             return batch_size(value)
         except TypeError:
             continue
-    raise TypeError(f"No tensor found in a batch of type {type(batch).__name__} (the sample count is dim 0 of its first tensor)")
+    raise TypeError(
+        f"No tensor found in a batch of type {type(batch).__name__} (the sample count is dim 0 of its first tensor)"
+    )
 
 
 def find_inputs_targets(batch: Any) -> tuple[Tensor, Tensor] | None:

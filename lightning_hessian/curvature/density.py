@@ -30,7 +30,7 @@ from lightning_hessian.curvature.linear import (
 from lightning_hessian.curvature.results import DensityResult
 from lightning_hessian.errors import UserInputError
 
-__all__ = ["DensityResult", "spectral_density", "gaussian_density"]  # DensityResult: re-exported from results
+__all__ = ["DensityResult", "gaussian_density", "spectral_density"]  # DensityResult: re-exported from results
 
 
 def gaussian_density(nodes: Tensor, weights: Tensor, grid: Tensor, sigma: float) -> Tensor:

@@ -95,7 +95,9 @@ class InputCurvature:
         return out
 
 
-def _sum_loss(model: nn.Module, loss_fn: LossFunction | None, batch_loss: BatchLoss | None, dtype: torch.dtype) -> Callable[[Tensor, Any], Tensor]:
+def _sum_loss(
+    model: nn.Module, loss_fn: LossFunction | None, batch_loss: BatchLoss | None, dtype: torch.dtype
+) -> Callable[[Tensor, Any], Tensor]:
     """``(x, y) -> sum of per-sample losses`` through ``functional_call`` with detached weights."""
     if loss_fn is None and batch_loss is None:
         raise ValueError("Pass `loss_fn(output, y)` or `batch_loss(module, batch)`.")
@@ -196,7 +198,9 @@ def _input_lanczos(
             if with_gradient:
                 grad_norms.append(torch.linalg.vector_norm(grad.detach().flatten(1).double(), dim=1).cpu())
 
-            def apply(vectors: Tensor, rows: Tensor, grad: Tensor = grad, xs: Tensor = xs, count: int = count) -> Tensor:
+            def apply(
+                vectors: Tensor, rows: Tensor, grad: Tensor = grad, xs: Tensor = xs, count: int = count
+            ) -> Tensor:
                 full = torch.zeros(count, vectors.shape[1], dtype=dtype, device=device)
                 full[rows] = vectors.to(dtype)
                 (product,) = torch.autograd.grad(grad, xs, full.view(shape), retain_graph=True)
@@ -255,8 +259,17 @@ def input_hessian_eigenvalues(
     if which not in ("largest", "smallest"):
         raise ValueError(f"which={which!r} must be 'largest' or 'smallest'.")
     results, _ = _input_lanczos(
-        model, loss_fn, x, y, (which,), batch_loss=batch_loss, batch_size=batch_size, tol=tol,
-        max_steps=max_steps, seed=seed, dtype=dtype,
+        model,
+        loss_fn,
+        x,
+        y,
+        (which,),
+        batch_loss=batch_loss,
+        batch_size=batch_size,
+        tol=tol,
+        max_steps=max_steps,
+        seed=seed,
+        dtype=dtype,
     )
     return results[which]
 
@@ -279,7 +292,17 @@ def input_curvature(
     sample, from one gradient graph and one batched Lanczos run per batch."""
     which = ("largest", "smallest") if smallest else ("largest",)
     results, norms = _input_lanczos(
-        model, loss_fn, x, y, which, batch_loss=batch_loss, batch_size=batch_size, tol=tol,
-        max_steps=max_steps, seed=seed, dtype=dtype, with_gradient=True,
+        model,
+        loss_fn,
+        x,
+        y,
+        which,
+        batch_loss=batch_loss,
+        batch_size=batch_size,
+        tol=tol,
+        max_steps=max_steps,
+        seed=seed,
+        dtype=dtype,
+        with_gradient=True,
     )
     return InputCurvature(gradient_norms=norms, largest=results["largest"], smallest=results.get("smallest"))

@@ -50,11 +50,11 @@ from lightning_hessian.curvature.results import EigenResult, LanczosProgress
 from lightning_hessian.errors import UserInputError
 
 __all__ = [
+    "BatchedLanczos",
     "EigenResult",
     "LanczosProgress",
-    "top_eigenvalues",
     "batched_lanczos",
-    "BatchedLanczos",
+    "top_eigenvalues",
 ]
 
 #: A Gram-Schmidt pass that leaves less than this fraction of a vector's norm may have lost
@@ -146,7 +146,9 @@ def _fresh_rows(bases: Sequence[Tensor], count: int, generator: torch.Generator)
     return _orthonormal_rows(fresh)
 
 
-def _normalise_block(W: Tensor, basis: Tensor, room: int, scale: float, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+def _normalise_block(
+    W: Tensor, basis: Tensor, room: int, scale: float, generator: torch.Generator
+) -> tuple[Tensor, Tensor]:
     """Orthonormal rows ``N`` spanning the residual block ``W`` (already orthogonal to ``basis``)
     and the coupling ``R`` with ``W = R^T N`` read row-wise (``W^T = N^T R``); at most ``room`` rows.
 
@@ -313,7 +315,11 @@ def top_eigenvalues(
             converged = residual_all[wanted].clamp_min(_ROUNDING_FLOOR * scale) <= tol * theta[wanted].abs()
             seconds = time.perf_counter() - began
             if callback is not None:
-                callback(LanczosProgress(hvps, seconds, theta[wanted].cpu(), residual_all[wanted].cpu(), int(converged.sum())))
+                callback(
+                    LanczosProgress(
+                        hvps, seconds, theta[wanted].cpu(), residual_all[wanted].cpu(), int(converged.sum())
+                    )
+                )
             out_of_time = time_budget is not None and seconds >= time_budget
             all_reduce = getattr(op, "all_reduce", None)
             if time_budget is not None and all_reduce is not None:  # every rank must stop together

@@ -140,5 +140,3 @@ def random_rademacher(shape: tuple[int, ...], generator: torch.Generator, device
     """Random signs (+1/-1, float64) drawn on the CPU from ``generator``, moved to ``device``."""
     signs = torch.randint(0, 2, shape, generator=generator, dtype=torch.int8)
     return signs.to(device=device, dtype=torch.float64).mul_(2.0).sub_(1.0)
-
-

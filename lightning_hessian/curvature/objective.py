@@ -100,13 +100,14 @@ def inputs_and_targets(
     if pair is None:
         raise TypeError(f"Cannot find inputs and labels in {_describe(batch)}. {advice}")
     if not (isinstance(pair, (tuple, list)) and len(pair) == 2 and all(isinstance(t, Tensor) for t in pair)):
-        raise TypeError(f"`hessian_inputs(batch)` must return a pair of tensors (inputs, labels), got {_describe(pair)}.")
+        raise TypeError(
+            f"`hessian_inputs(batch)` must return a pair of tensors (inputs, labels), got {_describe(pair)}."
+        )
     inputs, targets = pair
     bad_labels = integer_labels and (targets.is_floating_point() or targets.is_complex())
     if not inputs.is_floating_point() or bad_labels:
         raise TypeError(
-            f"Found inputs of dtype {inputs.dtype} and labels of dtype {targets.dtype} in {_describe(batch)}."
-            f" {advice}"
+            f"Found inputs of dtype {inputs.dtype} and labels of dtype {targets.dtype} in {_describe(batch)}. {advice}"
         )
     return inputs, targets
 
@@ -223,7 +224,9 @@ def replace_inputs(module: nn.Module, batch: Any) -> Callable[[Tensor, Tensor], 
         )
 
     def rebuild(new_inputs: Tensor, rows: Tensor) -> Any:
-        sliced = map_tensors(batch, lambda t: t[rows.to(t.device)] if t.dim() > 0 and t.shape[0] == inputs.shape[0] else t)
+        sliced = map_tensors(
+            batch, lambda t: t[rows.to(t.device)] if t.dim() > 0 and t.shape[0] == inputs.shape[0] else t
+        )
         return _replace_at(sliced, path, new_inputs)
 
     return rebuild

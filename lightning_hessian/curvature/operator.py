@@ -66,7 +66,7 @@ from lightning_hessian.curvature.context import analysis_mode
 from lightning_hessian.curvature.objective import BatchLoss, BatchLossModule, loss_of_outputs
 from lightning_hessian.errors import UserInputError
 
-__all__ = ["HessianOperator", "LossFunction", "BatchLoss", "HVP_MODES"]
+__all__ = ["HVP_MODES", "BatchLoss", "HessianOperator", "LossFunction"]
 
 LossFunction = Callable[[Tensor, Any], Tensor]
 ParamFilter = str | re.Pattern | Callable[[str, nn.Parameter], bool]
@@ -313,11 +313,15 @@ class HessianOperator:
                 " `batches` (a sequence of batches, each passed to the loss as it is)."
             )
         if hvp_mode not in HVP_MODES:
-            raise UserInputError(f"hvp_mode={hvp_mode!r} is not one of {HVP_MODES}; use 'auto' to let the operator choose.")
+            raise UserInputError(
+                f"hvp_mode={hvp_mode!r} is not one of {HVP_MODES}; use 'auto' to let the operator choose."
+            )
         if max_chunk is not None and max_chunk < 1:
             raise UserInputError(f"max_chunk={max_chunk} must be a positive integer or None (default 64).")
         if micro_batch_size is not None and micro_batch_size < 1:
-            raise UserInputError(f"micro_batch_size={micro_batch_size} must be a positive integer or None (default 512).")
+            raise UserInputError(
+                f"micro_batch_size={micro_batch_size} must be a positive integer or None (default 512)."
+            )
         model = getattr(model, "_orig_mod", model)  # torch.compile wrapper: analyse the eager module
         self.model = model
         self.loss_fn = loss_fn
@@ -599,10 +603,7 @@ class HessianOperator:
         func = [] if "func" in errors else ["func"]
         candidates = graph + func
         if (
-            self.device.type == "cuda"
-            and num_vectors > 1
-            and graph == ["retained_graph"]
-            and "vmap" not in errors
+            self.device.type == "cuda" and num_vectors > 1 and graph == ["retained_graph"] and "vmap" not in errors
         ):  # vmap over the retained graph: 2-3x slower than the loop on CPU, unmeasured on GPUs
             candidates.append("retained_graph_vmap")
         return candidates
@@ -641,7 +642,9 @@ class HessianOperator:
         num_vectors = vectors.shape[0]
         candidates = self._candidates(num_vectors)
         if not candidates:  # both families failed on an earlier call (which raised then)
-            raise RuntimeError(f"Neither torch.func nor double backward can run this model ({self._model_tuning().errors}).")
+            raise RuntimeError(
+                f"Neither torch.func nor double backward can run this model ({self._model_tuning().errors})."
+            )
         key = self._tuning_key(k_bucket(num_vectors))
         record = self._model_tuning()
         choice = record.choices.get(key)
@@ -679,7 +682,7 @@ class HessianOperator:
                 result = self._product(vectors, "double_backward")
         except _RetainedGraphDoesNotFit as error:
             return self._without_retained_graph(vectors, str(error), fixed=fixed)
-        except Exception as error:  # noqa: BLE001 - torch.func and autograd raise many types
+        except Exception as error:
             if _is_oom(error) and mode in _RETAINED_MODES:
                 reason = f"Out of memory in a product through the retained first-order graph ({error})"
                 return self._without_retained_graph(vectors, reason, fixed=fixed)
@@ -697,7 +700,9 @@ class HessianOperator:
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
         if fixed:
-            self._warn_once("memory", f"{reason}; using hvp_mode='double_backward' instead (one micro-batch's graph at a time).")
+            self._warn_once(
+                "memory", f"{reason}; using hvp_mode='double_backward' instead (one micro-batch's graph at a time)."
+            )
         return self._run(vectors, "double_backward", fixed=fixed)
 
     def _unavailable(self, vectors: Tensor, mode: str, error: BaseException) -> tuple[Tensor, str, float]:
@@ -751,7 +756,7 @@ class HessianOperator:
             size = min(chunk, num - start)
             try:
                 outputs.append(fn(vectors[start : start + size]))
-            except Exception as error:  # noqa: BLE001
+            except Exception as error:
                 if not _is_oom(error) or size == 1:
                     raise
                 chunk = max(1, (size + 1) // 2)
@@ -787,7 +792,11 @@ class HessianOperator:
         for row in range(vectors.shape[0] if active else 0):
             tangents = self._tangents(vectors[row])
             products = torch.autograd.grad(
-                outputs, leaves, grad_outputs=[tangents[i] for i in active], retain_graph=row + 1 < vectors.shape[0], allow_unused=True
+                outputs,
+                leaves,
+                grad_outputs=[tangents[i] for i in active],
+                retain_graph=row + 1 < vectors.shape[0],
+                allow_unused=True,
             )
             for position, product in enumerate(products):
                 if product is not None:
@@ -827,7 +836,9 @@ class HessianOperator:
                 raise
             if self.device.type == "cuda":
                 torch.cuda.empty_cache()
-            raise _RetainedGraphDoesNotFit(f"The first-order graphs of all micro-batches do not fit in memory ({error})") from error
+            raise _RetainedGraphDoesNotFit(
+                f"The first-order graphs of all micro-batches do not fit in memory ({error})"
+            ) from error
         return self._retained
 
     def _build_retained_graph(self, signature: tuple) -> _RetainedGraph:
@@ -879,12 +890,15 @@ class HessianOperator:
         if batched and vectors.shape[0] > 1:
             try:
                 return self._chunked(lambda chunk: self._retained_vmap(graph, chunk), vectors)
-            except Exception as error:  # noqa: BLE001 - vmap over backward lacks some batching rules
+            except Exception as error:
                 if _is_oom(error):
                     raise
                 self._model_tuning().errors["vmap"] = f"{type(error).__name__}: {error}"
                 if self._hvp_mode == "retained_graph_vmap":
-                    self._warn_once("vmap", f"vmap over the retained graph fails on this model ({error}); looping over the vectors instead.")
+                    self._warn_once(
+                        "vmap",
+                        f"vmap over the retained graph fails on this model ({error}); looping over the vectors instead.",
+                    )
         offsets = [0]
         for size in self._sizes:
             offsets.append(offsets[-1] + size)
@@ -897,7 +911,11 @@ class HessianOperator:
             if not keep:
                 self._retained = None
             products = torch.autograd.grad(
-                graph.outputs, graph.leaves, grad_outputs=[tangents[i] for i in graph.active], retain_graph=keep, allow_unused=True
+                graph.outputs,
+                graph.leaves,
+                grad_outputs=[tangents[i] for i in graph.active],
+                retain_graph=keep,
+                allow_unused=True,
             )
             for position, product in enumerate(products):
                 if product is not None:
@@ -909,10 +927,19 @@ class HessianOperator:
         pieces = chunk.split(self._sizes, dim=1)
         tangents = [pieces[i].reshape(num, *self.param_shapes[i]) for i in graph.active]
         products = torch.autograd.grad(
-            graph.outputs, graph.leaves, grad_outputs=tangents, retain_graph=True, allow_unused=True, is_grads_batched=True
+            graph.outputs,
+            graph.leaves,
+            grad_outputs=tangents,
+            retain_graph=True,
+            allow_unused=True,
+            is_grads_batched=True,
         )
         return torch.cat(
-            [(chunk.new_zeros(num, size) if h is None else h.reshape(num, size)) for h, size in zip(products, self._sizes)], dim=1
+            [
+                (chunk.new_zeros(num, size) if h is None else h.reshape(num, size))
+                for h, size in zip(products, self._sizes)
+            ],
+            dim=1,
         )
 
     def __repr__(self) -> str:

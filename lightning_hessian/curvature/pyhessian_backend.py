@@ -36,7 +36,7 @@ from lightning_hessian.curvature.objective import BatchLossModule, loss_of_outpu
 from lightning_hessian.curvature.operator import HessianOperator
 from lightning_hessian.curvature.results import EigenResult, TraceResult
 
-__all__ = ["pyhessian_top_eigenvalues", "pyhessian_trace", "PyHessianCounter"]
+__all__ = ["PyHessianCounter", "pyhessian_top_eigenvalues", "pyhessian_trace"]
 
 
 def _import_pyhessian() -> Any:
@@ -49,7 +49,7 @@ def _import_pyhessian() -> Any:
     return hessian
 
 
-def PyHessianCounter(*args: Any, **kwargs: Any) -> Any:  # noqa: N802 - a class factory
+def PyHessianCounter(*args: Any, **kwargs: Any) -> Any:
     """A ``pyhessian.hessian`` that counts its Hessian-vector products in ``hvp_count``."""
     base = _import_pyhessian()
 
@@ -67,7 +67,9 @@ def _check(op: Any) -> HessianOperator:
     if not isinstance(op, HessianOperator):
         raise TypeError(f"backend='pyhessian' needs a HessianOperator, got {type(op).__name__}.")
     if op.all_reduce is not None:
-        raise ValueError("backend='pyhessian' cannot all-reduce across processes; construct the operator without all_reduce.")
+        raise ValueError(
+            "backend='pyhessian' cannot all-reduce across processes; construct the operator without all_reduce."
+        )
     return op
 
 
@@ -107,7 +109,10 @@ def _run(op: HessianOperator, seed: int, body: Any) -> Any:
         if op.dtype != next(model.parameters()).dtype:
             loss_module = copy.deepcopy(loss_module).to(op.dtype)
         indexed = _IndexedLoss(loss_module, op.batches)
-        loader = [(torch.full((count,), index, device=op.device), torch.zeros(count, device=op.device)) for index, count in enumerate(op.batch_sizes)]
+        loader = [
+            (torch.full((count,), index, device=op.device), torch.zeros(count, device=op.device))
+            for index, count in enumerate(op.batch_sizes)
+        ]
         torch.manual_seed(seed)  # PyHessian draws from the global RNG (restored on exit)
         with torch.inference_mode(False), torch.enable_grad(), exact_float32(), warnings.catch_warnings():
             # its loss.backward(create_graph=True) warns about a .grad cycle; the grads are reset below
@@ -119,7 +124,9 @@ def _run(op: HessianOperator, seed: int, body: Any) -> Any:
     return result
 
 
-def pyhessian_top_eigenvalues(op: HessianOperator, k: int = 1, tol: float = 1e-3, max_iter: int = 100, seed: int = 0) -> EigenResult:
+def pyhessian_top_eigenvalues(
+    op: HessianOperator, k: int = 1, tol: float = 1e-3, max_iter: int = 100, seed: int = 0
+) -> EigenResult:
     """PyHessian's power iteration for the top ``k`` eigenvalues, as an :class:`EigenResult`.
 
     Eigenvalues are returned in PyHessian's order (not re-sorted, so its ordering errors stay
@@ -139,7 +146,9 @@ def pyhessian_top_eigenvalues(op: HessianOperator, k: int = 1, tol: float = 1e-3
     seconds = time.perf_counter() - began
     flat = torch.stack([torch.cat([t.detach().reshape(-1) for t in vector]).to(op.dtype) for vector in vectors], dim=1)
     eigenvalues = torch.tensor(values, dtype=torch.float64)
-    residuals = torch.linalg.vector_norm(op.matmat(flat).double() - flat.double() * eigenvalues.to(flat.device), dim=0).cpu()
+    residuals = torch.linalg.vector_norm(
+        op.matmat(flat).double() - flat.double() * eigenvalues.to(flat.device), dim=0
+    ).cpu()
     return EigenResult(
         eigenvalues=eigenvalues,
         eigenvectors=[op.unflatten(flat[:, i].contiguous()) for i in range(k)],

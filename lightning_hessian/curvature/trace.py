@@ -54,8 +54,8 @@ from lightning_hessian.curvature.linear import (
     operator_device,
     operator_rows,
     plain_tensors,
-    row_dots,
     random_rademacher,
+    row_dots,
     seeded_generator,
 )
 from lightning_hessian.curvature.results import TraceResult

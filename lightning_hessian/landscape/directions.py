@@ -31,7 +31,8 @@ import torch
 from torch import Tensor, nn
 
 from lightning_hessian.curvature import HessianOperator, top_eigenvalues
-from lightning_hessian.curvature.objective import BatchLoss, batch_loss as default_batch_loss
+from lightning_hessian.curvature.objective import BatchLoss
+from lightning_hessian.curvature.objective import batch_loss as default_batch_loss
 from lightning_hessian.landscape.evaluation import autograd_ready, batch_size
 
 __all__ = [
@@ -93,14 +94,18 @@ def filter_normalize(direction: Mapping[str, Tensor], params: Mapping[str, Tenso
             raise KeyError(f"filter_normalize: direction has {name!r}, which is not among the parameters")
         weight = params[name]
         if value.shape != weight.shape:
-            raise ValueError(f"filter_normalize: {name!r} has shape {tuple(value.shape)} but the weight has {tuple(weight.shape)}")
+            raise ValueError(
+                f"filter_normalize: {name!r} has shape {tuple(value.shape)} but the weight has {tuple(weight.shape)}"
+            )
         if value.dim() <= 1:
             normalized[name] = torch.zeros_like(value)
             continue
         dims = tuple(range(1, value.dim()))
         d_norm = torch.linalg.vector_norm(value, dim=dims, keepdim=True)
         w_norm = torch.linalg.vector_norm(weight.to(value.dtype), dim=dims, keepdim=True)
-        scale = torch.where(d_norm > 0, w_norm / d_norm.clamp_min(torch.finfo(value.dtype).tiny), torch.zeros_like(d_norm))
+        scale = torch.where(
+            d_norm > 0, w_norm / d_norm.clamp_min(torch.finfo(value.dtype).tiny), torch.zeros_like(d_norm)
+        )
         normalized[name] = value * scale
     return normalized
 
@@ -119,7 +124,10 @@ def normalize_direction(
 
 
 def random_direction(
-    params: Mapping[str, Tensor], *, seed: int | None = None, generator: torch.Generator | None = None,
+    params: Mapping[str, Tensor],
+    *,
+    seed: int | None = None,
+    generator: torch.Generator | None = None,
     normalization: Normalization = "filter",
 ) -> Direction:
     """A Gaussian direction over ``params``, normalised (filter-wise by default).
@@ -171,7 +179,12 @@ def gradient_direction(
                     total.add_(grad.double(), alpha=n)
             count += n
     if all_reduce is not None:
-        flat = all_reduce(torch.cat([s.reshape(-1) for s in sums] + [torch.tensor([float(count)], dtype=torch.float64, device=sums[0].device)]))
+        flat = all_reduce(
+            torch.cat(
+                [s.reshape(-1) for s in sums]
+                + [torch.tensor([float(count)], dtype=torch.float64, device=sums[0].device)]
+            )
+        )
         count_total = float(flat[-1])
         offset = 0
         for total in sums:
@@ -204,7 +217,11 @@ def eigenvector_directions(
     named = dict(model.named_parameters())
     names = list(trainable_parameters(model)) if params is None else list(params)
     operator = HessianOperator(
-        model, None, params=[named[n] for n in names], batches=list(batches), batch_loss=batch_loss or default_batch_loss,
+        model,
+        None,
+        params=[named[n] for n in names],
+        batches=list(batches),
+        batch_loss=batch_loss or default_batch_loss,
         all_reduce=all_reduce,
     )
     result = top_eigenvalues(operator, k, **eigen_kwargs)

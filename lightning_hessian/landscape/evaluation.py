@@ -176,9 +176,7 @@ def _as_coordinates(coordinates: Any, num_directions: int) -> Tensor:
     if coords.dim() == 1 and num_directions == 1:
         coords = coords[:, None]
     if coords.dim() != 2 or coords.shape[1] != num_directions:
-        raise ValueError(
-            f"coordinates must have shape (num_points, {num_directions}), got {tuple(coords.shape)}"
-        )
+        raise ValueError(f"coordinates must have shape (num_points, {num_directions}), got {tuple(coords.shape)}")
     return coords
 
 
@@ -220,7 +218,8 @@ def evaluate_points(
     coords = _as_coordinates(coordinates, len(directions))
     # (D, *shape) per parameter; a direction without the parameter contributes zero.
     stacked_directions = {
-        n: torch.stack([d[n].to(center[n]) if n in d else torch.zeros_like(center[n]) for d in directions]) for n in names
+        n: torch.stack([d[n].to(center[n]) if n in d else torch.zeros_like(center[n]) for d in directions])
+        for n in names
     }
 
     def build_chunk(start: int, stop: int) -> dict[str, Tensor]:
@@ -232,8 +231,15 @@ def evaluate_points(
         return out
 
     return evaluate_stacked(
-        model, coords.shape[0], build_chunk, batches, batch_loss=batch_loss, accuracy=accuracy, method=method,
-        chunk_size=chunk_size, all_reduce=all_reduce,
+        model,
+        coords.shape[0],
+        build_chunk,
+        batches,
+        batch_loss=batch_loss,
+        accuracy=accuracy,
+        method=method,
+        chunk_size=chunk_size,
+        all_reduce=all_reduce,
     )
 
 
@@ -268,7 +274,12 @@ class LossSurface:
 
 
 def loss_curve(
-    model: nn.Module, direction: Mapping[str, Tensor], steps: Any, batches: Sequence[Any], *, name: str = "direction",
+    model: nn.Module,
+    direction: Mapping[str, Tensor],
+    steps: Any,
+    batches: Sequence[Any],
+    *,
+    name: str = "direction",
     **kwargs: Any,
 ) -> LossCurve:
     """:class:`LossCurve` along ``direction`` at ``steps``; ``kwargs`` go to :func:`evaluate_points`."""
@@ -295,4 +306,6 @@ def loss_surface(
     coords = np.stack([grid_a.reshape(-1), grid_b.reshape(-1)], axis=1)
     loss, accuracy = evaluate_points(model, [direction_1, direction_2], coords, batches, **kwargs)
     shape = (len(alphas), len(betas))
-    return LossSurface(names=names, alphas=alphas, betas=betas, loss=loss.reshape(shape), accuracy=accuracy.reshape(shape))
+    return LossSurface(
+        names=names, alphas=alphas, betas=betas, loss=loss.reshape(shape), accuracy=accuracy.reshape(shape)
+    )

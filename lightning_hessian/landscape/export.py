@@ -59,7 +59,12 @@ def save_landscape(
             for i, alpha in enumerate(surface.alphas):
                 for j, beta in enumerate(surface.betas):
                     writer.writerow(
-                        [repr(float(alpha)), repr(float(beta)), repr(float(surface.loss[i, j])), repr(float(surface.accuracy[i, j]))]
+                        [
+                            repr(float(alpha)),
+                            repr(float(beta)),
+                            repr(float(surface.loss[i, j])),
+                            repr(float(surface.accuracy[i, j])),
+                        ]
                     )
         written.append(path)
     return written
@@ -74,14 +79,21 @@ def load_landscape(path: str | Path) -> tuple[list[LossCurve], list[LossSurface]
         if key.startswith("curve__") and key.endswith("__steps"):
             name = key[len("curve__") : -len("__steps")]
             prefix = f"curve__{name}__"
-            curves.append(LossCurve(name, arrays[prefix + "steps"], arrays[prefix + "loss"], arrays[prefix + "accuracy"]))
+            curves.append(
+                LossCurve(name, arrays[prefix + "steps"], arrays[prefix + "loss"], arrays[prefix + "accuracy"])
+            )
         elif key.startswith("surface__") and key.endswith("__alphas"):
             name = key[len("surface__") : -len("__alphas")]
             prefix = f"surface__{name}__"
             first, second = (str(n) for n in arrays[prefix + "names"])
             surfaces.append(
-                LossSurface((first, second), arrays[prefix + "alphas"], arrays[prefix + "betas"], arrays[prefix + "loss"],
-                            arrays[prefix + "accuracy"])
+                LossSurface(
+                    (first, second),
+                    arrays[prefix + "alphas"],
+                    arrays[prefix + "betas"],
+                    arrays[prefix + "loss"],
+                    arrays[prefix + "accuracy"],
+                )
             )
         elif not key.startswith(("curve__", "surface__")):
             extra[key] = arrays[key]

@@ -27,7 +27,13 @@ from torch import Tensor, nn
 from lightning_hessian.curvature.context import analysis_mode
 from lightning_hessian.landscape.evaluation import BatchLoss, EvaluationMethod, evaluate_stacked
 
-__all__ = ["InterpolationResult", "StateMismatchError", "check_state_matches", "interpolate_state", "interpolation_path"]
+__all__ = [
+    "InterpolationResult",
+    "StateMismatchError",
+    "check_state_matches",
+    "interpolate_state",
+    "interpolation_path",
+]
 
 
 class StateMismatchError(ValueError):
@@ -60,7 +66,9 @@ def check_state_matches(model: nn.Module, state: Mapping[str, Tensor], *, source
             f"  unexpected keys ({len(unexpected)}): {', '.join(unexpected[:8])}{' ...' if len(unexpected) > 8 else ''}"
         )
     if shapes:
-        lines.append(f"  shape mismatches ({len(shapes)}): " + "; ".join(shapes[:8]) + (" ..." if len(shapes) > 8 else ""))
+        lines.append(
+            f"  shape mismatches ({len(shapes)}): " + "; ".join(shapes[:8]) + (" ..." if len(shapes) > 8 else "")
+        )
     lines.append("Check that the config builds the architecture the checkpoint was trained with.")
     raise StateMismatchError("\n".join(lines))
 
@@ -165,7 +173,13 @@ def interpolation_path(
     with analysis_mode(model, tensors=True):
         for split, batches in data.items():
             losses[split], accuracies[split] = evaluate_stacked(
-                model, len(alphas), build_chunk, batches, batch_loss=batch_loss, accuracy=accuracy, method=method,
+                model,
+                len(alphas),
+                build_chunk,
+                batches,
+                batch_loss=batch_loss,
+                accuracy=accuracy,
+                method=method,
                 chunk_size=chunk_size,
             )
         top = None

@@ -63,7 +63,11 @@ def plot_contour(surface: LossSurface, *, title: str = "", levels: int = 20) -> 
     else:
         colorbar = figure.colorbar(filled, ax=axis, label="loss (log scale)", ticks=contour_levels[::3], format="%.3g")
         colorbar.minorticks_off()
-    axis.set(xlabel=surface.names[0], ylabel=surface.names[1], title=title or f"loss: {surface.names[0]} x {surface.names[1]}")
+    axis.set(
+        xlabel=surface.names[0],
+        ylabel=surface.names[1],
+        title=title or f"loss: {surface.names[0]} x {surface.names[1]}",
+    )
     return figure
 
 
@@ -99,7 +103,12 @@ def plot_interpolation(result: InterpolationResult, *, labels: tuple[str, str] =
         for x, label in zip((0.0, 1.0), labels):
             axis.axvline(x, color="gray", linestyle=":", linewidth=1)
             axis.annotate(
-                label, (x, 0.98), xycoords=("data", "axes fraction"), ha="center", va="top", fontsize="small",
+                label,
+                (x, 0.98),
+                xycoords=("data", "axes fraction"),
+                ha="center",
+                va="top",
+                fontsize="small",
                 bbox={"boxstyle": "round", "facecolor": "white", "edgecolor": "none", "alpha": 0.8},
             )
     axes[0].legend()

@@ -21,7 +21,8 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from lightning_hessian.curvature.objective import BatchLoss, BatchLossModule, batch_loss as default_batch_loss
+from lightning_hessian.curvature.objective import BatchLoss, BatchLossModule
+from lightning_hessian.curvature.objective import batch_loss as default_batch_loss
 from lightning_hessian.landscape.evaluation import autograd_ready, batch_size
 
 __all__ = ["SharpnessResult", "epsilon_sharpness"]
@@ -38,8 +39,14 @@ class SharpnessResult:
 
 
 def _loss_and_grads(
-    model: nn.Module, names: list[str], center: list[Tensor], offsets: list[Tensor], batches: Sequence[Any],
-    batch_loss: BatchLoss, all_reduce: Callable[[Tensor], Tensor] | None, need_grad: bool,
+    model: nn.Module,
+    names: list[str],
+    center: list[Tensor],
+    offsets: list[Tensor],
+    batches: Sequence[Any],
+    batch_loss: BatchLoss,
+    all_reduce: Callable[[Tensor], Tensor] | None,
+    need_grad: bool,
 ) -> tuple[float, list[Tensor]]:
     """Sample-mean loss at ``center + offsets`` and its gradient w.r.t. the offsets."""
     grads = [torch.zeros_like(o, dtype=torch.float64) for o in offsets]
@@ -57,8 +64,10 @@ def _loss_and_grads(
         loss_sum = loss_sum + n * loss.detach().double()
         count += n
     if all_reduce is not None:
-        flat = torch.cat([loss_sum.reshape(1), torch.tensor([float(count)], dtype=torch.float64, device=loss_sum.device)]
-                         + ([g.reshape(-1) for g in grads] if need_grad else []))
+        flat = torch.cat(
+            [loss_sum.reshape(1), torch.tensor([float(count)], dtype=torch.float64, device=loss_sum.device)]
+            + ([g.reshape(-1) for g in grads] if need_grad else [])
+        )
         flat = all_reduce(flat)
         loss_sum, count_t = flat[0], flat[1]
         offset = 2

@@ -157,7 +157,7 @@ class ImageClassifier(pl.LightningModule):
         input_shape = [int(s) for s in input_shape]
         mean, std = list(mean), list(std)
         lr_milestones = [int(m) for m in lr_milestones]
-        adversarial = dataclasses.asdict(robust_training)  # noqa: F841 (read by save_hyperparameters)
+        adversarial = dataclasses.asdict(robust_training)
         self.save_hyperparameters()
         self.adversarial = robust_training
         self.network = nn.Sequential(
@@ -295,7 +295,10 @@ class ImageClassifier(pl.LightningModule):
 
     @override
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint["lr_schedule_clock"] = {"steps_per_epoch": self._schedule_steps_per_epoch, "epoch_starts": self._epoch_starts}
+        checkpoint["lr_schedule_clock"] = {
+            "steps_per_epoch": self._schedule_steps_per_epoch,
+            "epoch_starts": self._epoch_starts,
+        }
 
     @override
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:

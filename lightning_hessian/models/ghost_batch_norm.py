@@ -136,7 +136,12 @@ class _GhostBatchNorm(nn.modules.batchnorm._BatchNorm):
         track = self.training and self.track_running_stats and self.running_mean is not None
         # The full chunks in one BatchNorm call: chunk k's channel c becomes channel k*C + c of a
         # batch of `size` samples, so BatchNorm's per-channel statistics are the per-chunk ones.
-        head = input[: full * size].reshape(full, size, channels, *tail).transpose(0, 1).reshape(size, full * channels, *tail)
+        head = (
+            input[: full * size]
+            .reshape(full, size, channels, *tail)
+            .transpose(0, 1)
+            .reshape(size, full * channels, *tail)
+        )
         weight = self.weight.repeat(full) if self.weight is not None else None
         bias = self.bias.repeat(full) if self.bias is not None else None
         # Scratch running statistics updated with momentum 1 (r <- 0 r + 1 s = s) receive each
@@ -146,7 +151,9 @@ class _GhostBatchNorm(nn.modules.batchnorm._BatchNorm):
         out = out.reshape(size, full, channels, *tail).transpose(0, 1).reshape(full * size, channels, *tail)
         if rest:
             last_means, last_variances = self._scratch(channels) if track else (None, None)
-            last = F.batch_norm(input[full * size :], last_means, last_variances, self.weight, self.bias, True, 1.0, self.eps)
+            last = F.batch_norm(
+                input[full * size :], last_means, last_variances, self.weight, self.bias, True, 1.0, self.eps
+            )
             out = torch.cat([out, last])
             if track:
                 means, variances = torch.cat([means, last_means]), torch.cat([variances, last_variances])
@@ -157,7 +164,9 @@ class _GhostBatchNorm(nn.modules.batchnorm._BatchNorm):
     def _scratch(self, size: int) -> tuple[Tensor, Tensor]:
         assert self.running_mean is not None
         like = self.running_mean
-        return torch.zeros(size, dtype=like.dtype, device=like.device), torch.ones(size, dtype=like.dtype, device=like.device)
+        return torch.zeros(size, dtype=like.dtype, device=like.device), torch.ones(
+            size, dtype=like.dtype, device=like.device
+        )
 
     @torch.no_grad()
     def _update_running_statistics(self, means: Tensor, variances: Tensor) -> None:

@@ -68,7 +68,9 @@ def scaled_learning_rate(base_lr: float, batch_size: int, base_batch_size: int, 
     """
     _check_name("LR scaling rule", rule, LR_SCALING_RULES)
     if batch_size < 1 or base_batch_size < 1:
-        raise UserInputError(f"batch sizes must be positive, got batch_size={batch_size}, base_batch_size={base_batch_size}")
+        raise UserInputError(
+            f"batch sizes must be positive, got batch_size={batch_size}, base_batch_size={base_batch_size}"
+        )
     ratio = batch_size / base_batch_size
     factor = {"linear": ratio, "sqrt": math.sqrt(ratio), "none": 1.0}[rule]
     return base_lr * factor
@@ -201,7 +203,9 @@ def build_optimizer(
     nesterov = nesterov and momentum > 0
     if name == "sgd":
         # Batch norm and bias parameters are decayed too, as in the paper's and Goyal et al.'s setups.
-        return torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay)
+        return torch.optim.SGD(
+            model.parameters(), lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay
+        )
     if name == "adam":
         return torch.optim.Adam(model.parameters(), lr=lr, betas=(momentum, 0.999), weight_decay=weight_decay)
     # Imported here: only these two need pytorch-optimizer (a dependency; its import costs a little).

@@ -226,4 +226,7 @@ def group_interpolations(items: Sequence[Interpolation]) -> dict[str, list[Inter
     groups: dict[str, list[Interpolation]] = {}
     for item in items:
         groups.setdefault(interpolation_title(item), []).append(item)
-    return {title: sorted(groups[title], key=lambda i: (i.seed is None, i.seed or 0, str(i.path))) for title in sorted(groups)}
+    return {
+        title: sorted(groups[title], key=lambda i: (i.seed is None, i.seed or 0, str(i.path)))
+        for title in sorted(groups)
+    }

@@ -36,6 +36,8 @@ from pathlib import Path
 
 from lightning_hessian.errors import UserInputError
 from lightning_hessian.report import figures as figure_module
+from lightning_hessian.report.artifacts import find_interpolations
+from lightning_hessian.report.claims import evaluate_claims
 from lightning_hessian.report.events import find_run_dirs
 from lightning_hessian.report.render import (
     ReportContent,
@@ -44,11 +46,8 @@ from lightning_hessian.report.render import (
     write_runs_csv,
     write_summary_json,
 )
-from lightning_hessian.report.artifacts import find_interpolations
-from lightning_hessian.report.claims import evaluate_claims
 from lightning_hessian.report.runs import Run, load_run
 from lightning_hessian.report.tables import report_columns, run_accuracy, summarize_runs
-
 from lightning_hessian.sweep.records import SWEEP_FILE
 
 __all__ = ["build_report", "load_runs"]
@@ -120,7 +119,9 @@ def load_runs(
             continue
         accuracy, tag = run_accuracy(run)
         if min_accuracy is not None and accuracy is not None and 100 * accuracy < min_accuracy:
-            skipped.append((run_dir, f"{tag} {100 * accuracy:.2f}% is below --min-accuracy {min_accuracy:g}% (did not train)"))
+            skipped.append(
+                (run_dir, f"{tag} {100 * accuracy:.2f}% is below --min-accuracy {min_accuracy:g}% (did not train)")
+            )
             continue
         runs.append(run)
     return runs, skipped

@@ -52,7 +52,6 @@ from lightning_hessian.report.artifacts import Interpolation, group_interpolatio
 from lightning_hessian.report.runs import STANDARD_VARIANT
 from lightning_hessian.report.tables import (
     ACCURACY_KEY,
-    Cell,
     Column,
     TableRow,
     VariantTable,
@@ -62,8 +61,8 @@ from lightning_hessian.report.tables import (
 )
 
 __all__ = [
-    "HOLDS",
     "CONTRADICTED",
+    "HOLDS",
     "NOT_DECIDED",
     "RULE",
     "SADDLE_RATIO",
@@ -208,15 +207,23 @@ def _ends(table: VariantTable, key: str) -> tuple[TableRow, TableRow] | None:
     return rows[0], rows[-1]
 
 
-def _pair_claim(claim: str, setting: str, key: str, low: TableRow, high: TableRow, expect: str, percent: bool = False) -> Claim:
+def _pair_claim(
+    claim: str, setting: str, key: str, low: TableRow, high: TableRow, expect: str, percent: bool = False
+) -> Claim:
     a, b = _values(low, key), _values(high, key)
     verdict = compare(a, b, expect)
     evidence = f"B={low.batch_size}: {_fmt(a, percent)} vs B={high.batch_size}: {_fmt(b, percent)}"
-    numbers = {"key": key, "a": {"batch_size": low.batch_size, "values": a}, "b": {"batch_size": high.batch_size, "values": b}}
+    numbers = {
+        "key": key,
+        "a": {"batch_size": low.batch_size, "values": a},
+        "b": {"batch_size": high.batch_size, "values": b},
+    }
     return Claim(claim, setting, evidence, verdict, numbers)
 
 
-def _chosen_epsilon(table: VariantTable, columns: Sequence[Column], attack: str, split: str, low: TableRow) -> Column | None:
+def _chosen_epsilon(
+    table: VariantTable, columns: Sequence[Column], attack: str, split: str, low: TableRow
+) -> Column | None:
     """The ε column of ``attack`` at ``split`` where the smallest batch keeps closest to half its
     clean accuracy (the most telling ε: not all robust, not all broken)."""
     options = []
@@ -342,7 +349,13 @@ def batch_size_claims(table: VariantTable, columns: Sequence[Column]) -> list[Cl
         column = _column(columns, base, held_out)
         if column is not None and (ends := _ends(table, column.key)) is not None:
             claims.append(
-                _pair_claim(f"Large batches have a larger {words}", f"{variant}, {column.split} samples", column.key, *ends, "larger")
+                _pair_claim(
+                    f"Large batches have a larger {words}",
+                    f"{variant}, {column.split} samples",
+                    column.key,
+                    *ends,
+                    "larger",
+                )
             )
     input_column = _column(columns, INPUT_EIG_1, held_out)
     if input_column is not None and robust_key is not None:
@@ -451,10 +464,18 @@ def interpolation_claims(interpolations: Sequence[Interpolation]) -> list[Claim]
         if not a_values or not b_values or first.run_a is None or first.run_b is None:
             continue
         a, b = first.run_a, first.run_b
-        if a.variant == b.variant and a.batch_size is not None and b.batch_size is not None and a.batch_size != b.batch_size:
+        if (
+            a.variant == b.variant
+            and a.batch_size is not None
+            and b.batch_size is not None
+            and a.batch_size != b.batch_size
+        ):
             claim = "Model interpolation: the large-batch end is sharper (larger λ₁ at its end of θ(α))"
             expect = "larger" if b.batch_size > a.batch_size else "smaller"
-        elif a.batch_size == b.batch_size and {variant_method(a.variant), variant_method(b.variant)} & {*ROBUST_METHODS, *NOISE_METHODS}:
+        elif a.batch_size == b.batch_size and {variant_method(a.variant), variant_method(b.variant)} & {
+            *ROBUST_METHODS,
+            *NOISE_METHODS,
+        }:
             trained_b = variant_method(b.variant) in (*ROBUST_METHODS, *NOISE_METHODS)
             claim = "Model interpolation: the robustly trained end is flatter (smaller λ₁ at its end of θ(α))"
             expect = "smaller" if trained_b else "larger"

@@ -88,7 +88,13 @@ class FigureFile:
 
 
 def _grid(
-    panels: int, *, width: float = 4.8, height: float = 3.6, max_columns: int = 3, sharex: bool = False, sharey: bool = False
+    panels: int,
+    *,
+    width: float = 4.8,
+    height: float = 3.6,
+    max_columns: int = 3,
+    sharex: bool = False,
+    sharey: bool = False,
 ) -> tuple[Figure, list]:
     columns = min(panels, max_columns)
     rows = math.ceil(panels / columns)
@@ -211,7 +217,9 @@ def _curve(run: Run, tag: str) -> tuple[list[float], list[float], bool]:
     return x, [p.value for p in points], epochs is not None
 
 
-def plot_top_eigenvalue_vs_epoch(runs: Sequence[Run], out_dir: Path, *, tag: str = TOP_EIGENVALUE_TAG) -> FigureFile | None:
+def plot_top_eigenvalue_vs_epoch(
+    runs: Sequence[Run], out_dir: Path, *, tag: str = TOP_EIGENVALUE_TAG
+) -> FigureFile | None:
     """Top Hessian eigenvalue over training, one panel per variant, one curve per batch size."""
     grouped = {
         variant: by_batch
@@ -289,7 +297,9 @@ def _plot_columns_vs_batch_size(
                     stds.append(std)
             if xs:
                 panel_values += means
-                ax.errorbar(xs, means, yerr=stds, marker="o", markersize=4, capsize=3, color=f"C{position % 10}", label=variant)
+                ax.errorbar(
+                    xs, means, yerr=stds, marker="o", markersize=4, capsize=3, color=f"C{position % 10}", label=variant
+                )
         _batch_axis(ax, [run.batch_size for run in known])
         if use_log_scale(panel_values):
             ax.set_yscale("log")
@@ -312,7 +322,9 @@ def plot_training_vs_batch_size(runs: Sequence[Run], out_dir: Path, columns: Seq
     )  # fmt: skip
 
 
-def plot_metrics_vs_batch_size(runs: Sequence[Run], out_dir: Path, columns: Sequence[Column] | None = None) -> FigureFile | None:
+def plot_metrics_vs_batch_size(
+    runs: Sequence[Run], out_dir: Path, columns: Sequence[Column] | None = None
+) -> FigureFile | None:
     """The paper's table at a glance: the accuracy and every shown curvature column (each at its
     split) against batch size, a line per training variant.
 
@@ -544,7 +556,9 @@ def plot_median_norms_vs_batch_size(runs: Sequence[Run], out_dir: Path) -> Figur
                     stds.append(std)
             if xs:
                 panel_values += means
-                ax.errorbar(xs, means, yerr=stds, marker="o", markersize=4, capsize=3, color=f"C{position % 10}", label=variant)
+                ax.errorbar(
+                    xs, means, yerr=stds, marker="o", markersize=4, capsize=3, color=f"C{position % 10}", label=variant
+                )
         _batch_axis(ax, [run.batch_size for run in known])
         if use_log_scale(panel_values):
             ax.set_yscale("log")
@@ -725,7 +739,9 @@ def plot_landscapes(runs: Sequence[Run], out_dir: Path) -> list[FigureFile] | No
                 continue
             log = finite.min() > 0 and finite.max() / finite.min() > 100
             norm = LogNorm(finite.min(), finite.max()) if log else Normalize(finite.min(), finite.max())
-            levels = np.geomspace(finite.min(), finite.max(), 21) if log else np.linspace(finite.min(), finite.max(), 21)
+            levels = (
+                np.geomspace(finite.min(), finite.max(), 21) if log else np.linspace(finite.min(), finite.max(), 21)
+            )
             figure, axes = _grid(len(chosen), width=4.4, height=3.8, max_columns=2, sharex=True, sharey=True)
             contour = None
             for ax, batch_size in zip(axes, chosen):
@@ -780,7 +796,9 @@ def plot_interpolations(interpolations: Sequence[Interpolation], out_dir: Path) 
             for position, split in enumerate(splits):
                 stack = np.vstack([getattr(item, quantity)[split] for item in same if split in getattr(item, quantity)])
                 mean = stack.mean(axis=0) * (100 if quantity == "accuracy" else 1)
-                std = (stack.std(axis=0, ddof=1) if len(stack) >= 2 else np.zeros_like(mean)) * (100 if quantity == "accuracy" else 1)
+                std = (stack.std(axis=0, ddof=1) if len(stack) >= 2 else np.zeros_like(mean)) * (
+                    100 if quantity == "accuracy" else 1
+                )
                 values += mean[np.isfinite(mean)].tolist()
                 ax.plot(alphas, mean, linestyle=styles.get(split, ":"), color=f"C{position}", label=f"{split} samples")
                 if len(stack) >= 2:

@@ -235,7 +235,9 @@ def render_html(content: ReportContent) -> str:
     parts.append(_html_table(*_run_rows(content)))
     if content.skipped:
         parts.append("<p>Skipped:</p><ul>")
-        parts += [f"<li><code>{escape(_display_path(path))}</code>: {escape(why)}</li>" for path, why in content.skipped]
+        parts += [
+            f"<li><code>{escape(_display_path(path))}</code>: {escape(why)}</li>" for path, why in content.skipped
+        ]
         parts.append("</ul>")
     if content.damaged:
         parts.append("<p>Damaged event files (read up to the damage):</p><ul>")

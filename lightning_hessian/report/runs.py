@@ -86,7 +86,7 @@ def _load_yaml(path: Path) -> Mapping[str, Any]:
     try:
         with path.open() as file:
             # hparams.yaml may hold python tags (e.g. dataclasses); read it without constructing them.
-            loaded = yaml.load(file, Loader=_LenientLoader)  # noqa: S506 - the loader builds no objects
+            loaded = yaml.load(file, Loader=_LenientLoader)
     except (OSError, yaml.YAMLError):
         return {}
     return loaded if isinstance(loaded, Mapping) else {}
@@ -230,7 +230,11 @@ def read_run_metadata(run_dir: Path) -> tuple[dict[str, Any], dict[str, str]]:
     if fields["batch_size"] is None and fields["variant"] is None:
         # Not a run of this package's sweeps: never pool it with unlike runs. Its project (the
         # model class, else the logger's directory) is what tells it apart.
-        model_class = (config or {}).get("model", {}).get("class_path") if isinstance((config or {}).get("model"), Mapping) else None
+        model_class = (
+            (config or {}).get("model", {}).get("class_path")
+            if isinstance((config or {}).get("model"), Mapping)
+            else None
+        )
         project = run_dir.parent.name if run_dir.name.startswith("version_") else run_dir.name
         offer("variant", f"{project} ({model_class.rsplit('.', 1)[-1]})" if model_class else project, "run directory")
     offer("variant", STANDARD_VARIANT, "default")
@@ -262,7 +266,11 @@ def fit_splits(config: Mapping[str, Any]) -> dict[str, str]:
         if group is None:
             continue
         arguments = callback.get("init_args") or {}
-        split = str(arguments.get("split", DEFAULT_FIT_SPLITS[group])) if isinstance(arguments, Mapping) else DEFAULT_FIT_SPLITS[group]
+        split = (
+            str(arguments.get("split", DEFAULT_FIT_SPLITS[group]))
+            if isinstance(arguments, Mapping)
+            else DEFAULT_FIT_SPLITS[group]
+        )
         if split not in found.setdefault(group, []):
             found[group].append(split)
     return {group: "/".join(found.get(group) or [default]) for group, default in DEFAULT_FIT_SPLITS.items()}

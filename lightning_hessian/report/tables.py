@@ -231,7 +231,9 @@ def variant_order(variant: str) -> tuple:
     (``"standard, ..."``: controls, activations), then the others; numbers inside a label in
     numeric order (softplus β=5 before β=20)."""
     rank = 0 if variant == STANDARD_VARIANT else 1 if variant.startswith(STANDARD_VARIANT) else 2
-    parts = tuple((0, float(part), "") if _is_number(part) else (1, 0.0, part) for part in _NUMBER.split(variant) if part)
+    parts = tuple(
+        (0, float(part), "") if _is_number(part) else (1, 0.0, part) for part in _NUMBER.split(variant) if part
+    )
     return (rank, parts)
 
 
@@ -317,16 +319,16 @@ def report_columns(runs: Sequence[Run]) -> list[Column]:
     qualified_splits = sorted(
         {split for tag in tags if (split := parse_split_tag(tag)[0]) is not None}, key=SPLITS.index
     )
-    eigen_indices = sorted({int(m.group(1)) for tag in tags if (m := EIGENVALUE_PATTERN.match(parse_split_tag(tag)[1]))})
+    eigen_indices = sorted(
+        {int(m.group(1)) for tag in tags if (m := EIGENVALUE_PATTERN.match(parse_split_tag(tag)[1]))}
+    )
     curvature: list[tuple[str, str, bool, bool]] = []
     for tag, title, percent, shown in _CURVATURE:
         curvature.append((tag, title, percent, shown))
         if tag == TOP_EIGENVALUE:
             # λ₂ ... λ_k: the last one shown (the spectrum's reach), the others in summary.json
             last = max(eigen_indices, default=1)
-            curvature += [
-                (eigenvalue_tag(i), f"λ{_subscript(i)}(θ)", False, i == last) for i in eigen_indices if i > 1
-            ]
+            curvature += [(eigenvalue_tag(i), f"λ{_subscript(i)}(θ)", False, i == last) for i in eigen_indices if i > 1]
     for tag, title, percent, shown in curvature:
         group = (tag[len(_RATIO_PREFIX) :] if tag.startswith(_RATIO_PREFIX) else tag).split("/", 1)[0]
         if _present(runs, tag):
@@ -342,7 +344,9 @@ def report_columns(runs: Sequence[Run]) -> list[Column]:
         title = {frozenset({TEST_ACC}): "test acc (%)", frozenset({VAL_ACC}): "val acc (%)"}.get(
             frozenset(accuracy_tags), "test acc* (%)"
         )
-        columns.append(Column(ACCURACY_KEY, title, True, "robustness", True, "test" if title.startswith("test") else "val"))
+        columns.append(
+            Column(ACCURACY_KEY, title, True, "robustness", True, "test" if title.startswith("test") else "val")
+        )
     by_split: dict[str | None, list[str]] = defaultdict(list)
     for tag in tags:
         by_split[parse_split_tag(tag)[0]].append(tag)
@@ -356,11 +360,20 @@ def report_columns(runs: Sequence[Run]) -> list[Column]:
             # shown: the fixed-epsilon attacks at epsilon > 0; the minimal attacks (DeepFool, CW) are
             # summarised by their median norm (their accuracies at each epsilon are in summary.json)
             shown = attack not in minimal and epsilon_value(eps) > 0
-            columns.append(Column(unqualified[base], f"{attack} ε={eps} (%), {label}", True, "robustness", shown, label))
+            columns.append(
+                Column(unqualified[base], f"{attack} ε={eps} (%), {label}", True, "robustness", shown, label)
+            )
         for base in sorted(unqualified):
             if (match := MEDIAN_NORM_PATTERN.match(base)) is not None:
                 columns.append(
-                    Column(unqualified[base], f"{match.group('attack')} median ‖δ‖, {label}", False, "robustness", True, label)
+                    Column(
+                        unqualified[base],
+                        f"{match.group('attack')} median ‖δ‖, {label}",
+                        False,
+                        "robustness",
+                        True,
+                        label,
+                    )
                 )
     return columns
 
@@ -379,7 +392,9 @@ def summarize_runs(runs: Sequence[Run]) -> list[VariantTable]:
     by_variant: dict[str, list[Run]] = defaultdict(list)
     for run in runs:
         by_variant[run.variant].append(run)
-    return [_summarize_variant(variant, by_variant[variant], columns) for variant in sorted(by_variant, key=variant_order)]
+    return [
+        _summarize_variant(variant, by_variant[variant], columns) for variant in sorted(by_variant, key=variant_order)
+    ]
 
 
 def _summarize_variant(variant: str, runs: list[Run], all_columns: Sequence[Column]) -> VariantTable:
@@ -441,4 +456,3 @@ def format_cell(cell: Cell | None, column: Column) -> str:
         return str(int(mean))  # the same count for every seed
     text = _format_number(mean, 4)
     return text if std is None else f"{text} ± {_format_number(std, 2)}"
-
