@@ -316,14 +316,15 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     gpu = args.accelerator in ("gpu", "cuda")
     device = torch.cuda.get_device_name() if gpu else f"CPU ({torch.get_num_threads()} threads)"
     print(
-        f"device: {device}; config {args.config}; {args.arch} on {args.dataset}, batch {args.batch_size}, precision {args.precision},"
-        f" gpu_resident {args.gpu_resident}, {args.analysis_samples} analysis samples (micro-batch {args.analysis_batch_size}),"
+        f"device: {device}; config {args.config}; {args.arch} on {args.dataset}, batch {args.batch_size},"
+        f" precision {args.precision}, gpu_resident {args.gpu_resident}, {args.analysis_samples} analysis samples"
+        f" (micro-batch {args.analysis_batch_size}),"
         f" eig_tol {args.eig_tol}, trace rel_tol {args.trace_rel_tol} (<= {args.trace_max_probes} probes),"
         f" density {args.density_probes} x {args.density_steps}, {args.epochs} epochs"
     )
     print(
-        f"{'analysis':<8} {'train s/epoch':>14} {'steps':>6} {'analysis s':>11} {'ratio':>7} {'CPU-time ratio':>15} {'HVPs':>6}"
-        f" {'converged':>9} {'eig_1':>10} {'target':>7} {'meets':>5}"
+        f"{'analysis':<8} {'train s/epoch':>14} {'steps':>6} {'analysis s':>11} {'ratio':>7} {'CPU-time ratio':>15}"
+        f" {'HVPs':>6} {'converged':>9} {'eig_1':>10} {'target':>7} {'meets':>5}"
     )
     results = []
     with tempfile.TemporaryDirectory() as folder:
@@ -332,8 +333,9 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
             target = targets.get(name)
             meets = "" if target is None else ("yes" if result["ratio"] <= target else "no")
             print(
-                f"{name:<8} {result['train_epoch_s']:>14.3f} {result['train_steps']:>6.0f} {result['analysis_s']:>11.3f}"
-                f" {result['ratio']:>7.3f} {result['cpu_ratio']:>15.3f} {result['hvps']:>6.0f} {result['converged']:>9.2f}"
+                f"{name:<8} {result['train_epoch_s']:>14.3f} {result['train_steps']:>6.0f}"
+                f" {result['analysis_s']:>11.3f} {result['ratio']:>7.3f} {result['cpu_ratio']:>15.3f}"
+                f" {result['hvps']:>6.0f} {result['converged']:>9.2f}"
                 f" {result['eig_1']:>10.4g} {'' if target is None else f'{target:g}':>7} {meets:>5}",
                 flush=True,
             )

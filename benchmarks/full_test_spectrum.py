@@ -112,7 +112,8 @@ def main(argv: list[str] | None = None) -> int:
                 accuracy = 100 * float((model(x_all).argmax(1) == y_all).float().mean())
             if accuracy < args.min_accuracy:
                 print(
-                    f"{run_dir.parent.name}/{run_dir.name}: skipped, test accuracy {accuracy:.2f}% < {args.min_accuracy:g}%"
+                    f"{run_dir.parent.name}/{run_dir.name}: skipped, test accuracy {accuracy:.2f}%"
+                    f" < {args.min_accuracy:g}%"
                 )
                 continue
         start = time.perf_counter()
@@ -141,7 +142,8 @@ def main(argv: list[str] | None = None) -> int:
     print("| --- | --- | --- | --- | --- |")
     for (variant, batch_size), members in sorted(groups.items(), key=lambda item: (item[0][0] != "standard", item[0])):
         subset_values = [v for member in members for v in member["lambda_1_subsets_1024"]]
-        print(f"| {variant} | {batch_size} | {len(members)} | {_mean_std([m['lambda_1_full_test'] for m in members])} | "
+        full_test = _mean_std([m["lambda_1_full_test"] for m in members])
+        print(f"| {variant} | {batch_size} | {len(members)} | {full_test} | "
               f"{min(subset_values):.3g} – {max(subset_values):.3g} |")  # fmt: skip
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import itertools
 import json
 import math
 import statistics
@@ -76,7 +77,7 @@ def resnet18_cifar(classes: int = 10) -> nn.Module:
 
 def mlp(widths: Sequence[int] = (784, 256, 128, 10)) -> nn.Module:
     layers: list[nn.Module] = []
-    for index, (fan_in, fan_out) in enumerate(zip(widths[:-1], widths[1:])):
+    for index, (fan_in, fan_out) in enumerate(itertools.pairwise(widths)):
         layers.append(nn.Linear(fan_in, fan_out))
         if index < len(widths) - 2:
             layers.append(nn.ReLU())
@@ -152,14 +153,13 @@ def compiled_func_product(case: Case, num_vectors: int) -> Callable[[torch.Tenso
     buffers = dict(case.model.named_buffers())
 
     def loss(*params: torch.Tensor) -> torch.Tensor:
-        return F.cross_entropy(
-            torch.func.functional_call(case.model, {**buffers, **dict(zip(names, params))}, (case.x,)), case.y
-        )
+        tensors = {**buffers, **dict(zip(names, params, strict=True))}
+        return F.cross_entropy(torch.func.functional_call(case.model, tensors, (case.x,)), case.y)
 
     grad = torch.func.grad(loss, argnums=tuple(range(len(primals))))
 
     def one(flat: torch.Tensor) -> torch.Tensor:
-        tangents = tuple(piece.view(shape) for piece, shape in zip(flat.split(sizes), shapes))
+        tangents = tuple(piece.view(shape) for piece, shape in zip(flat.split(sizes), shapes, strict=True))
         return torch.cat([h.reshape(-1) for h in torch.func.jvp(grad, primals, tangents)[1]])
 
     product = (lambda V: one(V[0]).unsqueeze(0)) if num_vectors == 1 else torch.func.vmap(one)
@@ -184,7 +184,10 @@ def measure_products(case: Case, args: argparse.Namespace, device: torch.device)
     blocks = {k: torch.randn(num_params, k, generator=generator).to(device) for k in args.ks}
     single = blocks[args.ks[0]][:, 0].contiguous()
     compiled = {k: compiled_func_product(case, k) for k in args.ks} if args.compile else {}
-    compile_seconds = {k: timed(lambda: product(blocks[k].T.contiguous()), device) for k, product in compiled.items()}
+    compile_seconds = {
+        k: timed(lambda product=product, k=k: product(blocks[k].T.contiguous()), device)
+        for k, product in compiled.items()
+    }
 
     def rotated(items: Sequence[str], repeat: int) -> list[str]:
         shift = repeat % len(items)
@@ -206,14 +209,16 @@ def measure_products(case: Case, args: argparse.Namespace, device: torch.device)
             gradients.append(timed(gradient_op.gradient, device))
         for mode in rotated(args.modes, repeat):
             op = operators[mode]
-            lone[mode].append(timed(lambda: op.matvec(single), device))  # its own analysis: graph built and freed
+            lone[mode].append(timed(lambda op=op: op.matvec(single), device))  # its own analysis: graph built and freed
             with op.analysis():
                 op.matvec(single)  # builds the retained graph, untimed
                 for k in args.ks:
-                    seconds[mode][k].append(timed(lambda: op.matmat(blocks[k]), device) / k)
+                    seconds[mode][k].append(timed(lambda op=op, k=k: op.matmat(blocks[k]), device) / k)
         for k, product in compiled.items():
             vectors = blocks[k].T.contiguous()
-            seconds["compiled_func"][k].append(timed(lambda: product(vectors), device) / k)
+            seconds["compiled_func"][k].append(
+                timed(lambda product=product, vectors=vectors: product(vectors), device) / k
+            )
     gradient = statistics.median(gradients)
     return {
         "gradient_seconds": gradient,

@@ -13,9 +13,10 @@ For every run directory below ``--root`` whose ``sweep.json`` says ``finished`` 
 unless ``--all-seeds``), it loads the last checkpoint, draws ``--num-samples`` test images
 (seeded), and runs per-sample Lanczos in float64 for the largest and the smallest eigenvalue of
 the input Hessian; for the first ``--exact-check`` samples it also forms the exact 784 x 784
-Hessian (``torch.autograd.functional.hessian``, float64) and compares its extreme eigenvalues. It prints a Markdown table and writes the numbers as JSON. A sample counts as
-"negative" when its smallest eigenvalue is below ``-rel_tol`` times the run's mean largest
-eigenvalue (float64 Lanczos on an exactly PSD matrix returns round-off of about 1e-15).
+Hessian (``torch.autograd.functional.hessian``, float64) and compares its extreme eigenvalues. It
+prints a Markdown table and writes the numbers as JSON. A sample counts as "negative" when its
+smallest eigenvalue is below ``-rel_tol`` times the run's mean largest eigenvalue (float64 Lanczos
+on an exactly PSD matrix returns round-off of about 1e-15).
 """
 
 from __future__ import annotations
@@ -58,7 +59,7 @@ def _exact_extremes(model: torch.nn.Module, x: Tensor, y: Tensor) -> tuple[Tenso
     """Smallest and largest eigenvalue of the exact float64 input Hessian of each sample (oracle)."""
     model = copy.deepcopy(model).double().eval()
     lows, highs = [], []
-    for xi, yi in zip(x.double(), y):
+    for xi, yi in zip(x.double(), y, strict=True):
 
         def loss(inputs: Tensor, target: Tensor = yi) -> Tensor:
             return F.cross_entropy(model(inputs.unsqueeze(0)), target.unsqueeze(0))

@@ -138,14 +138,16 @@ def main() -> None:
     for name, steps, random_start in (("fgsm", 1, False), ("linf_pgd", args.steps, True)):
         spec = AttackSpec(name, args.epsilons, steps=None if name == "fgsm" else steps)
         sides: dict[str, Callable[[], list[float]]] = {
-            "hand loop": lambda: hand_written_pgd(model, x, y, args.epsilons, steps, args.batch_size, random_start),
-            "ours (native)": lambda: (
+            "hand loop": lambda steps=steps, random_start=random_start: hand_written_pgd(
+                model, x, y, args.epsilons, steps, args.batch_size, random_start
+            ),
+            "ours (native)": lambda spec=spec: (
                 evaluate_attack(model, x, y, spec, backend="native", batch_size=args.batch_size)
                 .robust_correct.float()
                 .mean(1)
                 .tolist()
             ),
-            "foolbox": lambda: (
+            "foolbox": lambda spec=spec: (
                 evaluate_attack(model, x, y, spec, backend="foolbox", batch_size=args.batch_size)
                 .robust_correct.float()
                 .mean(1)
@@ -162,7 +164,8 @@ def main() -> None:
                 times[side].append(seconds)
         label = "FGSM" if name == "fgsm" else f"Linf PGD-{steps}"
         print(
-            f"\n{label}: median seconds over {args.repeats} repeats, ratio to the hand loop; robust accuracy per epsilon"
+            f"\n{label}: median seconds over {args.repeats} repeats, ratio to the hand loop;"
+            " robust accuracy per epsilon"
         )
         reference = statistics.median(times["hand loop"])
         for side in sides:

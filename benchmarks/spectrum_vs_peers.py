@@ -13,10 +13,11 @@ is scored against a float64 reference:
   trace in float64 from the Gauss-Newton identity. Both networks are, with every other parameter
   fixed, piecewise linear in each single parameter (linear/conv layers, eval-mode BatchNorm,
   ReLU, max-pooling), so the second derivative of every logit with respect to any one parameter
-  vanishes (almost everywhere) and ``diag(H) = diag(GGN)``; hence ``tr H = (1/N) sum_n tr(Lambda_n J_n J_n^T)`` with the per-sample
-  logit Jacobian ``J_n`` and the softmax Hessian ``Lambda_n``. With ``--check-trace-identity``
-  (on by default for models up to 5000 parameters, as in ``--smoke``) it is checked against the
-  sum of ``e_i^T H e_i`` over all unit vectors.
+  vanishes (almost everywhere) and ``diag(H) = diag(GGN)``; hence
+  ``tr H = (1/N) sum_n tr(Lambda_n J_n J_n^T)`` with the per-sample logit Jacobian ``J_n`` and the
+  softmax Hessian ``Lambda_n``. With ``--check-trace-identity`` (on by default for models up to
+  5000 parameters, as in ``--smoke``) it is checked against the sum of ``e_i^T H e_i`` over all
+  unit vectors.
 * **density**: fixed effort, ``--density-probes`` x ``--density-steps`` (4 x 32) stochastic
   Lanczos quadrature; seconds and products only.
 
@@ -43,7 +44,7 @@ CPU (RESULTS.md records the MLP with ``--models mlp``)::
 GPU (as benchmarks/gpu_suite.sh runs it)::
 
     python benchmarks/spectrum_vs_peers.py --device cuda --seeds 3
-Smoke (tiny sizes, seconds; what tests/test_benchmarks_smoke.py runs)::
+Smoke (tiny sizes, seconds; what tests/project/test_benchmarks_smoke.py runs)::
 
     python benchmarks/spectrum_vs_peers.py --smoke
 
@@ -56,6 +57,7 @@ from __future__ import annotations
 import argparse
 import copy
 import importlib
+import itertools
 import json
 import math
 import platform
@@ -116,7 +118,7 @@ class Problem:
 def make_mlp(widths: Sequence[int]) -> nn.Sequential:
     """``Linear-ReLU-...-Linear`` on flattened inputs."""
     layers: list[nn.Module] = [nn.Flatten()]
-    for index, (fan_in, fan_out) in enumerate(zip(widths[:-1], widths[1:])):
+    for index, (fan_in, fan_out) in enumerate(itertools.pairwise(widths)):
         layers.append(nn.Linear(fan_in, fan_out))
         if index < len(widths) - 2:
             layers.append(nn.ReLU())
@@ -205,7 +207,10 @@ def build_problem(name: str, args: argparse.Namespace, device: torch.device) -> 
     num_params = sum(p.numel() for p in model.parameters())
     with torch.no_grad():
         loss = float(F.cross_entropy(model(inputs), labels))
-    description += f", {num_params:,} parameters, {len(batches)} batch(es) of {batch}, loss {loss:.3f} after {args.train_steps} steps"
+    description += (
+        f", {num_params:,} parameters, {len(batches)} batch(es) of {batch},"
+        f" loss {loss:.3f} after {args.train_steps} steps"
+    )
     return Problem(name, description, model, batches, num_params, device)
 
 
@@ -436,8 +441,8 @@ def curvlinops_operator(problem: Problem, counter: ProductCounter) -> Any:
     from curvlinops import HessianLinearOperator
 
     op = HessianLinearOperator(
-        problem.model, nn.CrossEntropyLoss(), [p for p in problem.model.parameters() if p.requires_grad], problem.batches,
-        check_deterministic=False,
+        problem.model, nn.CrossEntropyLoss(), [p for p in problem.model.parameters() if p.requires_grad],
+        problem.batches, check_deterministic=False,
     )  # fmt: skip
     plain = op._matmat
 
@@ -552,7 +557,9 @@ def task_specs(args: argparse.Namespace) -> dict[str, dict[str, TaskSpec]]:
     density = f"SLQ {args.density_probes} x {args.density_steps}"
     return {
         "ours": {
-            "top5": TaskSpec(ours_top, [1e-2, 3e-3, 1e-3, 3e-4, 1e-4, 3e-5, 1e-5, 1e-6], lambda t: f"Lanczos tol {t:g}"),
+            "top5": TaskSpec(
+                ours_top, [1e-2, 3e-3, 1e-3, 3e-4, 1e-4, 3e-5, 1e-5, 1e-6], lambda t: f"Lanczos tol {t:g}"
+            ),
             "trace": TaskSpec(ours_trace, [8e-2, 4e-2, 2e-2, 1e-2, 5e-3, 2.5e-3], lambda t: f"Hutch++ rel_tol {t:g}"),
             "density": TaskSpec(ours_density, fixed, lambda _: f"{density} (batched)"),
         },
@@ -568,7 +575,8 @@ def task_specs(args: argparse.Namespace) -> dict[str, dict[str, TaskSpec]]:
             "density": TaskSpec(curvlinops_density, fixed, lambda _: f"{density} (Papyan, + eigsh ends)"),
         },
         "eigenthings": {
-            "top5": TaskSpec(eigenthings_top, [s for s in (10, 15, 20, 25, 30, 40, 50, 60, 80, 100, 130, 160, 200, 260) if s <= cap],
+            "top5": TaskSpec(eigenthings_top,
+                             [s for s in (10, 15, 20, 25, 30, 40, 50, 60, 80, 100, 130, 160, 200, 260) if s <= cap],
                              lambda s: f"Lanczos {s} steps"),
             "trace": TaskSpec(eigenthings_trace, probes, lambda n: f"Hutch++ {n} HVPs"),
             "density": TaskSpec(eigenthings_density, fixed, lambda _: density),
@@ -770,7 +778,8 @@ def print_tables(results: list[dict[str, Any]], tools: Sequence[str], args: argp
     for problem in results:
         for task, rows in problem["tasks"].items():
             by_tool = {r["tool"]: r for r in rows}
-            label = {"top5": f"top-{args.k} to {args.eig_target:g}", "trace": f"trace to {100 * args.trace_target:g} % RMS",
+            label = {"top5": f"top-{args.k} to {args.eig_target:g}",
+                     "trace": f"trace to {100 * args.trace_target:g} % RMS",
                      "density": f"density {args.density_probes} x {args.density_steps}"}[task]  # fmt: skip
             print(f"| {problem['name']} | {label} | {' | '.join(cell(by_tool[t]) for t in tools)} | {speed_up(rows)} |")
     print("\n## Settings that reached the target\n")
@@ -783,8 +792,8 @@ def print_tables(results: list[dict[str, Any]], tools: Sequence[str], args: argp
                 if row["status"] == "reached":
                     shown = f"{accuracy:.1e}" if accuracy is not None else ""
                     print(
-                        f"| {problem['name']} | {task} | {TOOL_LABELS[row['tool']]} | {row['setting']} | {row['hvps']} |"
-                        f" {row['seconds']:.2f} | {shown} | {'; '.join(row['tried'])} |"
+                        f"| {problem['name']} | {task} | {TOOL_LABELS[row['tool']]} | {row['setting']} |"
+                        f" {row['hvps']} | {row['seconds']:.2f} | {shown} | {'; '.join(row['tried'])} |"
                     )
                 else:
                     print(
@@ -912,14 +921,16 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             began = time.perf_counter()
             reference["eigenvalues"] = reference_eigenvalues(problem, args.k, args.reference_tol, args.seed)
             print(
-                f"# reference top-{args.k} (ARPACK, float64, tol {args.reference_tol:g}, {time.perf_counter() - began:.1f} s):"
+                f"# reference top-{args.k} (ARPACK, float64, tol {args.reference_tol:g},"
+                f" {time.perf_counter() - began:.1f} s):"
                 f" {[float(f'{v:.8g}') for v in reference['eigenvalues']]}"
             )
         if "trace" in tasks or "density" in tasks:
             began = time.perf_counter()
             reference["trace"] = exact_trace_gauss_newton(problem)
             print(
-                f"# reference trace (exact, Gauss-Newton identity, float64, {time.perf_counter() - began:.1f} s): {reference['trace']:.10g}"
+                f"# reference trace (exact, Gauss-Newton identity, float64, {time.perf_counter() - began:.1f} s):"
+                f" {reference['trace']:.10g}"
             )
             check = args.check_trace_identity == "yes" or (
                 args.check_trace_identity == "auto" and problem.num_params <= 5000
@@ -949,7 +960,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                     rows[task].append(summarize(next(s for s in searches if s.tool == tool and s.task == task)))
         results.append({
             "name": name, "description": problem.description, "num_params": problem.num_params,
-            "reference": {key: (value.tolist() if isinstance(value, np.ndarray) else value) for key, value in reference.items()},
+            "reference": {
+                key: (value.tolist() if isinstance(value, np.ndarray) else value) for key, value in reference.items()
+            },
             "checks": checks, "tasks": rows,
         })  # fmt: skip
     print_tables(results, tools, args)

@@ -164,8 +164,8 @@ def lightning_epochs(args: argparse.Namespace, model: pl.LightningModule, dm: Im
     )
     trainer.fit(model, datamodule=dm)
     return (
-        [n / s for n, s in zip(timer.samples[1:], timer.seconds[1:])],
-        [n / s for n, s in zip(timer.samples[1:], timer.cpu_seconds[1:])],
+        [n / s for n, s in zip(timer.samples[1:], timer.seconds[1:], strict=True)],
+        [n / s for n, s in zip(timer.samples[1:], timer.cpu_seconds[1:], strict=True)],
     )
 
 
@@ -280,7 +280,8 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
     for side in sides:
         wall, cpu = statistics.median(rates[side]), statistics.median(cpu_rates[side])
         print(
-            f"{side:20s} {wall:10.1f} {1e3 * args.batch_size / wall:8.2f} {wall / plain:6.3f} {100 * (plain / wall - 1):+7.1f}%  "
+            f"{side:20s} {wall:10.1f} {1e3 * args.batch_size / wall:8.2f} {wall / plain:6.3f}"
+            f" {100 * (plain / wall - 1):+7.1f}%  "
             f"{cpu:13.1f} {cpu / plain_cpu:6.3f} {100 * (plain_cpu / cpu - 1):+7.1f}%  "
             f"{', '.join(f'{r:.0f}' for r in rates[side])}"
         )
@@ -292,8 +293,8 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
         }
     if args.json:
         with open(args.json, "w") as handle:
-            json.dump({"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu", "settings": vars(args),
-                       "sides": summary}, handle, indent=2)  # fmt: skip
+            device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+            json.dump({"device": device_name, "settings": vars(args), "sides": summary}, handle, indent=2)
     return summary
 
 

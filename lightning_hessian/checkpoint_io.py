@@ -100,7 +100,8 @@ def use_atomic_checkpoint_io(strategy: Strategy) -> bool:
     """Give ``strategy`` an :class:`AtomicCheckpointIO` if it would save with Lightning's plain
     ``TorchCheckpointIO``; any other (user-configured or strategy-specific) one is kept.
 
-    Returns whether it was installed.
+    Returns:
+        Whether it was installed.
     """
     if type(strategy.checkpoint_io) is TorchCheckpointIO:
         strategy.checkpoint_io = AtomicCheckpointIO()
@@ -110,11 +111,14 @@ def use_atomic_checkpoint_io(strategy: Strategy) -> bool:
 
 def write_checkpoint_record(trainer: pl.Trainer, directory: str | os.PathLike[str] | None = None) -> Path | None:
     """Write :data:`CHECKPOINT_RECORD` (JSON) into ``directory`` (default: ``trainer.log_dir``) on
-    global rank 0; returns its path, or ``None`` where nothing was written (other ranks, no log dir).
+    global rank 0.
 
     Keys: ``checkpoint`` (``last_model_path``, else ``best_model_path``, of the trainer's first
     ``ModelCheckpoint``, absolute; ``null`` without checkpointing), ``last_model_path``,
     ``best_model_path``, ``epoch``, ``global_step``, ``status``.
+
+    Returns:
+        The record's path, or ``None`` where nothing was written (other ranks, no log dir).
     """
     if not trainer.is_global_zero:
         return None
@@ -143,7 +147,12 @@ def write_checkpoint_record(trainer: pl.Trainer, directory: str | os.PathLike[st
 
 def recorded_checkpoint(run_dir: str | os.PathLike[str]) -> tuple[Path | None, str]:
     """The checkpoint that ``fit`` recorded in ``run_dir`` (:data:`CHECKPOINT_RECORD`) and, when
-    there is none to use, why not (the second item is empty when a checkpoint is returned)."""
+    there is none to use, why not.
+
+    Returns:
+        ``(checkpoint, "")``, or ``(None, reason)`` when there is no readable record, no recorded
+        checkpoint, or the recorded file does not exist.
+    """
     record_path = Path(run_dir) / CHECKPOINT_RECORD
     try:
         record = json.loads(record_path.read_text())

@@ -59,6 +59,9 @@ def is_user_error(error: BaseException, extra_types: tuple[type[BaseException], 
     ``extra_types``, for a ``ValueError`` raised by a ``raise`` statement of this package's own
     code (its argument checks), and for a ``ValueError`` whose ``__cause__`` is one of these (a
     library that re-raises the package's check).
+
+    Returns:
+        ``True`` for a user error, ``False`` for anything else.
     """
     if isinstance(error, (UserInputError, *extra_types)):
         return True
@@ -78,10 +81,14 @@ def run_console_script(
     Only ``ValueError`` (with its subclasses :class:`UserInputError`, :class:`InputNotFoundError`)
     and ``extra_types`` are caught, and of these only what :func:`is_user_error` accepts; anything
     else (a bug) propagates with its traceback.
+
+    Returns:
+        What ``function`` returns, or 2 (the exit status) after a user error.
     """
+    caught: tuple[type[BaseException], ...] = (ValueError, *extra_types)
     try:
         return function()
-    except (ValueError, *extra_types) as error:
+    except caught as error:
         if not is_user_error(error, extra_types):
             raise
         print(f"{prog}: error: {format_user_error(error, prog)}", file=sys.stderr, flush=True)

@@ -169,8 +169,8 @@ def parse_split_tag(tag: str) -> tuple[Split | None, str]:
     parts = tag.split("/")
     if len(parts) >= 2 and parts[0] not in SPLITS and parts[1] in SPLITS:
         if len(parts) == 2:
-            return parts[1], parts[0]  # type: ignore[return-value]
-        return parts[1], "/".join([parts[0], *parts[2:]])  # type: ignore[return-value]
+            return parts[1], parts[0]
+        return parts[1], "/".join([parts[0], *parts[2:]])
     return None, tag
 
 

@@ -45,7 +45,7 @@ import re
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, TypeGuard
 
 import numpy as np
 import pytorch_lightning as pl
@@ -82,6 +82,9 @@ def capture_rng_state() -> dict[str, Any]:
     Keys: ``torch`` (CPU generator), ``cuda`` (one state per visible device; only when CUDA is
     initialised, so that capturing never initialises it), ``numpy`` (the legacy global
     ``np.random`` generator) and ``python`` (``random``).
+
+    Returns:
+        The states by those keys.
     """
     kind, keys, position, has_gauss, cached_gaussian = np.random.get_state()
     version, internal, gauss_next = random.getstate()
@@ -265,7 +268,14 @@ class CheckpointLogSync(Callback):
             logger.save()
 
 
-def _is_tensorboard_logger(logger: Any) -> bool:
+class _ExperimentLogger(Protocol):
+    """A logger with an ``experiment``: a ``TensorBoardLogger``'s is its ``SummaryWriter``."""
+
+    @property
+    def experiment(self) -> Any: ...
+
+
+def _is_tensorboard_logger(logger: object) -> TypeGuard[_ExperimentLogger]:
     # by name: either Lightning package's TensorBoardLogger (and subclasses)
     return any(cls.__name__ == "TensorBoardLogger" for cls in type(logger).__mro__)
 
@@ -276,7 +286,12 @@ def _is_tensorboard_logger(logger: Any) -> bool:
 
 def last_checkpoint_in(directory: str | os.PathLike[str]) -> Path | None:
     """The newest ``last*.ckpt`` file in ``directory`` (what ``ModelCheckpoint(save_last=True)``
-    writes and Lightning's ``ckpt_path="last"`` picks), or ``None``."""
+    writes and Lightning's ``ckpt_path="last"`` picks), or ``None``.
+
+    Returns:
+        The file (latest modification time, then name), or ``None`` when ``directory`` holds none
+        or does not exist.
+    """
     directory = Path(directory)
     if not directory.is_dir():
         return None
@@ -294,6 +309,10 @@ def find_resume_checkpoint(
     itself for a string). Otherwise the highest-numbered ``version_<n>`` that holds a last
     checkpoint in ``checkpoints/``: a ``test`` or ``validate`` run, or a run killed before its
     first checkpoint, in a later directory is passed over.
+
+    Returns:
+        ``(checkpoint, version)`` (``version`` as given, or the number of ``version_<n>``), or
+        ``None``.
     """
     log_root = Path(log_root)
     if version is not None:
@@ -317,7 +336,12 @@ def find_resume_checkpoint(
 def read_resume_info(checkpoint_path: str | os.PathLike[str]) -> dict[str, Any]:
     """What resuming from ``checkpoint_path`` needs to know, without loading it into a model:
     ``global_step``, ``epoch``, ``has_rng`` (whether :class:`RNGStateCallback` saved the
-    generators) and, when :class:`CheckpointLogSync` was installed, ``saved_at`` and ``log_dir``."""
+    generators) and, when :class:`CheckpointLogSync` was installed, ``saved_at`` and ``log_dir``.
+
+    Returns:
+        The information by those keys (``saved_at`` and ``log_dir`` ``None`` without
+        :class:`CheckpointLogSync`).
+    """
     try:
         checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=False, mmap=True)
     except RuntimeError:  # not a zip-format checkpoint: no mmap
@@ -361,7 +385,11 @@ def _read_events(path: Path) -> Iterator[Any]:
 def surviving_events(run_dir: str | os.PathLike[str]) -> list[Any]:
     """The events of ``run_dir``'s event files that TensorBoard keeps: read in file order, each
     ``SessionLog.START`` discards the events read so far at its step or later (what a purge
-    marker, ``SummaryWriter(purge_step=...)``, means to TensorBoard's ``EventAccumulator``)."""
+    marker, ``SummaryWriter(purge_step=...)``, means to TensorBoard's ``EventAccumulator``).
+
+    Returns:
+        The kept summary events, in reading order.
+    """
     from tensorboard.compat.proto.event_pb2 import SessionLog
 
     kept: list[Any] = []
@@ -384,7 +412,8 @@ def continue_event_log(writer: Any, run_dir: str | os.PathLike[str], *, purge_st
     the events at ``purge_step`` or later that were logged up to ``saved_at`` (before the checkpoint
     was saved, so the resumed run does not repeat them); none when ``saved_at`` is ``None``.
 
-    Returns the number of events written back.
+    Returns:
+        The number of events written back.
     """
     from tensorboard.compat.proto.event_pb2 import Event, SessionLog
 

@@ -66,7 +66,7 @@ def _with_class_cell(function: types.FunctionType, old: type, new: type) -> type
         return function
     cells = tuple(
         types.CellType(new) if name == "__class__" and cell.cell_contents is old else cell
-        for name, cell in zip(code.co_freevars, function.__closure__)
+        for name, cell in zip(code.co_freevars, function.__closure__, strict=True)  # one cell per free variable
     )
     copy = types.FunctionType(code, function.__globals__, function.__name__, function.__defaults__, cells)
     copy.__kwdefaults__ = function.__kwdefaults__
@@ -82,9 +82,8 @@ def _rebind(value: Any, old: type, new: type) -> Any:
     if isinstance(value, (staticmethod, classmethod)):
         return type(value)(_rebind(value.__func__, old, new))
     if isinstance(value, property):
-        return property(
-            *(None if f is None else _rebind(f, old, new) for f in (value.fget, value.fset, value.fdel)), value.__doc__
-        )
+        fget, fset, fdel = (None if f is None else _rebind(f, old, new) for f in (value.fget, value.fset, value.fdel))
+        return property(fget, fset, fdel, value.__doc__)
     return value
 
 
@@ -93,6 +92,10 @@ def rebase(cls: type) -> type:
 
     Classes that do not derive from a ``pytorch_lightning`` LightningModule/LightningDataModule
     are returned unchanged.
+
+    Returns:
+        The class with the same name, attributes and functions, derived from the ``lightning.pytorch``
+        counterparts of ``cls``'s bases; ``cls`` itself for other classes.
     """
     if cls in _ROOTS:
         return _ROOTS[cls]
@@ -102,7 +105,8 @@ def rebase(cls: type) -> type:
         return cls
     bases = tuple(rebase(base) for base in cls.__bases__)
     namespace = {k: v for k, v in cls.__dict__.items() if k not in ("__dict__", "__weakref__")}
-    new = type(cls)(cls.__name__, bases, namespace)
+    metaclass: type[type] = type(cls)  # the class's own metaclass (type itself for Lightning's classes)
+    new = metaclass(cls.__name__, bases, namespace)
     for name, value in namespace.items():  # after creation: the cells must name the new class
         rebound = _rebind(value, cls, new)
         if rebound is not value:

@@ -9,7 +9,7 @@ FGSM equals foolbox's bit for bit and the native PGD is the same algorithm.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, cast
 
 import torch
 from torch import Tensor, nn
@@ -29,6 +29,9 @@ def check_logits(outputs: Tensor, attack_name: str) -> None:
     Margin attacks (CW) compare logit differences; on softmax outputs those saturate and the
     attack silently reports nonsense. Log-probabilities are fine (their differences are logit
     differences).
+
+    Raises:
+        ValueError: if ``outputs`` is not 2-D (batch, classes) or looks like probabilities.
     """
     outputs = outputs.detach().float()
     if outputs.ndim != 2:
@@ -62,6 +65,14 @@ def run_native_attack(
     batches beat ``K`` passes over small ones. Epsilon 0 is not attacked (:func:`pgd` returns
     the input exactly there, so its robust accuracy is the clean accuracy). Model modes and
     parameter flags are restored on exit; no parameter ``.grad`` is written.
+
+    Returns:
+        The :class:`AttackOutcome` (``robust_correct`` of shape ``(len(spec.epsilons), N)``, no
+        ``norms``).
+
+    Raises:
+        ValueError: if ``spec``'s attack has no native implementation (DeepFool, CW), or
+            ``inputs`` lie outside ``bounds``.
     """
     if not spec.info.native:
         raise ValueError(f"attack {spec.name!r} has no native implementation; use backend='foolbox'")
@@ -126,6 +137,12 @@ def evaluate_attack(
         bounds: the input range.
         batch_size: micro-batch size (foolbox runs are split the same way).
         generator: random generator of the native PGD start (foolbox uses the global one).
+
+    Returns:
+        The :class:`AttackOutcome` of all samples (``norms`` for DeepFool/CW).
+
+    Raises:
+        ValueError: for an unknown ``backend``, or ``inputs`` outside ``bounds``.
     """
     if backend not in ("native", "foolbox"):
         raise ValueError(f"unknown backend {backend!r}; valid backends: 'native', 'foolbox'")
@@ -137,7 +154,8 @@ def evaluate_attack(
         run_foolbox_attack(model, inputs[part], targets[part], spec, bounds=bounds)
         for part in _micro_batches(inputs.shape[0], batch_size)
     ]
-    norms = None if outcomes[0].norms is None else torch.cat([outcome.norms for outcome in outcomes])
+    # every outcome has norms or none has: that depends on the attack (spec.info.minimal) only
+    norms = None if outcomes[0].norms is None else torch.cat(cast(list[Tensor], [o.norms for o in outcomes]))
     return AttackOutcome(
         robust_correct=torch.cat([outcome.robust_correct for outcome in outcomes], dim=1),
         clean_correct=torch.cat([outcome.clean_correct for outcome in outcomes]),

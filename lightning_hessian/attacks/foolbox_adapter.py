@@ -76,8 +76,8 @@ def foolbox_attack(spec: AttackSpec):  # -> foolbox.attacks.base.Attack (foolbox
             return cls(rel_stepsize=2.5 / steps, steps=steps, random_start=spec.random_start)
         return cls(abs_stepsize=spec.step_size, steps=steps, random_start=spec.random_start)
     if spec.name in ("linf_deepfool", "l2_deepfool"):
-        cls = fb.attacks.LinfDeepFoolAttack if spec.name == "linf_deepfool" else fb.attacks.L2DeepFoolAttack
-        return cls(steps=spec.num_steps, candidates=spec.candidates, overshoot=spec.overshoot)
+        deepfool = fb.attacks.LinfDeepFoolAttack if spec.name == "linf_deepfool" else fb.attacks.L2DeepFoolAttack
+        return deepfool(steps=spec.num_steps, candidates=spec.candidates, overshoot=spec.overshoot)
     if spec.name == "l2_cw":
         return fb.attacks.L2CarliniWagnerAttack(
             binary_search_steps=spec.binary_search_steps,

@@ -90,6 +90,9 @@ def cross_entropy_objective(targets: Tensor) -> Objective:
 
     Computed in float32 at least, so that a bf16 model under autocast still gives a usable
     gradient direction.
+
+    Returns:
+        The objective ``logits -> summed cross-entropy``, a 0-d float32 tensor.
     """
 
     def objective(logits: Tensor) -> Tensor:
@@ -104,6 +107,9 @@ def input_gradient(model: nn.Module, inputs: Tensor, objective: Objective) -> Te
     ``inputs`` is detached first, so the result does not depend on (nor write into) any graph or
     parameter ``.grad``. Gradients are enabled here, so an outer ``no_grad`` is fine; under
     ``inference_mode`` the caller must leave it first and clone inference tensors.
+
+    Returns:
+        The gradient, detached, of the shape of ``inputs``.
     """
     with torch.enable_grad():
         leaf = inputs.detach().requires_grad_(True)
@@ -156,6 +162,12 @@ def random_start(x0: Tensor, epsilon: float | Tensor, norm: Norm, generator: tor
 
     L2 uses Voelker et al. (2017): the first n coordinates of a uniform point on the (n+2)-sphere
     are uniform in the n-ball. Not clipped to the input bounds (the caller clips).
+
+    Returns:
+        The start point, of the shape and dtype of ``x0``.
+
+    Raises:
+        ValueError: for an unknown ``norm`` or a per-sample ``epsilon`` of the wrong shape.
     """
     eps = _per_sample(epsilon, x0)
     if norm == "linf":
@@ -202,6 +214,10 @@ def pgd(
 
     Returns:
         The perturbed inputs, detached, same shape and dtype as ``inputs``.
+
+    Raises:
+        ValueError: for an unknown ``norm``, ``steps`` below 1, neither ``targets`` nor
+            ``objective``, or a per-sample ``epsilon``/``step_size`` of the wrong shape.
     """
     if norm not in ("linf", "l2"):
         raise ValueError(f"unknown norm {norm!r}; valid norms: 'linf', 'l2'")
@@ -236,6 +252,9 @@ def fgsm(
     """Fast gradient sign method: ``clip(x0 + epsilon * sign(grad_x L(x0)))``, one Linf step.
 
     Equals foolbox 3.3.4's ``LinfFastGradientAttack`` (FGSM) bit for bit on the same model.
+
+    Returns:
+        The perturbed inputs, detached, same shape and dtype as ``inputs``.
     """
     return pgd(
         model,

@@ -26,6 +26,9 @@ def _channel_view(values: Sequence[float] | Tensor, like: Tensor) -> Tensor:
 def to_pixel_space(inputs: Tensor, mean: Sequence[float], std: Sequence[float], tolerance: float = 1e-4) -> Tensor:
     """``inputs * std + mean`` per channel (dim 1), clipped to [0, 1] where rounding left it.
 
+    Returns:
+        The pixel-space inputs, in [0, 1].
+
     Raises:
         ValueError: if the result leaves [0, 1] by more than ``tolerance``: ``mean``/``std`` do
             not describe the data module's normalisation.

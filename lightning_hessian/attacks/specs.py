@@ -129,6 +129,9 @@ class AttackSpec:
 
         Linf: epsilon at most ``upper - lower``. L2: at most ``(upper - lower) * sqrt(n)`` for
         ``n`` input features (checked when ``input_shape`` (without batch) is known).
+
+        Raises:
+            ValueError: if an epsilon is larger than that limit.
         """
         lower, upper = bounds
         width = upper - lower

@@ -128,6 +128,9 @@ class AdversarialTraining:
         A Linf radius (or noise scale) of the whole range width or more replaces the image by
         noise clipped to the range: training "works" at chance accuracy. The same rule as
         :meth:`~lightning_hessian.attacks.specs.AttackSpec.check_bounds` for evaluation attacks.
+
+        Raises:
+            UserInputError: if training is enabled and ``epsilon`` exceeds the range's width.
         """
         lower, upper = input_range
         width = upper - lower
@@ -163,6 +166,10 @@ class AdversarialTraining:
         """Perturbed copies of all of ``x`` (for ``trades``: the KL-maximising ``x'``), detached.
 
         Gradient-based methods run ``model`` in eval mode and restore its modes afterwards.
+
+        Returns:
+            A tensor of the shape of ``x``: ``x`` itself (detached) for ``"none"`` or a zero
+            ``epsilon``, else the perturbed inputs, in ``input_range``.
         """
         lower, upper = input_range
         x = x.detach()

@@ -25,9 +25,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, TypeGuard
 
-import pytorch_lightning as pl
 import torch
 from pytorch_lightning.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from typing_extensions import override
@@ -38,6 +37,9 @@ from lightning_hessian.callbacks.packages import Callback
 from lightning_hessian.callbacks.spectrum import HessianSpectrumCallback
 from lightning_hessian.errors import UserInputError
 from lightning_hessian.models.optim import LR_SCALING_RULES, scaled_learning_rate
+
+if TYPE_CHECKING:
+    from lightning_hessian.callbacks.packages import AnyLightningModule, AnyTrainer
 
 __all__ = ["BATCH_SIZE_SCOPES", "AdaptiveBatchSizeCallback"]
 
@@ -156,6 +158,16 @@ class AdaptiveBatchSizeCallback(Callback):
         >>> trainer = Trainer(max_epochs=90, reload_dataloaders_every_n_epochs=1, callbacks=callbacks)
     """
 
+    # the state of a fit: set by _reset_state and load_state_dict
+    _start_batch_size: int | None
+    _batch_size: int | None
+    _lr_factor: float
+    _reference: float | None
+    _epochs_at_size: int
+    _steps: int
+    _last_epoch: int
+    history: list[dict[str, Any]]
+
     def __init__(
         self,
         *,
@@ -253,7 +265,14 @@ class AdaptiveBatchSizeCallback(Callback):
 
     def batch_size_chain(self, start: int) -> list[int]:
         """The global batch sizes training can go through from ``start``: ``start``, then each
-        times ``growth_factor`` (rounded), the last one cut to ``max_batch_size``."""
+        times ``growth_factor`` (rounded), the last one cut to ``max_batch_size``.
+
+        Returns:
+            The sizes in increasing order; ``[start]`` alone when ``start >= max_batch_size``.
+
+        Raises:
+            UserInputError: ``growth_factor`` does not grow a size of the chain (after rounding).
+        """
         sizes = [start]
         while sizes[-1] < self.max_batch_size:
             following = min(self.max_batch_size, round(sizes[-1] * self.growth_factor))
@@ -269,11 +288,12 @@ class AdaptiveBatchSizeCallback(Callback):
     # Lightning hooks
 
     @override
-    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+    def setup(self, trainer: AnyTrainer, pl_module: AnyLightningModule, stage: str) -> None:
         if stage != "fit":
             return
         name = type(self).__name__
-        datamodule = trainer.datamodule
+        # Lightning sets Trainer.datamodule in its data connector without declaring it on the Trainer
+        datamodule = trainer.datamodule  # type: ignore[union-attr]
         if datamodule is None:
             raise UserInputError(
                 f"{name} changes the batch size through the datamodule's `batch_size`, but this fit has no"
@@ -337,7 +357,7 @@ class AdaptiveBatchSizeCallback(Callback):
         self._warned = set()
 
     @override
-    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+    def on_train_start(self, trainer: AnyTrainer, pl_module: AnyLightningModule) -> None:
         if not trainer.optimizers:
             raise UserInputError(
                 f"{type(self).__name__} scales the learning rate of the optimizers, but the module configured"
@@ -347,7 +367,7 @@ class AdaptiveBatchSizeCallback(Callback):
             self._log(trainer, next_epoch=0)
 
     @override
-    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+    def on_train_epoch_start(self, trainer: AnyTrainer, pl_module: AnyLightningModule) -> None:
         epoch = trainer.current_epoch
         if epoch > 0 and self._last_epoch < epoch - 1:
             self._warn_once(
@@ -361,14 +381,15 @@ class AdaptiveBatchSizeCallback(Callback):
         if self._adversarial_off_epoch is not None and epoch >= self._adversarial_off_epoch:
             adversarial = getattr(pl_module, "adversarial", None)
             if isinstance(adversarial, AdversarialTraining) and adversarial.enabled:
-                pl_module.adversarial = dataclasses.replace(adversarial, method="none")
+                # torch types a module's unknown attributes as Tensor | Module (nn.Module.__getattr__)
+                pl_module.adversarial = dataclasses.replace(adversarial, method="none")  # type: ignore[assignment]
                 rank_zero_info(
                     f"{type(self).__name__}: adversarial training ({adversarial.method}) switched off from epoch"
                     f" {epoch} (stop_adversarial_at={self.stop_adversarial_at})."
                 )
 
     @override
-    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+    def on_train_epoch_end(self, trainer: AnyTrainer, pl_module: AnyLightningModule) -> None:
         epoch = trainer.current_epoch
         if epoch <= self._last_epoch:  # an epoch end run again after a restart
             return
@@ -385,6 +406,7 @@ class AdaptiveBatchSizeCallback(Callback):
                 reason = "eigenvalue"
         if reason is None and self.max_epochs_per_size is not None and self._epochs_at_size >= self.max_epochs_per_size:
             reason = "epochs"
+        assert self._batch_size is not None, "setup() sets the batch size of every fit"
         if self._batch_size >= self.max_batch_size:
             reason = None
         if reason is not None:
@@ -393,11 +415,11 @@ class AdaptiveBatchSizeCallback(Callback):
         self._log(trainer, next_epoch=epoch + 1)
 
     @override
-    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+    def on_exception(self, trainer: AnyTrainer, pl_module: AnyLightningModule, exception: BaseException) -> None:
         self._give_back()
 
     @override
-    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+    def teardown(self, trainer: AnyTrainer, pl_module: AnyLightningModule, stage: str) -> None:
         if stage == "fit":
             self._give_back()
 
@@ -440,15 +462,16 @@ class AdaptiveBatchSizeCallback(Callback):
         self._start_batch_size = batch_size
         self._batch_size = batch_size
         self._lr_factor = 1.0
-        self._reference: float | None = None
+        self._reference = None
         self._epochs_at_size = 0
         self._steps = 0
         self._last_epoch = -1
-        self.history: list[dict[str, Any]] = []
+        self.history = []
 
-    def _find_spectrum(self, trainer: pl.Trainer) -> HessianSpectrumCallback:
+    def _find_spectrum(self, trainer: AnyTrainer) -> HessianSpectrumCallback:
         name = type(self).__name__
-        callbacks = list(trainer.callbacks)
+        # Lightning sets Trainer.callbacks in its callback connector without declaring it on the Trainer
+        callbacks = list(trainer.callbacks)  # type: ignore[union-attr]
         spectra = [c for c in callbacks if isinstance(c, HessianSpectrumCallback)]
         if not spectra:
             raise UserInputError(
@@ -483,7 +506,7 @@ class AdaptiveBatchSizeCallback(Callback):
             )
         return spectrum
 
-    def _check_adversarial(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+    def _check_adversarial(self, trainer: AnyTrainer, pl_module: AnyLightningModule) -> None:
         self._adversarial_off_epoch = None
         self._module_adversarial = None
         if self.stop_adversarial_at is None:
@@ -531,7 +554,7 @@ class AdaptiveBatchSizeCallback(Callback):
         if self._datamodule is not None and self._batch_size is not None:
             self._datamodule.batch_size = self._datamodule_value(self._batch_size)
 
-    def _check_loader(self, trainer: pl.Trainer) -> None:
+    def _check_loader(self, trainer: AnyTrainer) -> None:
         """The epoch's training loader must have the per-device batch the datamodule was given."""
         loader = trainer.train_dataloader
         loader_size = getattr(loader, "batch_size", None)
@@ -546,7 +569,7 @@ class AdaptiveBatchSizeCallback(Callback):
                 f" it is called (batch_size_scope={self.batch_size_scope!r}, read as {self._scope!r})."
             )
 
-    def _eigenvalue(self, trainer: pl.Trainer, epoch: int) -> float | None:
+    def _eigenvalue(self, trainer: AnyTrainer, epoch: int) -> float | None:
         """The spectrum callback's ``metric`` from its analysis of this epoch, or ``None``."""
         spectrum = self._spectrum
         if spectrum is None or (epoch + 1) % spectrum.every_n_epochs:
@@ -562,9 +585,10 @@ class AdaptiveBatchSizeCallback(Callback):
         return float(value)
 
     def _grow(
-        self, trainer: pl.Trainer, epoch: int, eigenvalue: float | None, reference: float | None, reason: str
+        self, trainer: AnyTrainer, epoch: int, eigenvalue: float | None, reference: float | None, reason: str
     ) -> None:
         old = self._batch_size
+        assert old is not None, "setup() sets the batch size of every fit"
         new = min(self.max_batch_size, round(old * self.growth_factor))
         ratio = scaled_learning_rate(1.0, new, old, self.lr_scaling)
         for optimizer in trainer.optimizers:
@@ -599,11 +623,12 @@ class AdaptiveBatchSizeCallback(Callback):
             f" all) after epoch {epoch} ({because})."
         )
 
-    def _log(self, trainer: pl.Trainer, next_epoch: int) -> None:
+    def _log(self, trainer: AnyTrainer, next_epoch: int) -> None:
         """Log what epoch ``next_epoch`` starts with, at ``trainer.global_step``."""
         lr = math.nan
         if trainer.optimizers and trainer.optimizers[0].param_groups:
             lr = float(trainer.optimizers[0].param_groups[0]["lr"])
+        assert self._batch_size is not None, "setup() sets the batch size of every fit"
         metrics = {
             tags.ABSA_BATCH_SIZE: float(self._batch_size),
             tags.ABSA_LR: lr,
@@ -627,7 +652,7 @@ class AdaptiveBatchSizeCallback(Callback):
 # helpers
 
 
-def _is_int(value: Any) -> bool:
+def _is_int(value: Any) -> TypeGuard[int]:
     return isinstance(value, int) and not isinstance(value, bool)
 
 

@@ -25,10 +25,9 @@ import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import pytorch_lightning as pl
 import torch
 from lightning_fabric.utilities.apply_func import move_data_to_device
 from lightning_utilities.core.apply_func import apply_to_collection
@@ -45,6 +44,9 @@ from lightning_hessian.curvature.context import analysis_mode
 from lightning_hessian.curvature.objective import batch_loss, inputs_and_targets
 from lightning_hessian.errors import UserInputError
 from lightning_hessian.metrics import SPLITS, Split, split_tag
+
+if TYPE_CHECKING:
+    from lightning_hessian.callbacks.packages import AnyLightningModule, AnyTrainer
 
 __all__ = ["AnalysisSamples", "EpochAnalysisCallback", "batch_loss", "slice_batch"]
 
@@ -74,7 +76,11 @@ class AnalysisSamples:
 
     def inputs_and_targets(self, module: nn.Module, needed_by: str) -> tuple[Tensor, Tensor]:
         """The input tensor and integer labels of ``batch``
-        (:func:`~lightning_hessian.curvature.objective.inputs_and_targets`)."""
+        (:func:`~lightning_hessian.curvature.objective.inputs_and_targets`).
+
+        Returns:
+            ``(inputs, labels)``.
+        """
         return inputs_and_targets(module, self.batch, needed_by=needed_by)
 
 
@@ -183,7 +189,7 @@ class EpochAnalysisCallback(Callback):
     # ----------------------------------------------------------------------------------------
     # what subclasses implement
 
-    def analyse(self, trainer: pl.Trainer, pl_module: pl.LightningModule, samples: AnalysisSamples) -> dict[str, float]:
+    def analyse(self, trainer: AnyTrainer, pl_module: AnyLightningModule, samples: AnalysisSamples) -> dict[str, float]:
         """Analyse ``pl_module`` on ``samples``; return scalar metrics to log (full tag names).
 
         Called inside ``analysis_mode(pl_module)`` on every rank; all ranks must make the same
@@ -191,7 +197,7 @@ class EpochAnalysisCallback(Callback):
         """
         raise NotImplementedError(f"{type(self).__name__} must implement analyse()")
 
-    def check_samples(self, trainer: pl.Trainer, pl_module: pl.LightningModule, samples: AnalysisSamples) -> None:
+    def check_samples(self, trainer: AnyTrainer, pl_module: AnyLightningModule, samples: AnalysisSamples) -> None:
         """Check that the analysis can run on ``samples`` (raise a clear error if not).
 
         Called once per split, when the samples are chosen: before the first training step in
@@ -203,7 +209,7 @@ class EpochAnalysisCallback(Callback):
     # Lightning hooks
 
     @override
-    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+    def setup(self, trainer: AnyTrainer, pl_module: AnyLightningModule, stage: str) -> None:
         _destroy_process_group_at_exit()
         precision = str(trainer.precision)
         if precision in _REFUSED_PRECISIONS:
@@ -229,22 +235,22 @@ class EpochAnalysisCallback(Callback):
         return bool(self.every_n_epochs or self.every_n_train_steps or getattr(self, "analyse_on_train_end", False))
 
     @override
-    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+    def on_train_start(self, trainer: AnyTrainer, pl_module: AnyLightningModule) -> None:
         if self._analyses_in_fit():
             self._samples_for(trainer, pl_module)
 
     @override
-    def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+    def on_validation_start(self, trainer: AnyTrainer, pl_module: AnyLightningModule) -> None:
         if trainer.state.fn == TrainerFn.VALIDATING and not trainer.sanity_checking:
             self._samples_for(trainer, pl_module)
 
     @override
-    def on_test_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+    def on_test_start(self, trainer: AnyTrainer, pl_module: AnyLightningModule) -> None:
         if trainer.state.fn == TrainerFn.TESTING:
             self._samples_for(trainer, pl_module)
 
     @override
-    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+    def on_train_epoch_end(self, trainer: AnyTrainer, pl_module: AnyLightningModule) -> None:
         epoch = trainer.current_epoch
         if self.every_n_epochs and (epoch + 1) % self.every_n_epochs == 0 and epoch > self._last_epoch:
             self._last_epoch = epoch
@@ -252,7 +258,7 @@ class EpochAnalysisCallback(Callback):
 
     @override
     def on_train_batch_end(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+        self, trainer: AnyTrainer, pl_module: AnyLightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
         step = trainer.global_step
         # With gradient accumulation this hook fires per micro-batch; run once per optimizer step.
@@ -261,12 +267,12 @@ class EpochAnalysisCallback(Callback):
             self._run(trainer, pl_module)
 
     @override
-    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+    def on_validation_epoch_end(self, trainer: AnyTrainer, pl_module: AnyLightningModule) -> None:
         if trainer.state.fn == TrainerFn.VALIDATING and not trainer.sanity_checking:
             self._run(trainer, pl_module)
 
     @override
-    def on_test_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+    def on_test_epoch_end(self, trainer: AnyTrainer, pl_module: AnyLightningModule) -> None:
         if trainer.state.fn == TrainerFn.TESTING:
             self._run(trainer, pl_module)
 
@@ -295,18 +301,22 @@ class EpochAnalysisCallback(Callback):
     # ----------------------------------------------------------------------------------------
     # helpers for subclasses
 
-    def all_reduce_sum(self, trainer: pl.Trainer) -> Callable[[Tensor], Tensor] | None:
+    def all_reduce_sum(self, trainer: AnyTrainer) -> Callable[[Tensor], Tensor] | None:
         """A function summing a tensor over all processes, or ``None`` when not distributed."""
         if trainer.world_size <= 1:
             return None
         return lambda tensor: trainer.strategy.reduce(tensor, reduce_op="sum")
 
-    def start_budget(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> TimeBudget:
+    def start_budget(self, trainer: AnyTrainer, pl_module: AnyLightningModule) -> TimeBudget:
         """The time budget of an analysis starting now: ``time_budget`` seconds (unlimited when
-        ``None``), decided collectively over the processes (:class:`~lightning_hessian.callbacks.budget.TimeBudget`)."""
+        ``None``), decided collectively over the processes (:class:`~lightning_hessian.callbacks.budget.TimeBudget`).
+
+        Returns:
+            The budget, its clock started.
+        """
         return TimeBudget(self.time_budget, self.all_reduce_sum(trainer), pl_module.device)
 
-    def tensorboard(self, trainer: pl.Trainer) -> Any | None:
+    def tensorboard(self, trainer: AnyTrainer) -> Any | None:
         """The rank-zero TensorBoard ``SummaryWriter`` of the first TensorBoard logger, or ``None``."""
         if not trainer.is_global_zero:
             return None
@@ -315,7 +325,7 @@ class EpochAnalysisCallback(Callback):
                 return logger.experiment
         return None
 
-    def run_dir(self, trainer: pl.Trainer) -> Path | None:
+    def run_dir(self, trainer: AnyTrainer) -> Path | None:
         """Rank zero's directory for raw result files: the first logger's ``log_dir``."""
         if not trainer.is_global_zero:
             return None
@@ -325,7 +335,7 @@ class EpochAnalysisCallback(Callback):
                 return Path(log_dir)
         return Path(trainer.default_root_dir)
 
-    def analysis_tag(self, trainer: pl.Trainer, tag: str) -> str:
+    def analysis_tag(self, trainer: AnyTrainer, tag: str) -> str:
         """The name under which the current analysis logs ``tag``.
 
         During ``fit``: ``tag`` itself. Under ``trainer.validate``/``trainer.test``: ``tag``
@@ -344,14 +354,14 @@ class EpochAnalysisCallback(Callback):
         """
         return self._tagger(trainer)(tag)
 
-    def _tagger(self, trainer: pl.Trainer) -> Callable[[str], str]:
+    def _tagger(self, trainer: AnyTrainer) -> Callable[[str], str]:
         """:meth:`analysis_tag` for many tags (the split is looked up once)."""
         if trainer_fn(trainer) in ("validate", "test"):
             split = self._split_for(trainer)
             return lambda tag: split_tag(tag, split)
         return lambda tag: tag
 
-    def log_figure(self, trainer: pl.Trainer, tag: str, figure: Any) -> None:
+    def log_figure(self, trainer: AnyTrainer, tag: str, figure: Any) -> None:
         """Log a matplotlib figure as an image (TensorBoard) at :meth:`log_step`; closes it.
 
         ``tag`` is unqualified; under ``validate``/``test`` it is logged under
@@ -379,7 +389,7 @@ class EpochAnalysisCallback(Callback):
     # ----------------------------------------------------------------------------------------
     # internals
 
-    def _samples_for(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> AnalysisSamples:
+    def _samples_for(self, trainer: AnyTrainer, pl_module: AnyLightningModule) -> AnalysisSamples:
         """This run's samples of the current split: chosen and checked once, then kept."""
         split = self._split_for(trainer)
         samples = self._samples.get(split)
@@ -397,10 +407,14 @@ class EpochAnalysisCallback(Callback):
 
     def unavailable_metrics(self) -> dict[str, float]:
         """The metrics logged (as NaN) when the model cannot be analysed: non-finite weights or
-        loss, e.g. a diverged run. Subclasses list their main tags."""
+        loss, e.g. a diverged run. Subclasses list their main tags.
+
+        Returns:
+            Tag -> NaN; empty here.
+        """
         return {}
 
-    def _run(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+    def _run(self, trainer: AnyTrainer, pl_module: AnyLightningModule) -> None:
         split = self._split_for(trainer)
         samples = self._samples_for(trainer, pl_module)
         self._analysed_step = trainer.global_step
@@ -429,7 +443,7 @@ class EpochAnalysisCallback(Callback):
         )
         self._log_metrics(trainer, metrics)
 
-    def _non_finite(self, trainer: pl.Trainer, pl_module: pl.LightningModule, samples: AnalysisSamples) -> str | None:
+    def _non_finite(self, trainer: AnyTrainer, pl_module: AnyLightningModule, samples: AnalysisSamples) -> str | None:
         """Why the model cannot be analysed (non-finite weights or loss), the same on every rank."""
         # flags: weights not finite, loss NaN, loss infinite (summed over ranks)
         flags = torch.zeros(3, dtype=torch.float64, device=pl_module.device)
@@ -456,7 +470,7 @@ class EpochAnalysisCallback(Callback):
             return f"the loss on the {samples.num_global} analysis samples is {'nan' if flags[1] > 0 else 'inf'}"
         return None
 
-    def _log_metrics(self, trainer: pl.Trainer, metrics: dict[str, float]) -> None:
+    def _log_metrics(self, trainer: AnyTrainer, metrics: dict[str, float]) -> None:
         """Log ``metrics`` (names as :meth:`analyse` returns them) under :meth:`analysis_tag`;
         they become :attr:`last_metrics`."""
         tagger = self._tagger(trainer)
@@ -471,10 +485,14 @@ class EpochAnalysisCallback(Callback):
             for logger in trainer.loggers:
                 logger.log_metrics({k: float(v) for k, v in metrics.items()}, step=step)
 
-    def log_step(self, trainer: pl.Trainer) -> int:
+    def log_step(self, trainer: AnyTrainer) -> int:
         """The step results are logged at: ``trainer.global_step``, or under
         ``trainer.validate/test(ckpt_path=...)`` the global step the checkpoint was saved at (those
-        trainers start at step 0, which would put the analysis at the start of the training curve)."""
+        trainers start at step 0, which would put the analysis at the start of the training curve).
+
+        Returns:
+            The step; ``trainer.global_step`` also when the checkpoint cannot be read.
+        """
         ckpt_path = getattr(trainer, "ckpt_path", None)
         if trainer_fn(trainer) in ("validate", "test") and ckpt_path:
             if ckpt_path not in self._checkpoint_steps:
@@ -486,7 +504,7 @@ class EpochAnalysisCallback(Callback):
             return self._checkpoint_steps[ckpt_path]
         return trainer.global_step
 
-    def _split_for(self, trainer: pl.Trainer) -> Split:
+    def _split_for(self, trainer: AnyTrainer) -> Split:
         fn = trainer.state.fn
         if fn == TrainerFn.TESTING:
             return "test"
@@ -495,7 +513,7 @@ class EpochAnalysisCallback(Callback):
         return self.split
 
     @staticmethod
-    def _has_split(trainer: pl.Trainer, split: Split) -> bool:
+    def _has_split(trainer: AnyTrainer, split: Split) -> bool:
         # A datamodule set up for "validate" may not have built its training set.
         try:
             return split_dataloader(trainer, split) is not None
@@ -503,10 +521,10 @@ class EpochAnalysisCallback(Callback):
             return False
 
     @staticmethod
-    def _dataloader(trainer: pl.Trainer, pl_module: pl.LightningModule, split: Split) -> DataLoader | None:
+    def _dataloader(trainer: AnyTrainer, pl_module: AnyLightningModule, split: Split) -> DataLoader | None:
         return split_dataloader(trainer, split)
 
-    def _dataset_length(self, trainer: pl.Trainer, pl_module: pl.LightningModule, split: Split) -> int | None:
+    def _dataset_length(self, trainer: AnyTrainer, pl_module: AnyLightningModule, split: Split) -> int | None:
         try:
             loader = self._dataloader(trainer, pl_module, split)
         except Exception:  # the data may only be ready later in the run; checked again then
@@ -519,7 +537,7 @@ class EpochAnalysisCallback(Callback):
         except TypeError:
             return None
 
-    def _select_samples(self, trainer: pl.Trainer, pl_module: pl.LightningModule, split: Split) -> AnalysisSamples:
+    def _select_samples(self, trainer: AnyTrainer, pl_module: AnyLightningModule, split: Split) -> AnalysisSamples:
         loader = self._dataloader(trainer, pl_module, split)
         if loader is None:
             raise UserInputError(
@@ -608,7 +626,7 @@ def _destroy_process_group_at_exit() -> None:
 
 
 @contextlib.contextmanager
-def _rank_zero_buffers(trainer: pl.Trainer, pl_module: nn.Module) -> Iterator[None]:
+def _rank_zero_buffers(trainer: AnyTrainer, pl_module: nn.Module) -> Iterator[None]:
     """Under DDP, rank 0's buffers on every rank for the duration; each rank's own afterwards.
 
     DDP broadcasts buffers from rank 0 only at a forward through its wrapper, so after the last
@@ -632,7 +650,7 @@ def _rank_zero_buffers(trainer: pl.Trainer, pl_module: nn.Module) -> Iterator[No
         yield
     finally:
         with torch.no_grad():  # training goes on exactly as without the callback
-            for buffer, saved in zip(buffers, own):
+            for buffer, saved in zip(buffers, own, strict=True):
                 buffer.copy_(saved)
 
 
@@ -641,7 +659,9 @@ def _concatenate(batches: list[Any]) -> Any:
     if isinstance(first, Tensor):
         return torch.cat(batches)
     if isinstance(first, Mapping):
-        return type(first)({k: _concatenate([b[k] for b in batches]) for k in first})
+        # the batch's own mapping class (dict, OrderedDict, ...): Mapping itself takes no arguments
+        mapping_class: Callable[..., Any] = type(first)
+        return mapping_class({k: _concatenate([b[k] for b in batches]) for k in first})
     if isinstance(first, (list, tuple)):
         columns = [_concatenate([b[i] for b in batches]) for i in range(len(first))]
         return type(first)(*columns) if hasattr(first, "_fields") else type(first)(columns)

@@ -72,6 +72,9 @@ class TimeBudget:
 
         Every rank must call it at the same point (it all-reduces until the budget is spent;
         afterwards the answer is remembered and no collective runs). Always False without a budget.
+
+        Returns:
+            ``True`` once the budget is spent.
         """
         if self.seconds is None:
             return False
@@ -84,7 +87,11 @@ class TimeBudget:
 
     def local_remaining(self) -> float | None:
         """The seconds left for an engine call that watches the clock itself (Lanczos'
-        ``time_budget``): ``None`` without a budget, and under DDP (see the module docstring)."""
+        ``time_budget``): ``None`` without a budget, and under DDP (see the module docstring).
+
+        Returns:
+            The seconds left (0 when spent), or ``None``.
+        """
         if self.seconds is None or self.distributed:
             return None
         return max(self.seconds - self.elapsed(), 0.0)

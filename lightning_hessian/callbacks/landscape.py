@@ -19,10 +19,9 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Sequence
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
-import pytorch_lightning as pl
 from pytorch_lightning.trainer.states import TrainerFn
 from pytorch_lightning.utilities.rank_zero import rank_zero_warn
 from torch import Tensor
@@ -52,6 +51,9 @@ from lightning_hessian.landscape import (
     trainable_parameters,
 )
 from lightning_hessian.metrics import Split
+
+if TYPE_CHECKING:
+    from lightning_hessian.callbacks.packages import AnyLightningModule, AnyTrainer
 
 __all__ = ["LossLandscapeCallback"]
 
@@ -206,14 +208,14 @@ class LossLandscapeCallback(EpochAnalysisCallback):
                     f"LossLandscapeCallback: {name}={value} must be an odd number >= 3 so that t = 0 (the"
                     f" model itself) is a grid point; use {max(3, value + 1 - value % 2)}."
                 )
-        for name, value in (
+        for name, number in (
             ("curve_range", curve_range),
             ("surface_range", surface_range),
             ("sharpness_epsilon", sharpness_epsilon),
             ("eig_tol", eig_tol),
         ):
-            if not value > 0:
-                raise UserInputError(f"LossLandscapeCallback: {name}={value} must be > 0.")
+            if not number > 0:
+                raise UserInputError(f"LossLandscapeCallback: {name}={number} must be > 0.")
         if normalization not in _NORMALIZATIONS:
             raise UserInputError(
                 f"LossLandscapeCallback: normalization={normalization!r} is not one of {_NORMALIZATIONS}."
@@ -279,7 +281,7 @@ class LossLandscapeCallback(EpochAnalysisCallback):
         )
 
     @override
-    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+    def setup(self, trainer: AnyTrainer, pl_module: AnyLightningModule, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
         if not any(p.requires_grad for p in pl_module.parameters()):
             raise UserInputError(
@@ -294,14 +296,15 @@ class LossLandscapeCallback(EpochAnalysisCallback):
                     f" eigenvectors but the landscape uses {self.needed_eigenvectors}; they are computed again"
                     f" here. Set HessianSpectrumCallback(top_k={self.needed_eigenvectors}) to share them."
                 )
-            elif trainer.callbacks.index(spectrum) > own_index:
+            # Lightning sets Trainer.callbacks in its callback connector without declaring it on the Trainer
+            elif trainer.callbacks.index(spectrum) > own_index:  # type: ignore[union-attr]
                 rank_zero_warn(
                     "LossLandscapeCallback comes before HessianSpectrumCallback in the trainer's callbacks, so it"
                     " uses the eigenvectors of the spectrum's previous analysis. List the spectrum callback first."
                 )
 
     @override
-    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+    def on_train_end(self, trainer: AnyTrainer, pl_module: AnyLightningModule) -> None:
         if self.analyse_on_train_end and trainer.global_step > 0 and trainer.global_step != self._analysed_step:
             self._run(trainer, pl_module)
 
@@ -327,7 +330,7 @@ class LossLandscapeCallback(EpochAnalysisCallback):
     # the analysis
 
     @override
-    def analyse(self, trainer: pl.Trainer, pl_module: pl.LightningModule, samples: AnalysisSamples) -> dict[str, float]:
+    def analyse(self, trainer: AnyTrainer, pl_module: AnyLightningModule, samples: AnalysisSamples) -> dict[str, float]:
         budget = self.start_budget(trainer, pl_module)
         all_reduce = budget.all_reduce
         micro_batches = samples.micro_batches(self.analysis_batch_size)
@@ -404,9 +407,11 @@ class LossLandscapeCallback(EpochAnalysisCallback):
     # ----------------------------------------------------------------------------------------
     # internals
 
-    def _spectrum_callback(self, trainer: pl.Trainer) -> tuple[HessianSpectrumCallback | None, int]:
-        own_index = next((i for i, c in enumerate(trainer.callbacks) if c is self), len(trainer.callbacks))
-        for callback in trainer.callbacks:
+    def _spectrum_callback(self, trainer: AnyTrainer) -> tuple[HessianSpectrumCallback | None, int]:
+        # Lightning sets Trainer.callbacks in its callback connector without declaring it on the Trainer
+        callbacks: list[object] = trainer.callbacks  # type: ignore[union-attr]
+        own_index = next((i for i, c in enumerate(callbacks) if c is self), len(callbacks))
+        for callback in callbacks:
             if isinstance(callback, HessianSpectrumCallback):
                 return callback, own_index
         return None, own_index
@@ -419,7 +424,11 @@ class LossLandscapeCallback(EpochAnalysisCallback):
 
     def _out_of_time(self, budget: TimeBudget, what: str) -> bool:
         """Whether the budget is spent (on any rank: every rank takes the same decision), with a
-        warning naming what is skipped."""
+        warning naming what is skipped.
+
+        Returns:
+            ``True`` when ``what`` is to be skipped.
+        """
         if budget.spent():
             rank_zero_warn(
                 f"LossLandscapeCallback: time_budget={self.time_budget} s spent; skipping {what} and what follows."
@@ -428,7 +437,7 @@ class LossLandscapeCallback(EpochAnalysisCallback):
         return False
 
     def _directions(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, micro_batches: list[Any], all_reduce: Any
+        self, trainer: AnyTrainer, pl_module: AnyLightningModule, micro_batches: list[Any], all_reduce: Any
     ) -> tuple[dict[str, Direction], list[float | None]]:
         params = trainable_parameters(pl_module)
         wanted = {*self.curves, *(n for pair in self.surfaces for n in pair)}
@@ -471,7 +480,7 @@ class LossLandscapeCallback(EpochAnalysisCallback):
             )
         return directions, eigenvalues
 
-    def _shared_eigenvectors(self, trainer: pl.Trainer, params: dict[str, Tensor], k: int) -> list[Direction] | None:
+    def _shared_eigenvectors(self, trainer: AnyTrainer, params: dict[str, Tensor], k: int) -> list[Direction] | None:
         """The spectrum callback's last eigenvectors, on the parameters' device, if they fit."""
         spectrum, _ = self._spectrum_callback(trainer)
         vectors = None if spectrum is None else spectrum.eigenvectors
@@ -484,16 +493,18 @@ class LossLandscapeCallback(EpochAnalysisCallback):
             shared.append({n: vector[n].to(device=params[n].device, dtype=params[n].dtype) for n in params})
         return shared
 
-    def _file_stem(self, trainer: pl.Trainer) -> str:
+    def _file_stem(self, trainer: AnyTrainer) -> str:
         fn = trainer.state.fn
-        prefix = {TrainerFn.VALIDATING: "validate_", TrainerFn.TESTING: "test_"}.get(fn, "")
+        # keys by value: TrainerFn is a str enum, and the trainer may be of either Lightning package
+        prefixes: dict[str | None, str] = {TrainerFn.VALIDATING: "validate_", TrainerFn.TESTING: "test_"}
+        prefix = prefixes.get(fn, "")
         stem = f"{prefix}epoch_{trainer.current_epoch:03d}"
         if self.every_n_train_steps and fn == TrainerFn.FITTING:
             stem += f"_step_{trainer.global_step:07d}"
         return stem
 
     def _publish(
-        self, trainer: pl.Trainer, curves: list[LossCurve], surfaces: list[LossSurface], metrics: dict[str, float]
+        self, trainer: AnyTrainer, curves: list[LossCurve], surfaces: list[LossSurface], metrics: dict[str, float]
     ) -> None:
         label = f"epoch {trainer.current_epoch}, step {trainer.global_step}"
         if self.save_raw:

@@ -19,12 +19,26 @@ import importlib
 from collections.abc import Mapping
 from functools import cache
 from types import ModuleType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytorch_lightning as pl
 from lightning_utilities.core.overrides import is_overridden as _is_overridden
 
 from lightning_hessian.metrics import Split
+
+if TYPE_CHECKING:
+    from typing import TypeAlias
+
+    # The type checker sees both packages (the tests and the ``unified`` extra install both).
+    import lightning.pytorch as _unified
+    from pytorch_lightning.loggers import TensorBoardLogger
+
+    #: A ``Trainer`` of either package: what the callbacks' hooks receive.
+    AnyTrainer: TypeAlias = pl.Trainer | _unified.Trainer
+    #: A ``LightningModule`` of either package.
+    AnyLightningModule: TypeAlias = pl.LightningModule | _unified.LightningModule
+    #: A ``TensorBoardLogger`` of either package.
+    AnyTensorBoardLogger: TypeAlias = TensorBoardLogger | _unified.loggers.TensorBoardLogger
 
 __all__ = [
     "Callback",
@@ -48,22 +62,27 @@ def lightning_packages() -> tuple[ModuleType, ...]:
     return tuple(packages)
 
 
-try:
+if TYPE_CHECKING:
     from lightning.pytorch import Callback as _UnifiedCallback
-except ImportError:  # only pytorch_lightning is installed
-    _UnifiedCallback = None
+else:
+    try:
+        from lightning.pytorch import Callback as _UnifiedCallback
+    except ImportError:  # only pytorch_lightning is installed
+        _UnifiedCallback = None
 
-if _UnifiedCallback is not None:
-
-    class Callback(pl.Callback, _UnifiedCallback):
+# (the type checker, which sees both packages, takes the first branch only)
+if TYPE_CHECKING or _UnifiedCallback is not None:
+    # Each base's hooks take its own package's Trainer and LightningModule, so the type checker finds the
+    # two bases' hook signatures incompatible; the subclasses' hooks take either (AnyTrainer, AnyLightningModule).
+    class Callback(pl.Callback, _UnifiedCallback):  # type: ignore[misc]
         """A Lightning ``Callback`` of both packages (see the module docstring)."""
 
 else:
-    Callback = pl.Callback  # type: ignore[misc,assignment]
+    Callback = pl.Callback
 
 
 @cache
-def tensorboard_logger_types() -> tuple[type, ...]:
+def tensorboard_logger_types() -> tuple[type[AnyTensorBoardLogger], ...]:
     """``TensorBoardLogger`` of every installed Lightning package."""
     return tuple(package.loggers.TensorBoardLogger for package in lightning_packages())
 
@@ -78,7 +97,12 @@ def _lightning_base(instance: object) -> type | None:
 
 def is_overridden(method_name: str, instance: object | None) -> bool:
     """Whether ``instance`` (a LightningModule, LightningDataModule or Callback of either
-    package) overrides ``method_name`` of its Lightning base class."""
+    package) overrides ``method_name`` of its Lightning base class.
+
+    Returns:
+        ``True`` when it does; for an object of no Lightning base, whether it has a callable
+        ``method_name``; ``False`` for ``None``.
+    """
     if instance is None:
         return False
     base = _lightning_base(instance)
@@ -89,7 +113,11 @@ def is_overridden(method_name: str, instance: object | None) -> bool:
 
 def _first_loader(loaders: Any) -> Any:
     """The first DataLoader of what a ``*_dataloader`` hook may return: a loader, a list/tuple or
-    dict of loaders, or a ``CombinedLoader`` (of either package) of those."""
+    dict of loaders, or a ``CombinedLoader`` (of either package) of those.
+
+    Returns:
+        The first loader; ``None`` for ``None`` or an empty collection.
+    """
     if type(loaders).__name__ == "CombinedLoader":
         loaders = loaders.iterables
     if isinstance(loaders, Mapping):
@@ -103,14 +131,22 @@ def _first_loader(loaders: Any) -> Any:
 
 def trainer_fn(trainer: Any) -> str:
     """What the trainer is running: ``"fit"``, ``"validate"``, ``"test"`` or ``"predict"``
-    (``TrainerFn``'s value; ``str()`` of the enum is its name on Python 3.11)."""
+    (``TrainerFn``'s value; ``str()`` of the enum is its name on Python 3.11).
+
+    Returns:
+        The value of ``trainer.state.fn`` as a string (``"None"`` before the trainer runs).
+    """
     fn = trainer.state.fn
     return str(getattr(fn, "value", fn))
 
 
 def _data_source(trainer: Any, split: Split) -> Any | None:
     """Lightning's record of where ``split``'s loaders come from (a module, a datamodule or the
-    loaders given to ``fit``/``validate``/``test``), set before any ``setup`` hook runs."""
+    loaders given to ``fit``/``validate``/``test``), set before any ``setup`` hook runs.
+
+    Returns:
+        The loop's ``_data_source``; ``None`` when the loop has none.
+    """
     fn = trainer_fn(trainer)
     if split == "train":
         loop = trainer.fit_loop
@@ -129,6 +165,10 @@ def split_dataloader(trainer: Any, split: Split) -> Any | None:
     right now: the ``*_dataloader`` hook of the datamodule or module, or the loaders passed to
     ``trainer.fit``/``validate``/``test`` (attached to the trainer only when the loop sets up
     its data, after ``on_fit_start``).
+
+    Returns:
+        The loader; ``None`` when the split has no data, or its datamodule or module does not
+        define the split's ``*_dataloader`` hook.
     """
     attached = {"train": "train_dataloader", "val": "val_dataloaders", "test": "test_dataloaders"}[split]
     fn = trainer_fn(trainer)

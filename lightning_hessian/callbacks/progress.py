@@ -55,7 +55,11 @@ class AnalysisProgress:
 
     def lanczos_callback(self, which: str) -> Callable[[LanczosProgress], None]:
         """A ``callback`` for :func:`~lightning_hessian.curvature.top_eigenvalues`: reports the
-        converged count and the leading Ritz values after each Lanczos step."""
+        converged count and the leading Ritz values after each Lanczos step.
+
+        Returns:
+            The callback, reporting under the label ``which``.
+        """
 
         def on_step(state: LanczosProgress) -> None:
             values = ", ".join(f"{float(v):.4g}" for v in state.eigenvalues[:3])

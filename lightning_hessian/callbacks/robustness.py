@@ -17,9 +17,8 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import pytorch_lightning as pl
 import torch
 from pytorch_lightning.utilities.rank_zero import rank_zero_warn
 from torch import Tensor
@@ -34,6 +33,9 @@ from lightning_hessian.callbacks.base import AnalysisSamples, EpochAnalysisCallb
 from lightning_hessian.curvature.context import analysis_mode
 from lightning_hessian.errors import UserInputError
 from lightning_hessian.metrics import Split
+
+if TYPE_CHECKING:
+    from lightning_hessian.callbacks.packages import AnyLightningModule, AnyTrainer
 
 __all__ = ["AdversarialRobustnessCallback", "default_attacks"]
 
@@ -112,7 +114,7 @@ class AdversarialRobustnessCallback(EpochAnalysisCallback):
                      AttackSpec("l2_deepfool", epsilons=[0.25, 0.5])],
             num_samples=1000,
         )
-        trainer = pl.Trainer(callbacks=[callback])
+        trainer = AnyTrainer(callbacks=[callback])
     """
 
     def __init__(
@@ -183,7 +185,7 @@ class AdversarialRobustnessCallback(EpochAnalysisCallback):
             f"attacks must be AttackSpec objects or dicts of their fields, got {type(attack).__name__}"
         )
 
-    def _attacked(self, pl_module: pl.LightningModule, inputs: Tensor) -> tuple[torch.nn.Module, Tensor]:
+    def _attacked(self, pl_module: AnyLightningModule, inputs: Tensor) -> tuple[torch.nn.Module, Tensor]:
         """The model with a pixel-space input, and ``inputs`` in pixel space."""
         if self.mean is None or self.std is None:
             return pl_module, inputs
@@ -193,7 +195,7 @@ class AdversarialRobustnessCallback(EpochAnalysisCallback):
     # checks before the first attack
 
     @override
-    def check_samples(self, trainer: pl.Trainer, pl_module: pl.LightningModule, samples: AnalysisSamples) -> None:
+    def check_samples(self, trainer: AnyTrainer, pl_module: AnyLightningModule, samples: AnalysisSamples) -> None:
         """Inputs within ``bounds``, epsilons that fit the inputs, logits for CW: checked on the
         samples before training/evaluation starts."""
         model, inputs = self._attacked(pl_module, samples.inputs_and_targets(pl_module, type(self).__name__)[0])
@@ -217,7 +219,7 @@ class AdversarialRobustnessCallback(EpochAnalysisCallback):
         return metrics
 
     @override
-    def analyse(self, trainer: pl.Trainer, pl_module: pl.LightningModule, samples: AnalysisSamples) -> dict[str, float]:
+    def analyse(self, trainer: AnyTrainer, pl_module: AnyLightningModule, samples: AnalysisSamples) -> dict[str, float]:
         budget = self.start_budget(trainer, pl_module)
         reduce = budget.all_reduce
         inputs, targets = samples.inputs_and_targets(pl_module, type(self).__name__)
@@ -269,7 +271,7 @@ class AdversarialRobustnessCallback(EpochAnalysisCallback):
             accuracies = (flat[offset : offset + len(spec.epsilons)] / total).tolist()
             offset += len(spec.epsilons)
             curves[spec.name] = accuracies
-            for epsilon, accuracy in zip(spec.epsilons, accuracies):
+            for epsilon, accuracy in zip(spec.epsilons, accuracies, strict=True):
                 metrics[tags.robust_accuracy_tag(spec.name, epsilon)] = accuracy
             if spec.name in norms:
                 metrics[tags.median_norm_tag(spec.name)] = norms[spec.name].median().item()
@@ -280,7 +282,7 @@ class AdversarialRobustnessCallback(EpochAnalysisCallback):
         return metrics
 
     @staticmethod
-    def _gather(trainer: pl.Trainer, local: Tensor, reduce: Any) -> Tensor:
+    def _gather(trainer: AnyTrainer, local: Tensor, reduce: Any) -> Tensor:
         """All ranks' values of ``local`` in one ``(num_global,)`` tensor, by summing placed copies."""
         if reduce is None:
             return local.double()
@@ -292,7 +294,7 @@ class AdversarialRobustnessCallback(EpochAnalysisCallback):
         placed[offset : offset + local.numel()] = local.double()
         return reduce(placed)
 
-    def _log_curve(self, trainer: pl.Trainer, spec: AttackSpec, accuracies: list[float], clean_acc: float) -> None:
+    def _log_curve(self, trainer: AnyTrainer, spec: AttackSpec, accuracies: list[float], clean_acc: float) -> None:
         if not trainer.loggers:
             return
         import matplotlib.pyplot as plt

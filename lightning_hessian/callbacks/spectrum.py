@@ -24,9 +24,8 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import pytorch_lightning as pl
 import torch
 from pytorch_lightning.utilities.rank_zero import rank_zero_warn
 from torch import Tensor
@@ -50,6 +49,9 @@ from lightning_hessian.curvature import EigenResult, HessianOperator, hessian_tr
 from lightning_hessian.density_histogram import density_histogram
 from lightning_hessian.errors import UserInputError
 from lightning_hessian.metrics import Split
+
+if TYPE_CHECKING:
+    from lightning_hessian.callbacks.packages import AnyLightningModule, AnyTrainer
 
 __all__ = ["BACKENDS", "QUANTITIES", "HessianSpectrumCallback", "density_histogram"]
 
@@ -337,7 +339,7 @@ class HessianSpectrumCallback(EpochAnalysisCallback):
             names += [tags.INPUT_EIG_1, tags.INPUT_GRAD_NORM]
         for layer in self._layer_params:
             names += [tags.layer_eigenvalue_tag(layer, i) for i in range(1, self.layer_top_k + 1)]
-        return names + [tags.HVPS, tags.HESSIAN_SECONDS, tags.CONVERGED, tags.BUDGET_EXHAUSTED]
+        return [*names, tags.HVPS, tags.HESSIAN_SECONDS, tags.CONVERGED, tags.BUDGET_EXHAUSTED]
 
     # ----------------------------------------------------------------------------------------
     # Lightning hooks
@@ -347,7 +349,7 @@ class HessianSpectrumCallback(EpochAnalysisCallback):
         return dict.fromkeys(self.metric_names, math.nan)
 
     @override
-    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+    def setup(self, trainer: AnyTrainer, pl_module: AnyLightningModule, stage: str) -> None:
         super().setup(trainer, pl_module, stage)  # options, num_samples vs split, *-true precision
         trainable = [(n, p) for n, p in pl_module.named_parameters() if p.requires_grad]
         if not trainable:
@@ -376,32 +378,32 @@ class HessianSpectrumCallback(EpochAnalysisCallback):
             self._layer_params = select_layers(pl_module, self.layers)
 
     @override
-    def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+    def on_validation_start(self, trainer: AnyTrainer, pl_module: AnyLightningModule) -> None:
         if "validate" in self.evaluation_stages:
             super().on_validation_start(trainer, pl_module)
 
     @override
-    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+    def on_validation_epoch_end(self, trainer: AnyTrainer, pl_module: AnyLightningModule) -> None:
         if "validate" in self.evaluation_stages:
             super().on_validation_epoch_end(trainer, pl_module)
 
     @override
-    def on_test_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+    def on_test_start(self, trainer: AnyTrainer, pl_module: AnyLightningModule) -> None:
         if "test" in self.evaluation_stages:
             super().on_test_start(trainer, pl_module)
 
     @override
-    def on_test_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+    def on_test_epoch_end(self, trainer: AnyTrainer, pl_module: AnyLightningModule) -> None:
         if "test" in self.evaluation_stages:
             super().on_test_epoch_end(trainer, pl_module)
 
     @override
-    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+    def on_train_end(self, trainer: AnyTrainer, pl_module: AnyLightningModule) -> None:
         if self.analyse_on_train_end and trainer.global_step > 0 and trainer.global_step != self._analysed_step:
             self._run(trainer, pl_module)
 
     @override
-    def analyse(self, trainer: pl.Trainer, pl_module: pl.LightningModule, samples: AnalysisSamples) -> dict[str, float]:
+    def analyse(self, trainer: AnyTrainer, pl_module: AnyLightningModule, samples: AnalysisSamples) -> dict[str, float]:
         budget = self.start_budget(trainer, pl_module)
         progress = AnalysisProgress(
             self.progress_interval, f"HessianSpectrumCallback epoch {trainer.current_epoch}", budget.start
@@ -576,7 +578,7 @@ class HessianSpectrumCallback(EpochAnalysisCallback):
             backend=self.backend,
         )
 
-    def _log_layout(self, trainer: pl.Trainer) -> None:
+    def _log_layout(self, trainer: AnyTrainer) -> None:
         """Once per TensorBoard writer: a custom-scalars layout grouping the eigenvalue curves."""
         writer = self.tensorboard(trainer)
         if writer is None or id(writer) in self._layout_writers:

@@ -2,10 +2,12 @@
 
 One function per kind of engine call, each on the callback's fixed analysis sample:
 
-* :func:`sample_operator`: the Hessian of the module's loss (:func:`~lightning_hessian.curvature.objective.batch_loss`)
-  over the sample, optionally restricted to some parameters (per-layer spectra);
-* :func:`budgeted_top_eigenvalues`: Lanczos within the analysis' :class:`~lightning_hessian.callbacks.budget.TimeBudget`,
-  warm-started when the previous eigenvectors still fit;
+* :func:`sample_operator`: the Hessian of the module's loss
+  (:func:`~lightning_hessian.curvature.objective.batch_loss`) over the sample, optionally restricted to
+  some parameters (per-layer spectra);
+* :func:`budgeted_top_eigenvalues`: Lanczos within the analysis'
+  :class:`~lightning_hessian.callbacks.budget.TimeBudget`, warm-started when the previous eigenvectors
+  still fit;
 * :func:`stability_metrics`: the optimizer's stability ratio (:mod:`lightning_hessian.callbacks.stability`);
 * :func:`input_hessian_means`: the input-space quantities, averaged over all ranks' samples;
 * :func:`select_layers`: which parameters a ``layers`` pattern selects.
@@ -15,9 +17,8 @@ from __future__ import annotations
 
 import fnmatch
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import pytorch_lightning as pl
 import torch
 from torch import Tensor, nn
 
@@ -31,6 +32,9 @@ from lightning_hessian.curvature import EigenResult, HessianOperator, input_curv
 from lightning_hessian.curvature.objective import BatchLoss, batch_loss, has_custom_loss, replace_inputs
 from lightning_hessian.curvature.preconditioned import DiagonallyScaledOperator
 from lightning_hessian.errors import UserInputError
+
+if TYPE_CHECKING:
+    from lightning_hessian.callbacks.packages import AnyLightningModule, AnyTrainer
 
 __all__ = [
     "budgeted_top_eigenvalues",
@@ -61,6 +65,9 @@ def sample_operator(
         all_reduce: sums a tensor over the processes (``None``: one process).
         param_names: restrict the Hessian to these parameters (a diagonal block); ``None``: all
             trainable parameters.
+
+    Returns:
+        The operator (nothing is computed yet).
     """
     selected = None if param_names is None else set(param_names)
     return HessianOperator(
@@ -131,8 +138,8 @@ def budgeted_top_eigenvalues(
 
 
 def stability_metrics(
-    trainer: pl.Trainer,
-    pl_module: pl.LightningModule,
+    trainer: AnyTrainer,
+    pl_module: AnyLightningModule,
     operator: HessianOperator,
     top_eigenvalue: float,
     lanczos: Callable[[HessianOperator], EigenResult],
@@ -149,6 +156,10 @@ def stability_metrics(
         operator: the Hessian.
         top_eigenvalue: its top eigenvalue.
         lanczos: computes the top eigenpair of an operator (the callback's budgeted Lanczos).
+
+    Returns:
+        ``(metrics, hvps)``: the metrics (empty when there are none) and the Hessian-vector
+        products spent on them.
     """
     if trainer_fn(trainer) != "fit" or not trainer.optimizers:
         return {}, 0
@@ -168,7 +179,7 @@ def stability_metrics(
 
 
 def input_hessian_means(
-    pl_module: pl.LightningModule,
+    pl_module: AnyLightningModule,
     samples: AnalysisSamples,
     all_reduce: Callable[[Tensor], Tensor] | None,
     *,
@@ -216,6 +227,9 @@ def select_layers(model: nn.Module, patterns: Sequence[str]) -> dict[str, list[s
         model: the module whose submodules are matched (by their ``named_modules`` names).
         patterns: module names or ``fnmatch`` patterns (``"layer1.*"``).
 
+    Returns:
+        The matched modules' names, each with its trainable parameters' full names.
+
     Raises:
         UserInputError: a pattern matches no module; the message lists the module names that
             have trainable parameters.
@@ -242,10 +256,14 @@ def select_layers(model: nn.Module, patterns: Sequence[str]) -> dict[str, list[s
 
 def warm_start(vectors: list[Eigenvector] | None, operator: HessianOperator) -> list[Eigenvector] | None:
     """The last analysis's eigenvectors as a Lanczos start, or ``None`` when there are none or they
-    do not fit the operator (the set of trainable parameters or their shapes changed: start cold)."""
+    do not fit the operator (the set of trainable parameters or their shapes changed: start cold).
+
+    Returns:
+        ``vectors`` itself, or ``None``.
+    """
     if not vectors:
         return None
-    shapes = dict(zip(operator.param_names, operator.param_shapes))
+    shapes = dict(zip(operator.param_names, operator.param_shapes, strict=True))
     for vector in vectors:
         if set(vector) != set(shapes) or any(vector[n].shape != shapes[n] for n in shapes):
             return None

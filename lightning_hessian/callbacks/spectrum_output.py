@@ -13,7 +13,6 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-import pytorch_lightning as pl
 import torch
 from torch import Tensor
 
@@ -25,12 +24,14 @@ from lightning_hessian.density_histogram import density_histogram
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
+    from lightning_hessian.callbacks.packages import AnyTrainer
+
 __all__ = ["density_figure", "log_density", "spectrum_layout"]
 
 
 def log_density(
     callback: EpochAnalysisCallback,
-    trainer: pl.Trainer,
+    trainer: AnyTrainer,
     density: DensityResult,
     num_params: int,
     top_values: list[float],
@@ -68,6 +69,9 @@ def density_figure(grid: Tensor, density: Tensor, top_values: list[float], epoch
         density: density on ``grid`` (clamped at 1e-8 for the log scale).
         top_values: drawn as dotted vertical lines.
         epoch: for the title.
+
+    Returns:
+        The figure.
     """
     from matplotlib.figure import Figure
 
@@ -90,6 +94,9 @@ def spectrum_layout(quantities: tuple[str, ...], per_layer: bool) -> dict[str, d
     Args:
         quantities: the callback's quantities (which charts there are).
         per_layer: whether per-layer spectra are logged.
+
+    Returns:
+        The layout: one category, ``"hessian spectrum"``, of multiline charts by title.
     """
     charts: dict[str, list[Any]] = {}
     if "eigenvalues" in quantities or "smallest_eigenvalue" in quantities:

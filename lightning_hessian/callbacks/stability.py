@@ -45,7 +45,12 @@ class StabilityLimit:
 
 def _group_of(optimizer: torch.optim.Optimizer, params: Sequence[nn.Parameter]) -> dict[str, Any] | None:
     """The one param group holding all ``params`` (``None`` if they are spread over groups with
-    different step settings: the limit is then not a single number)."""
+    different step settings: the limit is then not a single number).
+
+    Returns:
+        The first group holding any of ``params`` (all those groups have the same step settings),
+        or ``None``.
+    """
     wanted = {id(p) for p in params}
     groups = [g for g in optimizer.param_groups if wanted & {id(p) for p in g["params"]}]
     keys = ("lr", "momentum", "nesterov", "dampening", "betas", "eps")
@@ -59,6 +64,9 @@ def stability_limit(optimizer: torch.optim.Optimizer, params: Sequence[nn.Parame
     Known: ``torch.optim.SGD`` (any momentum, dampening 0) and ``Adam``/``AdamW`` (after their
     first step, without ``amsgrad``). Other optimizers (LARS, LAMB, ...) adapt the step per layer
     in ways the quadratic model does not cover: ``None``.
+
+    Returns:
+        The limit (for Adam with its preconditioner), or ``None``.
     """
     group = _group_of(optimizer, params)
     if group is None:

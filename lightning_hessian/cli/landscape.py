@@ -87,6 +87,14 @@ def load_state_dict(path: str | Path, *, trust: bool = False) -> dict[str, Tenso
         path: the ``.ckpt``/``.pt`` file.
         trust: allow full unpickling (``weights_only=False``) when the safe loader refuses the
             file; only for files from a trusted source, since unpickling can run code.
+
+    Returns:
+        The state dict's tensor entries (other entries are left out), on the CPU.
+
+    Raises:
+        CheckpointError: the file does not exist, cannot be read (corrupt, not a torch file, or
+            refused by the safe loader without ``trust``), or holds neither a Lightning checkpoint
+            nor a state dict of tensors.
     """
     path = Path(path)
     if not path.is_file():
@@ -120,6 +128,10 @@ def select_samples(datamodule: Any, split: Split, num_samples: int | None, seed:
 
     Uses the data module's ``<split>_dataset`` (unaugmented tensors) when it has one, else
     collects batches from its ``<split>_dataloader()``.
+
+    Returns:
+        ``(x, y)``, the inputs and their labels: all of the split when ``num_samples`` is ``None``,
+        else at most ``num_samples`` of them.
     """
     dataset = getattr(datamodule, f"{split}_dataset", None)
     if dataset is not None and hasattr(dataset, "__len__"):
@@ -231,7 +243,7 @@ def _device(name: str) -> torch.device:
 
 
 def _split_batches(
-    datamodule: Any, splits: Sequence[str], num_samples: int, seed: int, batch_size: int, device: torch.device
+    datamodule: Any, splits: Sequence[Split], num_samples: int, seed: int, batch_size: int, device: torch.device
 ) -> dict[str, list[tuple[Tensor, Tensor]]]:
     """Each split's seeded samples (:func:`select_samples`), cut into micro-batches on ``device``."""
     datamodule.prepare_data()
@@ -239,7 +251,7 @@ def _split_batches(
     if "test" in splits:
         datamodule.setup("test")
     count = None if num_samples == 0 else num_samples
-    data = {}
+    data: dict[str, list[tuple[Tensor, Tensor]]] = {}
     for split in splits:
         x, y = select_samples(datamodule, split, count, seed)
         data[split] = [
@@ -312,13 +324,17 @@ def interpolate(args: argparse.Namespace, overrides: Sequence[str]) -> Interpola
     }
     (out / "interpolation.json").write_text(json.dumps(summary, indent=2))
     print(
-        f"hessian-landscape: {len(alphas)} alphas x {list(data)} in {seconds:.2f} s -> {out}/interpolation.{{png,csv,json}}"
+        f"hessian-landscape: {len(alphas)} alphas x {list(data)} in {seconds:.2f} s"
+        f" -> {out}/interpolation.{{png,csv,json}}"
     )
     return result
 
 
 def surface(args: argparse.Namespace, overrides: Sequence[str]) -> dict[str, LossSurface]:
     """Run the ``surface`` command; returns the surface of each split (also written to ``--output-dir``).
+
+    A checkpoint that cannot be read raises :class:`CheckpointError` (from :func:`load_state_dict`),
+    one that does not fit the config's model :class:`~lightning_hessian.landscape.StateMismatchError`.
 
     Args:
         args: the parsed ``surface`` options.
@@ -330,8 +346,6 @@ def surface(args: argparse.Namespace, overrides: Sequence[str]) -> dict[str, Los
     Raises:
         UserInputError: a bad option (an even number of points, a non-positive range, an unknown
             direction).
-        CheckpointError: the checkpoint cannot be read.
-        StateMismatchError: the checkpoint does not fit the config's model.
     """
     first, second = args.directions
     for name in (first, second):
@@ -405,7 +419,8 @@ def surface(args: argparse.Namespace, overrides: Sequence[str]) -> dict[str, Los
     }  # fmt: skip
     (out / "surface.json").write_text(json.dumps(summary, indent=2))
     print(
-        f"hessian-landscape: {args.points}x{args.points} surface x {list(data)} in {seconds:.2f} s -> {out}/surface_*.{{npz,png}}"
+        f"hessian-landscape: {args.points}x{args.points} surface x {list(data)} in {seconds:.2f} s"
+        f" -> {out}/surface_*.{{npz,png}}"
     )
     return surfaces
 

@@ -50,8 +50,12 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``hessian-report`` console script: 0, or 2 with one line
-    ``hessian-report: error: ...`` for bad input (a missing path, no runs)."""
+    """Entry point of the ``hessian-report`` console script.
+
+    Returns:
+        The exit status: 0, or 2 with one line ``hessian-report: error: ...`` for bad input (a
+        missing path, no runs).
+    """
     return run_console_script("hessian-report", lambda: _main(sys.argv[1:] if argv is None else argv))
 
 
@@ -72,12 +76,17 @@ def _main(argv: Sequence[str]) -> int:
         finally:
             for warning in caught:  # the damaged event files, one line each; other warnings as usual
                 if issubclass(warning.category, DamagedEventFileWarning):
-                    print(f"hessian-report: warning: {format_user_error(warning.message)}", file=sys.stderr)
+                    # a recorded message is the Warning instance (warnings.warn makes one of a str)
+                    message = warning.message
+                    if not isinstance(message, Warning):
+                        message = warning.category(message)
+                    print(f"hessian-report: warning: {format_user_error(message)}", file=sys.stderr)
                 else:
                     warnings.showwarning(warning.message, warning.category, warning.filename, warning.lineno)
     out = Path(arguments.out)
     print(
-        f"Read {len(content.runs)} runs ({len(content.skipped)} skipped); wrote {out / 'report.md'}, {out / 'report.html'}"
+        f"Read {len(content.runs)} runs ({len(content.skipped)} skipped);"
+        f" wrote {out / 'report.md'}, {out / 'report.html'}"
     )
     if content.claims:
         verdicts = Counter(claim.verdict for claim in content.claims)

@@ -78,8 +78,13 @@ def settings_from_args(argv: Sequence[str]) -> tuple[SweepSettings, argparse.Nam
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``hessian-sweep`` console script; exit status 1 if any run failed or was
-    refused (its directory in use), 2 for bad arguments (one line ``hessian-sweep: error: ...``)."""
+    """Entry point of the ``hessian-sweep`` console script.
+
+    Returns:
+        The exit status: 0 when every run finished (or had finished before), 1 if any run
+        failed or was refused (its directory in use), 2 for bad arguments (one line
+        ``hessian-sweep: error: ...``), 130 when interrupted (Ctrl-C, SIGTERM).
+    """
     return run_console_script("hessian-sweep", lambda: _main(sys.argv[1:] if argv is None else argv))
 
 

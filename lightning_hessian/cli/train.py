@@ -170,7 +170,12 @@ class HessianCLI(LightningCLI):
     @override
     def before_instantiate_classes(self) -> None:
         """``--ckpt_path last``: the newest run's last checkpoint, or an error if there is none;
-        ``fit`` then logs into that run's version directory."""
+        ``fit`` then logs into that run's version directory.
+
+        Raises:
+            InputNotFoundError: ``--ckpt_path last`` and there is no last checkpoint where the
+                config's ``ModelCheckpoint`` or logger would have put it.
+        """
         self._resume_checkpoint: Path | None = None
         config = self.config.get(self.subcommand) if self.subcommand else None
         if config is None or config.get("ckpt_path") != "last":
@@ -214,8 +219,11 @@ class HessianCLI(LightningCLI):
 
 
 def _first_logger(trainer_config: Any) -> Any | None:
-    """The first logger's ``{class_path, init_args}`` in a parsed trainer config (``None``: no
-    logger given as a class, e.g. ``logger: false``)."""
+    """The first logger's ``{class_path, init_args}`` in a parsed trainer config.
+
+    Returns:
+        The logger's config, or ``None`` when no logger is given as a class (e.g. ``logger: false``).
+    """
     logger = trainer_config.get("logger") if trainer_config is not None else None
     if isinstance(logger, list):
         logger = logger[0] if logger else None
@@ -233,9 +241,14 @@ def _class_of(class_path: str) -> type | None:
 
 
 def _find_last_checkpoint(trainer_config: Any) -> tuple[Path | None, int | str | None, str]:
-    """``(checkpoint, logger version, where it was looked for)`` for ``--ckpt_path last``, found
-    where the config's ``ModelCheckpoint`` and logger put checkpoints (``save_dir/name/version_<n>/
-    checkpoints``, a ``ModelCheckpoint``'s ``dirpath``, or ``default_root_dir/checkpoints``)."""
+    """The last checkpoint for ``--ckpt_path last``, found where the config's ``ModelCheckpoint``
+    and logger put checkpoints (``save_dir/name/version_<n>/checkpoints``, a ``ModelCheckpoint``'s
+    ``dirpath``, or ``default_root_dir/checkpoints``).
+
+    Returns:
+        ``(checkpoint, logger version, where it was looked for)``; the checkpoint is ``None`` when
+        there is none, the version when it is not known.
+    """
     callbacks = trainer_config.get("callbacks") or []
     for callback in callbacks if isinstance(callbacks, list) else [callbacks]:
         cls = _class_of(callback.get("class_path", "")) if hasattr(callback, "get") else None
@@ -298,6 +311,10 @@ def main(args: list[str] | None = None) -> None:
 
     Errors in the user's input end it with one line ``hessian-train: error: ...`` on standard error
     and ``SystemExit(2)``, as parse errors do; anything else keeps its traceback.
+
+    Raises:
+        SystemExit: with status 2, after an error in the user's input (LightningCLI's own parse
+            errors also end in ``SystemExit``).
     """
 
     def run() -> int:

@@ -23,7 +23,8 @@ def map_tensors(batch: Any, fn: Callable[[Tensor], Tensor]) -> Any:
     if isinstance(batch, Tensor):
         return fn(batch)
     if isinstance(batch, Mapping):
-        return type(batch)((key, map_tensors(value, fn)) for key, value in batch.items())
+        mapping_type: Callable[..., Any] = type(batch)  # dict, OrderedDict, ...: built from (key, value) pairs
+        return mapping_type((key, map_tensors(value, fn)) for key, value in batch.items())
     if isinstance(batch, tuple) and hasattr(batch, "_fields"):  # namedtuple
         return type(batch)(*(map_tensors(value, fn) for value in batch))
     if isinstance(batch, (list, tuple)):
@@ -38,6 +39,9 @@ def slice_batch(batch: Any, start: int, stop: int) -> Any:
 
 def batch_size(batch: Any) -> int:
     """The number of samples in ``batch``: dim 0 of its first tensor.
+
+    Returns:
+        The size of dim 0 of the first tensor found (depth first, in order).
 
     Raises:
         TypeError: if the batch holds no tensor.

@@ -47,6 +47,9 @@ class ModelStateSnapshot:
             tensors: also clone every parameter and buffer, for analyses that write into them
                 (loss-landscape evaluation, interpolation). Costs one copy of the model.
             rng: save the CPU and CUDA random number generator states.
+
+        Returns:
+            The snapshot; :meth:`restore` puts it back.
         """
         params = list(model.parameters())
         snapshot = cls(
@@ -91,6 +94,9 @@ def preserved_state(model: nn.Module, *, tensors: bool = False, rng: bool = True
         model: the module whose state is saved and restored.
         tensors: also restore parameter and buffer values (set when the body writes into them).
         rng: also restore the CPU and CUDA generator states.
+
+    Yields:
+        The :class:`ModelStateSnapshot` taken on entry (restored on exit).
     """
     snapshot = ModelStateSnapshot.capture(model, tensors=tensors, rng=rng)
     try:
@@ -154,6 +160,9 @@ def analysis_mode(
         eval_mode: put ``model`` in eval mode inside (restored on exit).
         tensors: snapshot and restore parameter and buffer values.
         rng: snapshot and restore the RNG states.
+
+    Yields:
+        The :class:`ModelStateSnapshot` taken on entry (restored on exit).
     """
     with contextlib.ExitStack() as stack:
         snapshot = stack.enter_context(preserved_state(model, tensors=tensors, rng=rng))

@@ -99,9 +99,13 @@ def _sum_loss(
     model: nn.Module, loss_fn: LossFunction | None, batch_loss: BatchLoss | None, dtype: torch.dtype
 ) -> Callable[[Tensor, Any], Tensor]:
     """``(x, y) -> sum of per-sample losses`` through ``functional_call`` with detached weights."""
-    if loss_fn is None and batch_loss is None:
+    if batch_loss is not None:
+        loss_of_batch = batch_loss
+    elif loss_fn is not None:
+        loss_of_batch = loss_of_outputs(loss_fn)
+    else:
         raise ValueError("Pass `loss_fn(output, y)` or `batch_loss(module, batch)`.")
-    wrapper = BatchLossModule(model, batch_loss or loss_of_outputs(loss_fn))  # type: ignore[arg-type]
+    wrapper = BatchLossModule(model, loss_of_batch)
     tensors = {}
     for name, tensor in (*model.named_parameters(), *model.named_buffers()):
         tensor = tensor.detach()
@@ -140,6 +144,9 @@ def input_gradient_norms(
     """Per-sample :math:`\\lVert \\nabla_x J(x_i, y_i) \\rVert_2`, shape (n,), float64 on the CPU.
 
     Runs in eval mode with every touched state restored.
+
+    Returns:
+        (n,) float64 gradient norms on the CPU, one per sample of ``x``.
     """
     dtype, device = _model_dtype_device(model, x, dtype)
     norms = []
@@ -199,7 +206,12 @@ def _input_lanczos(
                 grad_norms.append(torch.linalg.vector_norm(grad.detach().flatten(1).double(), dim=1).cpu())
 
             def apply(
-                vectors: Tensor, rows: Tensor, grad: Tensor = grad, xs: Tensor = xs, count: int = count
+                vectors: Tensor,
+                rows: Tensor,
+                grad: Tensor = grad,
+                xs: Tensor = xs,
+                count: int = count,
+                shape: torch.Size = shape,
             ) -> Tensor:
                 full = torch.zeros(count, vectors.shape[1], dtype=dtype, device=device)
                 full[rows] = vectors.to(dtype)
@@ -255,6 +267,14 @@ def input_hessian_eigenvalues(
         max_steps: Lanczos steps at most (capped at the input dimension).
         seed: start-vector seed (private generator).
         dtype: analysis precision (default the parameters' dtype); float64 for checks.
+
+    Returns:
+        An :class:`InputHessianResult` with one entry per sample of ``x`` (CPU tensors).
+
+    Raises:
+        ValueError: if ``which`` is not ``"largest"`` or ``"smallest"``, if ``tol``,
+            ``max_steps`` or ``batch_size`` is not positive, or if neither ``loss_fn`` nor
+            ``batch_loss`` is given.
     """
     if which not in ("largest", "smallest"):
         raise ValueError(f"which={which!r} must be 'largest' or 'smallest'.")
@@ -289,7 +309,11 @@ def input_curvature(
     dtype: torch.dtype | None = None,
 ) -> InputCurvature:
     """Gradient norms and the largest (and optionally smallest) input-Hessian eigenvalue per
-    sample, from one gradient graph and one batched Lanczos run per batch."""
+    sample, from one gradient graph and one batched Lanczos run per batch.
+
+    Returns:
+        An :class:`InputCurvature` (``smallest`` only with ``smallest=True``), CPU tensors.
+    """
     which = ("largest", "smallest") if smallest else ("largest",)
     results, norms = _input_lanczos(
         model,
@@ -305,4 +329,5 @@ def input_curvature(
         dtype=dtype,
         with_gradient=True,
     )
+    assert norms is not None  # with_gradient=True: _input_lanczos returns the norms
     return InputCurvature(gradient_norms=norms, largest=results["largest"], smallest=results.get("smallest"))

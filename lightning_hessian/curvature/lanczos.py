@@ -81,7 +81,8 @@ def _start_block(
             if isinstance(vector, Mapping):
                 if flatten is None:
                     raise UserInputError(
-                        f"init holds parameter dictionaries, but {type(op).__name__} has no flatten(); pass flat tensors."
+                        f"init holds parameter dictionaries, but {type(op).__name__} has no flatten();"
+                        " pass flat tensors."
                     )
                 vector = flatten(vector)
             flat = vector.detach().reshape(-1).to(device, torch.float64)
@@ -123,6 +124,10 @@ def _orthogonalise(Q: Tensor, filled: int, local: slice, W: Tensor) -> Tensor:
     ``Q[local]`` are the rows holding :math:`W`'s large components (the recurrence's coupling);
     they are removed first, then one pass over every row removes rounding, and a second pass
     follows only when the first shrank a row by more than the DGKS factor.
+
+    Returns:
+        The (filled, b) float64 coefficients removed from ``W``: ``Q[:filled] @ W^T`` of the
+        ``W`` passed in.
     """
     coefficients = torch.zeros(filled, W.shape[0], dtype=torch.float64, device=W.device)
     coefficients[local] += _project_out(Q[local], W)
@@ -227,7 +232,7 @@ def top_eigenvalues(
       detect an eigenvalue it has not found yet: inside a cluster spaced closer than ``tol``, at
       the edge of a dense bulk, or for exactly repeated eigenvalues (use ``block_size`` at least
       the multiplicity), a converged value can be a deeper eigenvalue than the :math:`i`-th
-      (``tests/test_lanczos.py`` checks each case).
+      (``tests/curvature/test_lanczos.py`` checks each case).
 
     Residuals are those of the exact recurrence: products rounded in float32 add an error of the
     order of their own rounding (about 1e-7 to 1e-6 of :math:`\\lVert H \\rVert`; use a float64
@@ -260,12 +265,13 @@ def top_eigenvalues(
         An :class:`EigenResult`; ``hvp_count`` counts every product this call made.
 
     Raises:
-        UserInputError: for a bad ``k``, ``which``, ``tol``, ``block_size`` or ``backend``.
+        UserInputError: for a bad ``k``, ``which``, ``tol``, ``block_size`` or ``backend``, or
+            parameter dictionaries in ``init`` for an operator without ``flatten``.
     """
     if backend == "pyhessian":
         from lightning_hessian.curvature.pyhessian_backend import pyhessian_top_eigenvalues
 
-        return pyhessian_top_eigenvalues(op, k=k, tol=tol, max_iter=max_iter or 100, seed=seed)  # type: ignore[arg-type]
+        return pyhessian_top_eigenvalues(op, k=k, tol=tol, max_iter=max_iter or 100, seed=seed)
     if backend != "native":
         raise UserInputError(f"backend={backend!r} must be 'native' or 'pyhessian'.")
     if which not in ("largest", "smallest"):
@@ -439,7 +445,10 @@ def _orthogonalise_batched(basis: Tensor, beta: Tensor, step: int, index: Tensor
     """All recurrences in batched products (accelerators: few kernel launches).
 
     Finished recurrences take part as zero rows, so the basis is read through a view, never
-    gathered. Arguments and result as :func:`_orthogonalise_each`.
+    gathered. Arguments as :func:`_orthogonalise_each`.
+
+    Returns:
+        (len(index),) the diagonal coefficients :math:`\\alpha`, as :func:`_orthogonalise_each`.
     """
     rows = basis.shape[0]
     if index.numel() == rows:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import contextlib
 import functools
 from collections.abc import Callable
-from typing import Any, ParamSpec, Protocol, TypeVar, runtime_checkable
+from typing import ParamSpec, Protocol, TypeVar, runtime_checkable
 
 import torch
 from torch import Tensor
@@ -64,6 +64,9 @@ class MatrixOperator:
         When ``V`` is the transpose of a row-major (K, P) tensor (as the spectral routines pass
         it), a dense ``A`` computes ``(V^T A^T)^T`` instead: the same numbers, returned as the
         transpose of a row-major result, so neither side needs a transposing copy.
+
+        Returns:
+            The (P, K) product in the matrix's dtype.
         """
         self.hvp_count += V.shape[1]
         V = V.to(self.dtype)
@@ -78,6 +81,9 @@ def plain_tensors(function: Callable[P, R]) -> Callable[P, R]:
     The spectral routines allocate and update float64 work tensors in place; under a caller's
     ``torch.inference_mode`` those would be inference tensors that the operator cannot use. The
     operator itself turns gradients back on for its products.
+
+    Returns:
+        ``function`` wrapped: the same signature and result.
     """
 
     @functools.wraps(function)
@@ -88,7 +94,7 @@ def plain_tensors(function: Callable[P, R]) -> Callable[P, R]:
     return wrapper
 
 
-def operator_matmat(op: Any, V: Tensor) -> Tensor:
+def operator_matmat(op: LinearOperator, V: Tensor) -> Tensor:
     """``op @ V`` for ``V`` of shape (P, K), through ``matmat`` if the operator has one."""
     dtype = getattr(op, "dtype", V.dtype)
     if hasattr(op, "matmat"):
@@ -96,13 +102,16 @@ def operator_matmat(op: Any, V: Tensor) -> Tensor:
     return torch.stack([op.matvec(V[:, i].to(dtype)) for i in range(V.shape[1])], dim=1)
 
 
-def operator_rows(op: Any, rows: Tensor) -> Tensor:
+def operator_rows(op: LinearOperator, rows: Tensor) -> Tensor:
     """The operator applied to each row of ``rows`` (K, P): a contiguous (K, P) float64 tensor.
 
     The spectral routines keep their vectors as rows (each vector contiguous in memory) and pass
     ``matmat`` the transpose of a contiguous (K, P) tensor; a ``matmat`` that returns the
     transpose of a row-major result (as ``HessianOperator`` and ``MatrixOperator`` do) costs no
     transposing copy on either side.
+
+    Returns:
+        The (K, P) float64 products, contiguous, one row per row of ``rows``.
     """
     product = operator_matmat(op, rows.contiguous().T).T
     return product.to(torch.float64).contiguous()
@@ -113,13 +122,13 @@ def row_dots(A: Tensor, B: Tensor) -> Tensor:
     return torch.bmm(A.unsqueeze(1), B.unsqueeze(2)).reshape(A.shape[0])
 
 
-def operator_context(op: Any) -> contextlib.AbstractContextManager:
+def operator_context(op: LinearOperator) -> contextlib.AbstractContextManager:
     """The operator's ``analysis()`` context (one state snapshot for many products), if any."""
     analysis = getattr(op, "analysis", None)
     return analysis() if callable(analysis) else contextlib.nullcontext()
 
 
-def operator_device(op: Any) -> torch.device:
+def operator_device(op: LinearOperator) -> torch.device:
     """The operator's ``device`` (CPU if it names none)."""
     return torch.device(getattr(op, "device", "cpu"))
 

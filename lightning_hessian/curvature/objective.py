@@ -84,6 +84,9 @@ def inputs_and_targets(
     a tuple/list batch, or the ``x``/``y`` (``input``/``target``, ``inputs``/``targets``,
     ``image``/``label``) entries of a dict batch.
 
+    Returns:
+        ``(inputs, targets)`` as found in the batch (not copied).
+
     Raises:
         TypeError: if the batch holds no such pair, or the pair is not (floating inputs, integer
             labels, unless ``integer_labels=False``: then any targets); the message says what
@@ -127,6 +130,9 @@ def batch_loss(module: nn.Module, batch: Any) -> Tensor:
 
     ``module.hessian_loss(batch)`` when the module defines it, else
     ``cross_entropy(module(x), y)`` for the ``(x, y)`` of :func:`inputs_and_targets`.
+
+    Returns:
+        The batch-mean loss, a 0-d tensor.
     """
     custom = _hook(module, LOSS_HOOK)
     if custom is not None:
@@ -147,6 +153,9 @@ def batch_accuracy(module: nn.Module, batch: Any) -> Tensor:
     ``module.hessian_accuracy(batch)`` when defined; NaN for a module with its own
     ``hessian_loss`` and no ``hessian_accuracy``; else ``argmax(module(x)) == y`` on the
     :func:`inputs_and_targets` pair (NaN if the batch has none or the outputs are not logits).
+
+    Returns:
+        A 0-d tensor: the fraction of correct predictions, or NaN.
     """
     hook = _hook(module, ACCURACY_HOOK)
     if hook is not None:
@@ -165,6 +174,9 @@ def loss_and_accuracy(module: nn.Module, batch: Any, accuracy: bool = True) -> t
     """:func:`batch_loss` and (if ``accuracy``) :func:`batch_accuracy`, NaN otherwise.
 
     For the default cross-entropy both come from one forward pass.
+
+    Returns:
+        ``(loss, accuracy)``, two 0-d tensors (accuracy NaN when not asked for or not defined).
     """
     if not accuracy or has_custom_loss(module) or _hook(module, ACCURACY_HOOK) is not None:
         loss = batch_loss(module, batch)
@@ -197,7 +209,8 @@ def _replace_at(batch: Any, path: tuple[Any, ...], value: Tensor) -> Any:
         return value
     key, rest = path[0], path[1:]
     if isinstance(batch, Mapping):
-        return type(batch)((k, _replace_at(v, rest, value) if k == key else v) for k, v in batch.items())
+        mapping_type: Callable[..., Any] = type(batch)  # dict, OrderedDict, ...: built from (key, value) pairs
+        return mapping_type((k, _replace_at(v, rest, value) if k == key else v) for k, v in batch.items())
     items = [_replace_at(v, rest, value) if i == key else v for i, v in enumerate(batch)]
     if isinstance(batch, tuple) and hasattr(batch, "_fields"):  # namedtuple
         return type(batch)(*items)
@@ -210,6 +223,9 @@ def replace_inputs(module: nn.Module, batch: Any) -> Callable[[Tensor, Tensor], 
     ``batch'`` is ``batch`` restricted to ``rows`` (an index tensor over dim 0 of every tensor)
     with its input tensor (the one :func:`inputs_and_targets` finds) replaced by ``new_inputs``,
     so that ``hessian_loss`` sees the batch structure it trains on.
+
+    Returns:
+        The function ``rebuild(new_inputs, rows)`` that builds the restricted batch.
 
     Raises:
         TypeError: as :func:`inputs_and_targets`, or if ``hessian_inputs`` returns a tensor that

@@ -198,6 +198,10 @@ class _ModeTrial:
         another mode's median time per product is at least :data:`_TUNING_MARGIN` below its
         median. After two calls already, if the fastest mode's slowest call beats every other
         mode's fastest call by :data:`_TUNING_CLEAR_RATIO`.
+
+        Returns:
+            One of ``candidates``, or ``None`` while some candidate has fewer than two timed calls
+            or no mode is yet clearly fastest.
         """
         samples = {mode: self.seconds.get(mode, []) for mode in candidates}
         fewest = min(len(values) for values in samples.values())
@@ -305,7 +309,11 @@ class HessianOperator:
         micro_batch_size: int | None = None,
         hvp_mode: str = "auto",
     ) -> None:
-        if loss_fn is None and batch_loss is None:
+        if batch_loss is not None:
+            loss: BatchLoss = batch_loss
+        elif loss_fn is not None:
+            loss = loss_of_outputs(loss_fn)
+        else:
             raise ValueError("HessianOperator needs `loss_fn(output, y)` or `batch_loss(module, batch)`.")
         if (data is None) == (batches is None):
             raise ValueError(
@@ -336,7 +344,7 @@ class HessianOperator:
         self._retained_error: str | None = None  # this sample's graphs do not fit in memory
         self._build_seconds = 0.0  # all retained-graph builds so far (excluded from the trial's timings)
         self._warned: set[str] = set()
-        self._wrapper = BatchLossModule(model, batch_loss or loss_of_outputs(loss_fn))  # type: ignore[arg-type]
+        self._wrapper = BatchLossModule(model, loss)
 
         named = list(model.named_parameters())
         if params is not None:
@@ -377,7 +385,7 @@ class HessianOperator:
             self._batch_sizes: list[int] = [batch_size(b) for b in self._batches]
             self.num_local_samples: int = sum(self._batch_sizes)
             count = torch.tensor([float(self.num_local_samples)], device=self.device, dtype=torch.float64)
-            self.num_samples: int = int(round(self._reduce(count).item()))
+            self.num_samples: int = round(self._reduce(count).item())
         if self.num_samples == 0:
             raise ValueError("`data` holds no samples.")
 
@@ -495,13 +503,13 @@ class HessianOperator:
 
         def loss(*params: Tensor) -> Tensor:
             tensors = dict(constants)
-            tensors.update(zip(names, params))
+            tensors.update(zip(names, params, strict=True))
             return torch.func.functional_call(self._wrapper, tensors, (batch,))
 
         return loss
 
     def _tangents(self, flat: Tensor) -> tuple[Tensor, ...]:
-        return tuple(piece.view(shape) for piece, shape in zip(flat.split(self._sizes), self.param_shapes))
+        return tuple(piece.view(shape) for piece, shape in zip(flat.split(self._sizes), self.param_shapes, strict=True))
 
     def _warn_once(self, key: str, message: str) -> None:
         if key not in self._warned:
@@ -525,7 +533,9 @@ class HessianOperator:
         if flat.shape != (self.num_params,):
             raise ValueError(f"unflatten: expected shape ({self.num_params},), got {tuple(flat.shape)}.")
         pieces = flat.split(self._sizes)
-        return {n: piece.view(shape) for n, piece, shape in zip(self.param_names, pieces, self.param_shapes)}
+        return {
+            n: piece.view(shape) for n, piece, shape in zip(self.param_names, pieces, self.param_shapes, strict=True)
+        }
 
     # ------------------------------------------------------------------------------ quantities
     def loss(self) -> Tensor:
@@ -534,7 +544,7 @@ class HessianOperator:
             constants = self._constants()
             primals = self._primals()
             total = torch.zeros((), device=self.device, dtype=torch.float64)
-            for batch, count in zip(self._batches, self._batch_sizes):
+            for batch, count in zip(self._batches, self._batch_sizes, strict=True):
                 total += count * self._batch_loss_fn(batch, constants)(*primals).double()
             total = self._reduce(total.reshape(1)).reshape(())
         return (total / self.num_samples).to(self.dtype)
@@ -544,7 +554,7 @@ class HessianOperator:
         with self.analysis():
             constants = self._constants()
             total = torch.zeros(self.num_params, device=self.device, dtype=self.dtype)
-            for batch, count in zip(self._batches, self._batch_sizes):
+            for batch, count in zip(self._batches, self._batch_sizes, strict=True):
                 primals = tuple(p.requires_grad_() for p in self._primals())
                 loss = self._batch_loss_fn(batch, constants)(*primals)
                 grads = torch.autograd.grad(loss, primals)
@@ -585,7 +595,7 @@ class HessianOperator:
     def _tuning_key(self, bucket: str) -> tuple:
         """One ``"auto"`` choice per parameter set, precision, device, micro-batch size and K range."""
         return (
-            tuple(zip(self.param_names, map(tuple, self.param_shapes))),
+            tuple(zip(self.param_names, map(tuple, self.param_shapes), strict=True)),
             str(self.dtype),
             str(self.device),
             max(self._batch_sizes),
@@ -636,6 +646,14 @@ class HessianOperator:
         :class:`_ModeTrial`: each computes the caller's products with one candidate and is timed
         (per product, without the time to build the retained graph, which a long analysis pays
         once). The choice is then kept for this model (:meth:`_tuning_key`).
+
+        Returns:
+            The (K, P) sum of products ``sum_b n_b H_b V`` (rows of ``vectors``), not yet divided
+            by the sample count.
+
+        Raises:
+            RuntimeError: if an earlier call found that neither ``torch.func`` nor double backward
+                can run this model.
         """
         if self._hvp_mode != "auto":
             return self._run(vectors, self._fixed_mode(), fixed=True)[0]
@@ -668,8 +686,12 @@ class HessianOperator:
             torch.cuda.synchronize(self.device)
 
     def _run(self, vectors: Tensor, mode: str, *, fixed: bool) -> tuple[Tensor, str, float]:
-        """Run ``mode``, falling back where it cannot run; returns the sum of products, the mode
-        that actually ran and its seconds (without a retained-graph build)."""
+        """Run ``mode``, falling back where it cannot run.
+
+        Returns:
+            The (K, P) sum of products, the mode that actually ran and its seconds (without a
+            retained-graph build).
+        """
         self._synchronize()
         began = time.perf_counter()
         build_seconds_before = self._build_seconds
@@ -734,7 +756,7 @@ class HessianOperator:
         constants = self._constants()
         primals = self._primals()
         total = torch.zeros_like(vectors)
-        for batch, count in zip(self._batches, self._batch_sizes):
+        for batch, count in zip(self._batches, self._batch_sizes, strict=True):
             total.add_(self._batch_hvp(batch, constants, primals, vectors, mode), alpha=count)
         return total
 
@@ -772,7 +794,7 @@ class HessianOperator:
         grad_fn = torch.func.grad(loss, argnums=argnums)
 
         def hvp(flat: Tensor) -> Tensor:
-            _, products = torch.func.jvp(grad_fn, primals, self._tangents(flat))
+            products = torch.func.jvp(grad_fn, primals, self._tangents(flat))[1]  # (output, jvp) without has_aux
             return torch.cat([p.reshape(-1) for p in products])
 
         if chunk.shape[0] == 1:
@@ -809,6 +831,10 @@ class HessianOperator:
 
         An in-place change (an optimizer step, ``load_state_dict``, ``copy_`` under ``no_grad``)
         bumps the version; writes through ``.data`` do not, and are not detected.
+
+        Returns:
+            One ``(data_ptr, version)`` pair per parameter, buffer and batch tensor (version -1 for
+            inference tensors).
         """
         tensors = [*self._params, *self.model.buffers()]
         for batch in self._batches:
@@ -847,6 +873,9 @@ class HessianOperator:
         Weighting the loss by :math:`n_b` before differentiating makes the sum of the batch
         gradients the weighted one without a per-entry multiplication.
 
+        Returns:
+            The graph, its build time and ``signature``.
+
         Raises:
             _RetainedGraphDoesNotFit: on CUDA, when the first micro-batch's graph times the
                 number of micro-batches (plus one for the products' temporaries) exceeds
@@ -859,7 +888,7 @@ class HessianOperator:
         sums: list[Tensor | None] = [None] * len(leaves)
         cuda = self.device.type == "cuda"
         allocated = torch.cuda.memory_allocated(self.device) if cuda else 0
-        for index, (batch, count) in enumerate(zip(self._batches, self._batch_sizes)):
+        for index, (batch, count) in enumerate(zip(self._batches, self._batch_sizes, strict=True)):
             loss = self._batch_loss_fn(batch, constants)(*leaves)
             grads = torch.autograd.grad(loss * count, leaves, create_graph=True, allow_unused=True)
             for position, grad in enumerate(grads):
@@ -876,8 +905,9 @@ class HessianOperator:
                         f"The first-order graphs of {len(self._batches)} micro-batches need about"
                         f" {needed / 2**30:.1f} GiB, {free / 2**30:.1f} GiB are free"
                     )
-        active = tuple(i for i, s in enumerate(sums) if s is not None and s.requires_grad)
-        outputs = tuple(sums[i] for i in active)  # type: ignore[misc]
+        kept = [(i, s) for i, s in enumerate(sums) if s is not None and s.requires_grad]
+        active = tuple(i for i, _ in kept)
+        outputs = tuple(s for _, s in kept)
         self._synchronize()
         return _RetainedGraph(leaves, outputs, active, signature, time.perf_counter() - began)
 
@@ -897,7 +927,8 @@ class HessianOperator:
                 if self._hvp_mode == "retained_graph_vmap":
                     self._warn_once(
                         "vmap",
-                        f"vmap over the retained graph fails on this model ({error}); looping over the vectors instead.",
+                        f"vmap over the retained graph fails on this model ({error});"
+                        " looping over the vectors instead.",
                     )
         offsets = [0]
         for size in self._sizes:
@@ -937,7 +968,7 @@ class HessianOperator:
         return torch.cat(
             [
                 (chunk.new_zeros(num, size) if h is None else h.reshape(num, size))
-                for h, size in zip(products, self._sizes)
+                for h, size in zip(products, self._sizes, strict=True)
             ],
             dim=1,
         )

@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 from lightning_hessian.curvature.context import exact_float32, preserved_state
+from lightning_hessian.curvature.linear import LinearOperator
 from lightning_hessian.curvature.objective import BatchLossModule, loss_of_outputs
 from lightning_hessian.curvature.operator import HessianOperator
 from lightning_hessian.curvature.results import EigenResult, TraceResult
@@ -39,21 +40,24 @@ from lightning_hessian.curvature.results import EigenResult, TraceResult
 __all__ = ["PyHessianCounter", "pyhessian_top_eigenvalues", "pyhessian_trace"]
 
 
-def _import_pyhessian() -> Any:
+def PyHessianCounter(*args: Any, **kwargs: Any) -> Any:
+    """A ``pyhessian.hessian`` that counts its Hessian-vector products in ``hvp_count``.
+
+    Returns:
+        A ``pyhessian.hessian`` subclass instance built from ``args`` and ``kwargs``.
+
+    Raises:
+        ImportError: if the ``pyhessian`` package is not installed.
+    """
+    # imported here, not at module level: pyhessian is an optional dependency
     try:
         from pyhessian import hessian
     except ImportError as error:  # pragma: no cover - depends on the environment
         raise ImportError(
             "backend='pyhessian' needs the `pyhessian` package: pip install lightning-hessian[pyhessian]"
         ) from error
-    return hessian
 
-
-def PyHessianCounter(*args: Any, **kwargs: Any) -> Any:
-    """A ``pyhessian.hessian`` that counts its Hessian-vector products in ``hvp_count``."""
-    base = _import_pyhessian()
-
-    class _Counting(base):
+    class _Counting(hessian):
         hvp_count = 0
 
         def dataloader_hv_product(self, v: Any) -> Any:
@@ -63,7 +67,7 @@ def PyHessianCounter(*args: Any, **kwargs: Any) -> Any:
     return _Counting(*args, **kwargs)
 
 
-def _check(op: Any) -> HessianOperator:
+def _check(op: LinearOperator) -> HessianOperator:
     if not isinstance(op, HessianOperator):
         raise TypeError(f"backend='pyhessian' needs a HessianOperator, got {type(op).__name__}.")
     if op.all_reduce is not None:
@@ -75,8 +79,16 @@ def _check(op: Any) -> HessianOperator:
 
 def _loss_module(op: HessianOperator) -> nn.Module:
     """``forward(batch)`` = the operator's batch-mean loss, built from its public settings
-    (``model`` and ``batch_loss`` or ``loss_fn``), like the operator's own products."""
-    loss = op.batch_loss if op.batch_loss is not None else loss_of_outputs(op.loss_fn)  # type: ignore[arg-type]
+    (``model`` and ``batch_loss`` or ``loss_fn``), like the operator's own products.
+
+    Returns:
+        A :class:`~lightning_hessian.curvature.objective.BatchLossModule` around ``op.model``.
+    """
+    if op.batch_loss is not None:
+        loss = op.batch_loss
+    else:
+        assert op.loss_fn is not None  # HessianOperator refuses to be built without either
+        loss = loss_of_outputs(op.loss_fn)
     return BatchLossModule(op.model, loss)
 
 
@@ -125,7 +137,7 @@ def _run(op: HessianOperator, seed: int, body: Any) -> Any:
 
 
 def pyhessian_top_eigenvalues(
-    op: HessianOperator, k: int = 1, tol: float = 1e-3, max_iter: int = 100, seed: int = 0
+    op: LinearOperator, k: int = 1, tol: float = 1e-3, max_iter: int = 100, seed: int = 0
 ) -> EigenResult:
     """PyHessian's power iteration for the top ``k`` eigenvalues, as an :class:`EigenResult`.
 
@@ -134,8 +146,14 @@ def pyhessian_top_eigenvalues(
     counts in its own ``hvp_count`` and ``hvp_count`` of the result includes (so the result's
     count is PyHessian's products plus ``k``). ``converged`` is ``residual <= tol * |eigenvalue|``,
     the native backend's test (some eigenvalue lies within the residual of each returned value).
+
+    ``op`` must be a :class:`~lightning_hessian.curvature.operator.HessianOperator` without
+    ``all_reduce`` (``TypeError``, ``ValueError`` otherwise).
+
+    Returns:
+        An :class:`EigenResult` with ``k`` pairs in PyHessian's order.
     """
-    _check(op)
+    op = _check(op)
     began = time.perf_counter()
 
     def body(engine: Any) -> tuple[list[float], list[list[torch.Tensor]], int]:
@@ -161,9 +179,17 @@ def pyhessian_top_eigenvalues(
     )
 
 
-def pyhessian_trace(op: HessianOperator, tol: float = 1e-3, max_iter: int = 100, seed: int = 0) -> TraceResult:
-    """PyHessian's Hutchinson trace as a :class:`TraceResult` (stderr from its samples)."""
-    _check(op)
+def pyhessian_trace(op: LinearOperator, tol: float = 1e-3, max_iter: int = 100, seed: int = 0) -> TraceResult:
+    """PyHessian's Hutchinson trace as a :class:`TraceResult` (stderr from its samples).
+
+    ``op`` must be a :class:`~lightning_hessian.curvature.operator.HessianOperator` without
+    ``all_reduce`` (``TypeError``, ``ValueError`` otherwise).
+
+    Returns:
+        A :class:`TraceResult` (``method="pyhessian-hutchinson"``); ``converged`` when PyHessian
+        stopped before ``max_iter`` samples.
+    """
+    op = _check(op)
     began = time.perf_counter()
 
     def body(engine: Any) -> tuple[list[float], int]:

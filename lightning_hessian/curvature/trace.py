@@ -127,6 +127,9 @@ def _leave_one_out_tail(Y: Tensor) -> float:
     With :math:`G = Y Y^\\top = R^\\top R` the squared distance of row :math:`j` is
     :math:`1/(G^{-1})_{jj}`, and :math:`(G^{-1})_{jj}` is the squared norm of row :math:`j` of
     :math:`R^{-1}`: one small QR, no product.
+
+    Returns:
+        The mean squared distance (rows that the others span exactly count as 0).
     """
     R = torch.linalg.qr(Y.T, mode="r").R
     eye = torch.eye(R.shape[0], dtype=R.dtype, device=R.device)
@@ -144,6 +147,9 @@ def _hutchinson_variance(Z: Tensor, HZ: Tensor) -> float:
     so :math:`\\sum_i d_{j,i} d_{l,i}` is unbiased for :math:`\\sum_i H_{ii}^2`. Both are far less
     heavy-tailed than the sample variance of :math:`z^\\top H z` over a handful of probes, whose
     fourth moments a few large eigenvalues dominate: the pilot's sample variance can miss them.
+
+    Returns:
+        The variance estimate, clamped at 0.
     """
     count = Z.shape[0]
     frobenius = float(HZ.square().sum()) / count
@@ -176,8 +182,11 @@ def _still_needed(run: _Run, rel_tol: float) -> float:
 
 
 def _continue(run: _Run, rel_tol: float | None, max_probes: int, min_probes: int, batch_probes: int) -> bool:
-    """Draw samples until the tolerance or the budget; returns whether an exact trace is cheaper
-    than what is still needed (the caller then computes it)."""
+    """Draw samples until the tolerance or the budget.
+
+    Returns:
+        Whether an exact trace is cheaper than the samples still needed (the caller then computes it).
+    """
     while run.hvps < max_probes:
         have = run.values().numel()
         if rel_tol is None:
@@ -235,7 +244,7 @@ def hessian_trace(
     if backend == "pyhessian":
         from lightning_hessian.curvature.pyhessian_backend import pyhessian_trace
 
-        return pyhessian_trace(op, tol=rel_tol or 1e-3, max_iter=max_probes, seed=seed)  # type: ignore[arg-type]
+        return pyhessian_trace(op, tol=rel_tol or 1e-3, max_iter=max_probes, seed=seed)
     if backend != "native":
         raise UserInputError(f"backend={backend!r} must be 'native' or 'pyhessian'.")
     if method not in _METHODS:
@@ -280,8 +289,12 @@ def hessian_trace(
 
 
 def _pilot_and_choose(run: _Run, rel_tol: float | None, max_probes: int, pilot: int, sketch_size: int | None) -> str:
-    """Run the Hutchinson pilot and pick what continues: ``"hutchinson"`` (the pilot's samples
-    stay), ``"hutch++"`` (the pilot's products become the sketch) or ``"exact"``."""
+    """Run the Hutchinson pilot and pick what continues.
+
+    Returns:
+        ``"hutchinson"`` (the pilot's samples stay), ``"hutch++"`` (the pilot's products became the
+        sketch) or ``"exact"``.
+    """
     Z, HZ = run.sample(pilot)
     estimate, stderr = run.estimate(), run.stderr()
     if rel_tol is not None and stderr <= rel_tol * abs(estimate):

@@ -14,9 +14,7 @@ from torch import Tensor
 __all__ = ["random_crop_flip"]
 
 
-def random_crop_flip(
-    images: Tensor, *, padding: int, flip: bool, generator: torch.Generator | None = None
-) -> Tensor:
+def random_crop_flip(images: Tensor, *, padding: int, flip: bool, generator: torch.Generator | None = None) -> Tensor:
     """Randomly translate each image by up to ``padding`` pixels (zero fill) and flip it
     horizontally with probability 1/2.
 
@@ -28,6 +26,9 @@ def random_crop_flip(
         padding: maximal shift in pixels; 0 disables the crop.
         flip: whether to flip.
         generator: random generator on ``images.device`` (default: the global one).
+
+    Returns:
+        The augmented batch, of the shape of ``images`` (``images`` itself when nothing is enabled).
     """
     n, c, h, w = images.shape
     device = images.device

@@ -42,6 +42,9 @@ class DataNotFoundError(InputNotFoundError):
 def per_device_batch_size(global_batch_size: int, world_size: int, accumulate_grad_batches: int) -> int:
     """Samples per device and micro-batch: ``global / (world_size * accumulate_grad_batches)``.
 
+    Returns:
+        The per-device batch size.
+
     Raises:
         UserInputError: if the global batch does not divide evenly.
     """
@@ -239,6 +242,13 @@ class ImageDataModule(pl.LightningDataModule):
         (a shape mismatch in the first layer, a device-side assert in the loss) or not at all
         (float pixels in 0..255): images ``(N, *input_shape)``, uint8 or float in ``[0, 1]``;
         integer labels in ``[0, num_classes)``.
+
+        Returns:
+            ``(images, labels)``, the same tensors.
+
+        Raises:
+            UserInputError: the images have the wrong shape or float values outside ``[0, 1]``, or
+                the labels are not integers in ``[0, num_classes)``.
         """
         name, split = type(self).__name__, "train" if train else "test"
         source = self.describe_source(train)
@@ -295,6 +305,7 @@ class ImageDataModule(pl.LightningDataModule):
             self.test_dataset = test
         if self.gpu_resident and trainer is not None:  # a no-op when already there
             device = trainer.strategy.root_device
+            assert self.val_dataset is not None and self.test_dataset is not None  # built with train_dataset
             self.train_dataset = self.train_dataset.to(device)
             self.val_dataset = self.val_dataset.to(device)
             self.test_dataset = self.test_dataset.to(device)
@@ -322,6 +333,7 @@ class ImageDataModule(pl.LightningDataModule):
                 self.batch_size, trainer.world_size, trainer.accumulate_grad_batches
             )
         loader = self._loader(self.train_dataset, train=True)
+        assert self.train_dataset is not None  # _loader refuses None
         if len(loader) == 0:
             raise UserInputError(
                 f"the training set ({len(self.train_dataset)} samples) is smaller than one per-device "

@@ -20,7 +20,7 @@ from typing_extensions import override
 from lightning_hessian.data.base import DataNotFoundError, ImageDataModule
 from lightning_hessian.data.idx import find_idx_file, read_idx
 
-__all__ = ["CIFAR10", "CIFAR100", "DEBIAN_FASHION_MNIST_DIR", "Digits", "FashionMNIST", "MNIST"]
+__all__ = ["CIFAR10", "CIFAR100", "DEBIAN_FASHION_MNIST_DIR", "MNIST", "Digits", "FashionMNIST"]
 
 #: where the Debian/Ubuntu package ``dataset-fashion-mnist`` installs the IDX files
 DEBIAN_FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")

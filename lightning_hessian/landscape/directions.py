@@ -87,6 +87,13 @@ def filter_normalize(direction: Mapping[str, Tensor], params: Mapping[str, Tenso
     For every tensor with two or more dimensions, each slice ``d[i]`` along dimension 0 (a conv
     filter, a row of a linear weight) is scaled to ``||theta[i]||``. Tensors with at most one
     dimension (biases, normalisation-layer parameters) become zero. A zero slice stays zero.
+
+    Returns:
+        A new direction with the names and shapes of ``direction``.
+
+    Raises:
+        KeyError: if ``direction`` names a tensor that ``params`` lacks.
+        ValueError: if a tensor's shape differs from its weight's.
     """
     normalized: Direction = {}
     for name, value in direction.items():
@@ -135,6 +142,9 @@ def random_direction(
     Drawn on the CPU in float32 with ``generator`` (or a fresh one seeded with ``seed``) and then
     moved to each parameter's device, so the same seed gives the same direction on every device
     and every DDP rank.
+
+    Returns:
+        A direction with the names, shapes, dtypes and devices of ``params``.
     """
     if generator is None:
         generator = torch.Generator()
@@ -161,6 +171,12 @@ def gradient_direction(
     default) is weighted by its size. ``all_reduce`` (a sum over processes) makes the gradient the
     one of the union of all ranks' samples. Uses ``torch.autograd.grad``, never ``.backward()``,
     so ``.grad`` is untouched. Returned normalised with ``normalization`` (unit length by default).
+
+    Returns:
+        The (normalised) gradient keyed by parameter name, in each parameter's dtype.
+
+    Raises:
+        ValueError: if ``batches`` (on all ranks) hold no sample.
     """
     batch_loss = batch_loss or default_batch_loss
     named = dict(model.named_parameters())
@@ -174,7 +190,7 @@ def gradient_direction(
             n = batch_size(batch)
             loss = batch_loss(model, batch)
             grads = torch.autograd.grad(loss, tensors, allow_unused=True)
-            for total, grad in zip(sums, grads):
+            for total, grad in zip(sums, grads, strict=True):
                 if grad is not None:
                     total.add_(grad.double(), alpha=n)
             count += n
@@ -194,8 +210,8 @@ def gradient_direction(
         count_total = float(count)
     if count_total == 0:
         raise ValueError("gradient_direction got no samples")
-    gradient = {name: (total / count_total).to(t.dtype) for name, total, t in zip(names, sums, tensors)}
-    return normalize_direction(gradient, {n: t.detach() for n, t in zip(names, tensors)}, normalization)
+    gradient = {name: (total / count_total).to(t.dtype) for name, total, t in zip(names, sums, tensors, strict=True)}
+    return normalize_direction(gradient, {n: t.detach() for n, t in zip(names, tensors, strict=True)}, normalization)
 
 
 def eigenvector_directions(
@@ -212,7 +228,10 @@ def eigenvector_directions(
 
     Delegates to :class:`lightning_hessian.curvature.HessianOperator` and
     :func:`lightning_hessian.curvature.top_eigenvalues` (Lanczos); ``eigen_kwargs`` go to the
-    latter. Returns the eigenvalues (largest first) and unit-norm eigenvectors keyed by name.
+    latter.
+
+    Returns:
+        The eigenvalues (largest first) and the unit-norm eigenvectors keyed by parameter name.
     """
     named = dict(model.named_parameters())
     names = list(trainable_parameters(model)) if params is None else list(params)

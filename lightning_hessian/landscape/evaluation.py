@@ -56,11 +56,16 @@ def autograd_ready(batch: Any) -> Any:
 
     Inference tensors cannot be saved for backward; samples collated under
     ``trainer.validate``/``trainer.test`` are such tensors.
+
+    Returns:
+        A batch of the same structure (``batch`` itself if it is neither a tensor nor a
+        container); tensors that were not inference tensors are the same objects.
     """
     if isinstance(batch, Tensor):
         return batch.clone() if batch.is_inference() else batch
     if isinstance(batch, Mapping):
-        return type(batch)({k: autograd_ready(v) for k, v in batch.items()})
+        mapping_type: Callable[..., Any] = type(batch)  # dict, OrderedDict, ...: built from a dict
+        return mapping_type({k: autograd_ready(v) for k, v in batch.items()})
     if isinstance(batch, tuple) and hasattr(batch, "_fields"):  # namedtuple
         return type(batch)(*(autograd_ready(v) for v in batch))
     if isinstance(batch, (list, tuple)):
@@ -105,6 +110,10 @@ def evaluate_stacked(
 
     Returns:
         ``(loss, accuracy)``, float64 arrays of length ``num_points``.
+
+    Raises:
+        ValueError: for an unknown ``method``, a ``chunk_size`` below 1 or no ``batches``.
+        torch.OutOfMemoryError: if even one point per pass does not fit in memory.
     """
     if method not in _METHODS:
         raise ValueError(f"method={method!r} is not one of {_METHODS}")
@@ -138,7 +147,7 @@ def evaluate_stacked(
             try:
                 chunk_loss = torch.zeros(stop - start, dtype=torch.float64, device=device)
                 chunk_accuracy = torch.zeros_like(chunk_loss)
-                for batch, n in zip(batches, sizes):
+                for batch, n in zip(batches, sizes, strict=True):
                     runner = run_vmap if use_vmap else run_sequential
                     loss, acc = runner(stacked, batch)
                     chunk_loss += n * loss.to(torch.float64).reshape(-1)
@@ -205,6 +214,11 @@ def evaluate_points(
 
     Returns:
         ``(loss, accuracy)``, float64 arrays of length ``P``.
+
+    Raises:
+        ValueError: without directions, if ``coordinates`` is not of shape ``(P, D)``, or as
+            :func:`evaluate_stacked` for ``method``, ``chunk_size`` and ``batches``.
+        KeyError: if a direction names a parameter the model does not have.
     """
     if not directions:
         raise ValueError("evaluate_points needs at least one direction")

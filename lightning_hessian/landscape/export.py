@@ -2,7 +2,8 @@
 
 ``.npz`` keys: ``curve__<name>__steps|loss|accuracy`` for every curve and
 ``surface__<d1>_<d2>__alphas|betas|loss|accuracy|names`` for every surface (loss/accuracy of
-shape ``(len(alphas), len(betas))``, names the two direction names), plus any scalar ``extra`` values under their own names.
+shape ``(len(alphas), len(betas))``, names the two direction names), plus any scalar ``extra``
+values under their own names.
 CSV files are long format: ``direction,t,loss,accuracy`` for curves and
 ``alpha,beta,loss,accuracy`` (one row per grid point) for each surface.
 """
@@ -41,14 +42,14 @@ def save_landscape(
     for key, value in (extra or {}).items():
         arrays[key] = np.asarray(value)
     written = [stem.with_suffix(".npz")]
-    np.savez(written[0], **arrays)
+    np.savez(written[0], allow_pickle=True, **arrays)  # numpy's default, given so no array can take its place
     if curves:
         path = stem.parent / f"{stem.name}_curves.csv"
         with path.open("w", newline="") as handle:
             writer = csv.writer(handle)
             writer.writerow(["direction", "t", "loss", "accuracy"])
             for curve in curves:
-                for t, loss, acc in zip(curve.steps, curve.loss, curve.accuracy):
+                for t, loss, acc in zip(curve.steps, curve.loss, curve.accuracy, strict=True):
                     writer.writerow([curve.name, repr(float(t)), repr(float(loss)), repr(float(acc))])
         written.append(path)
     for surface in surfaces:

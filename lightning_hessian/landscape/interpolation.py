@@ -47,6 +47,9 @@ def check_state_matches(model: nn.Module, state: Mapping[str, Tensor], *, source
         model: the module the state should load into.
         state: a ``state_dict``-like mapping of names to tensors.
         source: how to name ``state`` in the message (e.g. the checkpoint path).
+
+    Raises:
+        StateMismatchError: if ``state`` has missing or unexpected keys or tensors of other shapes.
     """
     expected = model.state_dict()
     missing = [k for k in expected if k not in state]
@@ -83,6 +86,9 @@ def interpolate_state(state_a: Mapping[str, Tensor], state_b: Mapping[str, Tenso
 
     Running variances are clamped at zero: outside ``[0, 1]`` the line leaves the set of valid
     variances, and a negative one would make BatchNorm return NaN.
+
+    Returns:
+        A new state dict with the keys of ``state_a`` (non-floating entries cloned from A).
     """
     out = {}
     for name, a in state_a.items():
@@ -147,6 +153,10 @@ def interpolation_path(
         eigenvalues: also compute the top Hessian eigenvalue at every alpha (Lanczos, on the
             first split of ``data`` or ``eigen_split``).
         eigen_kwargs: options for :func:`lightning_hessian.curvature.top_eigenvalues`.
+
+    Returns:
+        An :class:`InterpolationResult`: per split, the loss and accuracy at each alpha, and the
+        top eigenvalues (NaN where they failed) when ``eigenvalues`` is set.
     """
     check_state_matches(model, state_a, source="model A")
     check_state_matches(model, state_b, source="model B")

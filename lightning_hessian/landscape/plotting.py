@@ -41,6 +41,9 @@ def plot_contour(surface: LossSurface, *, title: str = "", levels: int = 20) -> 
 
     Levels are logarithmically spaced when the loss spans more than two orders of magnitude
     (the basin around a minimum is otherwise one flat colour next to the steep walls).
+
+    Returns:
+        The figure, with a colour bar.
     """
     from matplotlib.colors import LogNorm
 
@@ -51,17 +54,18 @@ def plot_contour(surface: LossSurface, *, title: str = "", levels: int = 20) -> 
     finite = loss[np.isfinite(loss)]
     low, high = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 1.0)
     norm = None
-    contour_levels: int | np.ndarray = levels
+    log_levels: np.ndarray | None = None
     if low > 0 and high / low > 100:
-        contour_levels = np.geomspace(low, high, levels)
+        log_levels = np.geomspace(low, high, levels)
         norm = LogNorm(vmin=low, vmax=high)
+    contour_levels: int | np.ndarray = levels if log_levels is None else log_levels
     filled = axis.contourf(grid_a, grid_b, loss, levels=contour_levels, cmap="viridis", norm=norm)
     axis.contour(grid_a, grid_b, loss, levels=contour_levels, colors="k", linewidths=0.3, norm=norm)
     axis.plot([0], [0], marker="*", color="red", markersize=10)
-    if norm is None:
+    if log_levels is None:
         figure.colorbar(filled, ax=axis, label="loss")
     else:
-        colorbar = figure.colorbar(filled, ax=axis, label="loss (log scale)", ticks=contour_levels[::3], format="%.3g")
+        colorbar = figure.colorbar(filled, ax=axis, label="loss (log scale)", ticks=log_levels[::3], format="%.3g")
         colorbar.minorticks_off()
     axis.set(
         xlabel=surface.names[0],
@@ -100,7 +104,7 @@ def plot_interpolation(result: InterpolationResult, *, labels: tuple[str, str] =
         if finite.size and finite.min() > 0 and finite.max() / finite.min() > 100:
             axes[2].set_yscale("log")
     for axis in axes:
-        for x, label in zip((0.0, 1.0), labels):
+        for x, label in zip((0.0, 1.0), labels, strict=True):
             axis.axvline(x, color="gray", linestyle=":", linewidth=1)
             axis.annotate(
                 label,

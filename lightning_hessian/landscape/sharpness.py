@@ -51,14 +51,14 @@ def _loss_and_grads(
     """Sample-mean loss at ``center + offsets`` and its gradient w.r.t. the offsets."""
     grads = [torch.zeros_like(o, dtype=torch.float64) for o in offsets]
     loss_sum = torch.zeros((), dtype=torch.float64, device=offsets[0].device)
-    count = 0
+    count: float = 0  # the local sample count, then (all-reduced) the global one
     for batch in batches:
         n = batch_size(batch)
         leaves = [o.detach().requires_grad_(need_grad) for o in offsets]
-        params = {name: c + o for name, c, o in zip(names, center, leaves)}
+        params = {name: c + o for name, c, o in zip(names, center, leaves, strict=True)}
         loss = _call_loss(model, params, batch, batch_loss)
         if need_grad:
-            for total, g in zip(grads, torch.autograd.grad(loss, leaves, allow_unused=True)):
+            for total, g in zip(grads, torch.autograd.grad(loss, leaves, allow_unused=True), strict=True):
                 if g is not None:
                     total.add_(g.double(), alpha=n)
         loss_sum = loss_sum + n * loss.detach().double()
@@ -107,6 +107,13 @@ def epsilon_sharpness(
         batch_loss: the batch-mean loss; cross-entropy by default.
         params: names of the perturbed parameters; all trainable ones by default.
         all_reduce: sums a tensor over processes (DDP), ``None`` for one process.
+
+    Returns:
+        A :class:`SharpnessResult`: the sharpness in percent, the loss at ``theta`` and the largest
+        loss found in the box.
+
+    Raises:
+        ValueError: if ``epsilon``, ``steps`` or ``step_size`` is not positive.
     """
     if epsilon <= 0:
         raise ValueError(f"epsilon={epsilon} must be > 0")
@@ -127,7 +134,7 @@ def epsilon_sharpness(
         best = base_loss
         for step in range(steps):
             with torch.no_grad():
-                for o, g, b in zip(offsets, grads, bounds):
+                for o, g, b in zip(offsets, grads, bounds, strict=True):
                     o.add_(step_size * b * torch.sign(g).to(o.dtype))
                     torch.maximum(torch.minimum(o, b), -b, out=o)
             last = step == steps - 1

@@ -110,7 +110,7 @@ def make_activation(name: str, softplus_beta: float = 1.0) -> LayerFactory:
     """Return a factory of fresh activation modules for ``name`` (one of :data:`ACTIVATIONS`).
 
     Raises:
-        ValueError: for an unknown name or a non-positive ``softplus_beta``.
+        UserInputError: (a ``ValueError``) for an unknown name or a non-positive ``softplus_beta``.
     """
     if name not in ACTIVATIONS:
         raise UserInputError(f"unknown activation {name!r}; valid names: {', '.join(ACTIVATIONS)}")
@@ -147,9 +147,14 @@ def build_architecture(
             batch. No effect on a network without BatchNorm layers (``batch_norm=False``).
         init: weight initialisation, one of :data:`INITS` (module docstring).
 
+    Returns:
+        The network, initialised as ``init`` says, with Ghost BatchNorm layers when
+        ``bn_virtual_batch_size`` is given.
+
     Raises:
-        ValueError: unknown name, activation or initialisation, a ``bn_virtual_batch_size`` that is
-            not a positive integer, or an input too small for the network.
+        UserInputError: (a ``ValueError``) unknown name, activation or initialisation, a
+            ``bn_virtual_batch_size`` that is not a positive integer, or an input too small for the
+            network.
     """
     if name not in ARCHITECTURES:
         raise UserInputError(f"unknown architecture {name!r}; valid names: {', '.join(sorted(ARCHITECTURES))}")
@@ -175,7 +180,10 @@ def he_normal_init(network: nn.Module) -> nn.Module:
     """He-normal initialisation of every ``nn.Conv2d`` weight in ``network`` (in place):
     ``w ~ N(0, 2 / fan_out)``, ``fan_out = out_channels * prod(kernel_size)``, the authors' ResNet
     initialisation (HessianFlow ``models/resnet.py``); biases and other layers are untouched.
-    Returns ``network``."""
+
+    Returns:
+        ``network`` itself.
+    """
     for module in network.modules():
         if isinstance(module, nn.Conv2d):
             nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
@@ -184,7 +192,14 @@ def he_normal_init(network: nn.Module) -> nn.Module:
 
 def _flat_features(features: nn.Module, input_shape: tuple[int, int, int]) -> int:
     """Size of ``features(x).flatten(1)`` for one image, from a dummy forward pass in eval mode
-    (eval so that BatchNorm running statistics are not touched)."""
+    (eval so that BatchNorm running statistics are not touched).
+
+    Returns:
+        The number of features per image.
+
+    Raises:
+        UserInputError: the forward pass raises a ``RuntimeError`` (an input too small for ``features``).
+    """
     was_training = features.training
     features.eval()
     try:
@@ -336,7 +351,7 @@ class ResNet(nn.Module):
         )
         stages: list[nn.Module] = []
         in_channels = stem_width
-        for index, (width, count) in enumerate(zip(widths, blocks)):
+        for index, (width, count) in enumerate(zip(widths, blocks, strict=True)):
             stride = 1 if index == 0 else 2
             for block in range(count):
                 stages.append(BasicBlock(in_channels, width, stride if block == 0 else 1, o))

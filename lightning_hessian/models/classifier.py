@@ -13,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import pytorch_lightning as pl
 import torch
@@ -36,7 +36,13 @@ from lightning_hessian.models.optim import (
     scaled_learning_rate,
 )
 
+if TYPE_CHECKING:
+    from lightning_fabric.utilities.data import AttributeDict
+
 __all__ = ["ImageClassifier"]
+
+# the default of ImageClassifier's `adversarial`: no robust training (a frozen dataclass, shared safely)
+_NO_ROBUST_TRAINING = AdversarialTraining()
 
 
 class ImageClassifier(pl.LightningModule):
@@ -117,7 +123,7 @@ class ImageClassifier(pl.LightningModule):
         lr_schedule: str = "cosine",
         lr_milestones: Sequence[int] = (),
         lr_gamma: float = 0.1,
-        adversarial: AdversarialTraining = AdversarialTraining(),
+        adversarial: AdversarialTraining = _NO_ROBUST_TRAINING,
     ) -> None:
         super().__init__()
         # the lr schedule's clock (see _schedule_step): (epoch, global step at its start, its steps)
@@ -157,7 +163,8 @@ class ImageClassifier(pl.LightningModule):
         input_shape = [int(s) for s in input_shape]
         mean, std = list(mean), list(std)
         lr_milestones = [int(m) for m in lr_milestones]
-        adversarial = dataclasses.asdict(robust_training)
+        # save_hyperparameters reads the constructor's arguments from this frame's locals
+        adversarial = dataclasses.asdict(robust_training)  # type: ignore[assignment]
         self.save_hyperparameters()
         self.adversarial = robust_training
         self.network = nn.Sequential(
@@ -181,9 +188,8 @@ class ImageClassifier(pl.LightningModule):
     @property
     def learning_rate(self) -> float:
         """The peak learning rate ``lr * f(batch_size / base_batch_size)``."""
-        return scaled_learning_rate(
-            self.hparams.lr, self.hparams.batch_size, self.hparams.base_batch_size, self.hparams.lr_scaling
-        )
+        hp = cast("AttributeDict", self.hparams)  # what save_hyperparameters() stores
+        return scaled_learning_rate(hp.lr, hp.batch_size, hp.base_batch_size, hp.lr_scaling)
 
     @override
     def forward(self, x: Tensor) -> Tensor:
@@ -224,7 +230,7 @@ class ImageClassifier(pl.LightningModule):
 
     @override
     def configure_optimizers(self) -> Any:
-        hp = self.hparams
+        hp = cast("AttributeDict", self.hparams)  # what save_hyperparameters() stores
         # sgd/adam decay every parameter (as in the paper's and Goyal et al.'s setups); lars/lamb
         # exclude biases and BatchNorm parameters from decay and adaptation (optim.parameter_groups).
         optimizer = build_optimizer(
@@ -265,7 +271,11 @@ class ImageClassifier(pl.LightningModule):
     def _schedule_step(self, step: int) -> float:
         """Optimizer step ``step`` on the schedule's clock: completed epochs times the first epoch's
         steps, plus the steps into the current epoch rescaled to that length. Equal to ``step``
-        while every epoch has the same number of steps (the usual case: bit-identical lr)."""
+        while every epoch has the same number of steps (the usual case: bit-identical lr).
+
+        Returns:
+            The step on the schedule's clock: ``step`` itself before the first recorded epoch.
+        """
         starts = [s for s in self._epoch_starts if s[1] <= step]
         if not starts or self._schedule_steps_per_epoch is None:
             return step

@@ -155,9 +155,10 @@ class _GhostBatchNorm(nn.modules.batchnorm._BatchNorm):
                 input[full * size :], last_means, last_variances, self.weight, self.bias, True, 1.0, self.eps
             )
             out = torch.cat([out, last])
-            if track:
+            # (the scratch statistics are tensors exactly when `track`)
+            if means is not None and variances is not None and last_means is not None and last_variances is not None:
                 means, variances = torch.cat([means, last_means]), torch.cat([variances, last_variances])
-        if track:
+        if means is not None and variances is not None:  # track
             self._update_running_statistics(means.view(-1, channels), variances.view(-1, channels))
         return out
 
@@ -238,18 +239,19 @@ def convert_to_ghost_batch_norm(module: nn.Module, virtual_batch_size: int) -> n
 
     Exactly these two classes are replaced (not their subclasses such as ``SyncBatchNorm``; a
     Ghost BatchNorm already there gets the new virtual batch size). The children are replaced in
-    place; the return value is ``module``, or its replacement if ``module`` is itself a BatchNorm
-    layer.
+    place. A ``virtual_batch_size`` that is not a positive integer raises
+    :class:`~lightning_hessian.errors.UserInputError` (:func:`check_virtual_batch_size`).
 
-    Raises:
-        UserInputError: ``virtual_batch_size`` is not a positive integer.
+    Returns:
+        ``module``, or its replacement if ``module`` is itself a BatchNorm layer.
     """
     size = check_virtual_batch_size(virtual_batch_size)
     if isinstance(module, _GhostBatchNorm):
         module.virtual_batch_size = size
         return module
-    if type(module) in _GHOST_OF:
-        return _ghost_copy(module, size)  # type: ignore[arg-type]
+    # exactly nn.BatchNorm1d/2d (the isinstance, always true then, tells the type checker so)
+    if type(module) in _GHOST_OF and isinstance(module, nn.modules.batchnorm._BatchNorm):
+        return _ghost_copy(module, size)
     for name, child in module.named_children():
         replacement = convert_to_ghost_batch_norm(child, size)
         if replacement is not child:

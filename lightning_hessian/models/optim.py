@@ -63,8 +63,11 @@ def _check_name(kind: str, name: str, valid: Sequence[str]) -> None:
 def scaled_learning_rate(base_lr: float, batch_size: int, base_batch_size: int, rule: str) -> float:
     """``base_lr * f(batch_size / base_batch_size)`` for the scaling rule ``rule``.
 
+    Returns:
+        The scaled learning rate.
+
     Raises:
-        ValueError: unknown rule or non-positive sizes.
+        UserInputError: (a ``ValueError``) unknown rule or non-positive sizes.
     """
     _check_name("LR scaling rule", rule, LR_SCALING_RULES)
     if batch_size < 1 or base_batch_size < 1:
@@ -77,7 +80,7 @@ def scaled_learning_rate(base_lr: float, batch_size: int, base_batch_size: int, 
 
 
 def lr_multiplier(
-    step: int,
+    step: float,
     *,
     total_steps: int | float,
     warmup_steps: int = 0,
@@ -88,12 +91,18 @@ def lr_multiplier(
     """The schedule multiplier ``m(step)`` (see the module docstring); ``step`` counts from 0.
 
     Args:
-        step: optimiser step.
+        step: optimiser step (fractional on a rescaled clock, as ``ImageClassifier``'s schedule).
         total_steps: steps of the whole run (needed by ``cosine``; may be ``inf`` otherwise).
         warmup_steps: length of the linear warm-up.
         schedule: ``constant``, ``step`` or ``cosine``.
         milestones: steps at which ``step`` multiplies the rate by ``gamma``.
         gamma: decay factor of ``step``.
+
+    Returns:
+        The multiplier of the peak learning rate at ``step``.
+
+    Raises:
+        UserInputError: (a ``ValueError``) an unknown schedule, or ``cosine`` with infinite ``total_steps``.
     """
     _check_name("LR schedule", schedule, LR_SCHEDULES)
     if step < warmup_steps:
@@ -152,6 +161,9 @@ def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict[str, An
     ``p.ndim > 1``); ``lamb`` gets it through the group flag ``adam`` (:func:`build_optimizer`).
     Frozen parameters (``requires_grad=False``) are left out and empty groups dropped. The group
     ``name`` is what ``LearningRateMonitor`` logs (``lr-LARS/decay``, ``lr-LARS/no_decay``).
+
+    Returns:
+        The non-empty groups among ``decay`` and ``no_decay``, in that order.
     """
     decay: list[nn.Parameter] = []
     no_decay: list[nn.Parameter] = []
@@ -196,8 +208,11 @@ def build_optimizer(
       ``no_decay`` group runs with ``adam=True``: trust ratio 1, ``w -= lr * m / (sqrt(v) + eps)``,
       without bias correction up to ~6x Adam's step early on (within 30% after 1000 steps).
 
-    Raises:
-        UserInputError: unknown name or settings that do not apply (:func:`check_optimizer_settings`).
+    An unknown name or settings that do not apply raise :class:`~lightning_hessian.errors.UserInputError`
+    (:func:`check_optimizer_settings`).
+
+    Returns:
+        The optimiser.
     """
     check_optimizer_settings(name, nesterov=nesterov, trust_coefficient=trust_coefficient)
     nesterov = nesterov and momentum > 0

@@ -84,8 +84,12 @@ def landscape_files(run: Run) -> list[LandscapeFile]:
 
 
 def latest_landscapes(run: Run) -> tuple[dict[str, dict[str, LossCurve]], dict[str, dict[str, LossSurface]]]:
-    """The newest curve and surface of every name, per split: ``(curves, surfaces)``, each
-    ``split -> name -> grid`` (the final landscape of the run on that split's samples)."""
+    """The newest curve and surface of every name, per split (the final landscape of the run on
+    that split's samples).
+
+    Returns:
+        ``(curves, surfaces)``, each ``split -> name -> grid``.
+    """
     curves: dict[str, dict[str, LossCurve]] = {}
     surfaces: dict[str, dict[str, LossSurface]] = {}
     for file in landscape_files(run):  # oldest first: newer files overwrite
@@ -208,9 +212,10 @@ def find_interpolations(paths: Iterable[str | Path], runs: Sequence[Run]) -> lis
 def interpolation_title(item: Interpolation) -> str:
     """The name of the pair an interpolation belongs to, the same for every seed.
 
-    ``"B=128 → B=16384 (standard)"`` when the two ends are runs of one variant at two batch
-    sizes, ``"standard → fgsm ε=0.1 (B=128)"`` for two variants at one batch size, else the
-    labels of the two checkpoints.
+    Returns:
+        ``"B=128 → B=16384 (standard)"`` when the two ends are runs of one variant at two batch
+        sizes, ``"standard → fgsm ε=0.1 (B=128)"`` for two variants at one batch size, else the
+        labels of the two checkpoints (``"LABEL_A → LABEL_B"``).
     """
     a, b = item.run_a, item.run_b
     if a is not None and b is not None:

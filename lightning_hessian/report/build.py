@@ -31,7 +31,7 @@ their batch size. Every left-out run is listed in the report with the reason.
 from __future__ import annotations
 
 import shlex
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from lightning_hessian.errors import UserInputError
@@ -54,15 +54,20 @@ __all__ = ["build_report", "load_runs"]
 
 # (function, what a run must log for it): tried in this order, each may find nothing to draw.
 # Each takes (runs, out_dir) and, where named, the report's columns or interpolations.
-_FIGURES = (
+# The calls differ by what is named, so the functions are typed by their result only.
+_Drawn = figure_module.FigureFile | list[figure_module.FigureFile] | None
+_FIGURES: tuple[tuple[Callable[..., _Drawn], str | None, str], ...] = (
     (figure_module.plot_training_vs_batch_size, "columns",
      "training vs batch size: no run with a known batch size logged an accuracy or training loss"),
     (figure_module.plot_metrics_vs_batch_size, "columns",
-     "metrics vs batch size: no run with a known batch size logged an accuracy, `hessian/*` or `landscape/sharpness`"),
+     "metrics vs batch size: no run with a known batch size logged an accuracy, `hessian/*` or "
+     "`landscape/sharpness`"),
     (figure_module.plot_top_eigenvalue_vs_epoch, None, "top eigenvalue vs epoch: no run logged `hessian/eig_1`"),
-    (figure_module.plot_spectrum_vs_batch_size, None, "spectrum vs batch size: no run with a known batch size logged `hessian/eig_k`"),
+    (figure_module.plot_spectrum_vs_batch_size, None,
+     "spectrum vs batch size: no run with a known batch size logged `hessian/eig_k`"),
     (figure_module.plot_topk_spectrum, None, "top-k spectrum: no run logged two or more eigenvalues `hessian/eig_k`"),
-    (figure_module.plot_spectral_density, None, "spectral density: no run logged a density (spectrum callback with density enabled)"),
+    (figure_module.plot_spectral_density, None,
+     "spectral density: no run logged a density (spectrum callback with density enabled)"),
     (figure_module.plot_robust_accuracy_vs_epsilon, None, "robust accuracy vs ε: no run logged `robust/ATTACK/eps_E`"),
     (figure_module.plot_median_norms_vs_batch_size, None,
      "median perturbation norms: no run logged `robust/ATTACK/median_norm` (DeepFool, CW)"),
@@ -83,9 +88,16 @@ def load_runs(
         min_accuracy: leave out runs whose final accuracy in percent (``test/acc``, else
             ``val/acc``) is below this; runs that logged neither are kept.
 
+    A path that does not exist raises :class:`~lightning_hessian.errors.InputNotFoundError` (a
+    ``FileNotFoundError``, from :func:`~lightning_hessian.report.events.find_run_dirs`).
+
+    Returns:
+        ``(runs, skipped)``: the runs to report, and ``(run directory, reason)`` of every run left
+        out (no event files, unfinished, nothing readable, no scalars, below ``min_accuracy``).
+
     Raises:
-        FileNotFoundError: a path does not exist.
-        ValueError: no run directory was found, or ``min_accuracy`` is not in [0, 100].
+        UserInputError: no run directory was found, or ``min_accuracy`` is not in [0, 100] (a
+            ``ValueError``).
     """
     if min_accuracy is not None and not 0 <= min_accuracy <= 100:
         raise UserInputError(f"min_accuracy is a percentage in [0, 100], got {min_accuracy}; for 30% pass 30, not 0.3")
@@ -137,7 +149,16 @@ def build_report(
     command: str | None = None,
 ) -> ReportContent:
     """Read the runs below ``paths`` and write the report files into ``out_dir`` (``include_unfinished``
-    and ``min_accuracy`` as in :func:`load_runs`)."""
+    and ``min_accuracy`` as in :func:`load_runs`).
+
+    Returns:
+        What the report holds: the runs, tables, figures, claims, the skipped runs and the figures
+        that had nothing to draw.
+
+    Raises:
+        UserInputError: every run found was skipped (the message lists the reasons), or as in
+            :func:`load_runs`.
+    """
     runs, skipped = load_runs(paths, include_unfinished=include_unfinished, min_accuracy=min_accuracy)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -147,7 +168,8 @@ def build_report(
     columns = report_columns(runs)
     tables = summarize_runs(runs)
     interpolations = find_interpolations(paths, runs)
-    figures, missing = [], []
+    figures: list[figure_module.FigureFile] = []
+    missing: list[str] = []
     for plot, needs, missing_note in _FIGURES:
         if needs == "columns":
             written = plot(runs, out, columns)

@@ -133,8 +133,8 @@ def compare(a: Sequence[float], b: Sequence[float], expect: str) -> str:
     Returns:
         The verdict.
     """
-    mean_a, std_a, n_a = _stats(a)
-    mean_b, std_b, n_b = _stats(b)
+    mean_a, std_a, _ = _stats(a)
+    mean_b, std_b, _ = _stats(b)
     if mean_a is None or mean_b is None or std_a is None or std_b is None:
         return NOT_DECIDED
     difference = (mean_b - mean_a) * (1 if expect == "larger" else -1)
@@ -225,7 +225,12 @@ def _chosen_epsilon(
     table: VariantTable, columns: Sequence[Column], attack: str, split: str, low: TableRow
 ) -> Column | None:
     """The ε column of ``attack`` at ``split`` where the smallest batch keeps closest to half its
-    clean accuracy (the most telling ε: not all robust, not all broken)."""
+    clean accuracy (the most telling ε: not all robust, not all broken).
+
+    Returns:
+        That column (of the ties, the smallest ε), or ``None`` when the smallest batch has no
+        value at any ε > 0 of ``attack`` at ``split``.
+    """
     options = []
     for column in columns:
         if column.split != split:
@@ -286,9 +291,14 @@ def batch_size_claims(table: VariantTable, columns: Sequence[Column]) -> list[Cl
         column = _column(columns, base, curvature)
         if column is not None and (ends := _ends(table, column.key)) is not None:
             claims.append(
-                _pair_claim(f"Large batches converge to points of larger curvature: {words}", f"{variant}, {column.split} samples",
-                            column.key, *ends, "larger")
-            )  # fmt: skip
+                _pair_claim(
+                    f"Large batches converge to points of larger curvature: {words}",
+                    f"{variant}, {column.split} samples",
+                    column.key,
+                    *ends,
+                    "larger",
+                )
+            )
 
     ratio = _column(columns, ratio_key(EIG_MIN, TOP_EIGENVALUE), curvature)
     if ratio is not None and (ends := _ends(table, ratio.key)) is not None:
@@ -302,7 +312,8 @@ def batch_size_claims(table: VariantTable, columns: Sequence[Column]) -> list[Cl
                 "Large-batch training does not end at saddle points: λ_min/λ₁ above "
                 f"{SADDLE_RATIO:g} at the largest batch",
                 f"{variant}, {ratio.split} samples",
-                f"B={high.batch_size}: λ_min/λ₁ {_fmt(values)}{extra} (B={low.batch_size}: {_fmt(_values(low, ratio.key))})",
+                f"B={high.batch_size}: λ_min/λ₁ {_fmt(values)}{extra}"
+                f" (B={low.batch_size}: {_fmt(_values(low, ratio.key))})",
                 verdict,
                 {"key": ratio.key, "threshold": SADDLE_RATIO, "batch_size": high.batch_size, "values": values},
             )
@@ -318,8 +329,16 @@ def batch_size_claims(table: VariantTable, columns: Sequence[Column]) -> list[Cl
     robust_keys: dict[str, str] = {}
     for attack in ("fgsm", "linf_pgd", "l2_pgd"):
         for split in held_out:
-            first = next((c for c in columns if c.split == split and (m := ROBUST_ACCURACY_PATTERN.match(parse_split_tag(c.key)[1]))
-                          and m.group("attack") == attack), None)  # fmt: skip
+            first = next(
+                (
+                    c
+                    for c in columns
+                    if c.split == split
+                    and (m := ROBUST_ACCURACY_PATTERN.match(parse_split_tag(c.key)[1]))
+                    and m.group("attack") == attack
+                ),
+                None,
+            )
             if first is None:
                 continue
             ends = _ends(table, first.key)
@@ -330,9 +349,15 @@ def batch_size_claims(table: VariantTable, columns: Sequence[Column]) -> list[Cl
                 continue
             eps = ROBUST_ACCURACY_PATTERN.match(parse_split_tag(column.key)[1]).group("eps")  # type: ignore[union-attr]
             claims.append(
-                _pair_claim(f"Large-batch models are less robust: {attack} accuracy at ε={eps}", f"{variant}, {split} samples",
-                            column.key, *ends, "smaller", percent=True)
-            )  # fmt: skip
+                _pair_claim(
+                    f"Large-batch models are less robust: {attack} accuracy at ε={eps}",
+                    f"{variant}, {split} samples",
+                    column.key,
+                    *ends,
+                    "smaller",
+                    percent=True,
+                )
+            )
             robust_keys[attack] = column.key
             break
     # the correlation uses the strongest attack measured: PGD, else FGSM
@@ -385,9 +410,11 @@ def batch_size_claims(table: VariantTable, columns: Sequence[Column]) -> list[Cl
         low, high = ends
         claims.append(
             Claim(
-                "(Context, not a claim of the paper) the training loss reached: equal losses separate batch size from under-training",
+                "(Context, not a claim of the paper) the training loss reached: equal losses separate batch size "
+                "from under-training",
                 f"{variant}, train samples",
-                f"B={low.batch_size}: {_fmt(_values(low, TRAIN_LOSS))} vs B={high.batch_size}: {_fmt(_values(high, TRAIN_LOSS))}",
+                f"B={low.batch_size}: {_fmt(_values(low, TRAIN_LOSS))}"
+                f" vs B={high.batch_size}: {_fmt(_values(high, TRAIN_LOSS))}",
                 "context",
                 {"key": TRAIN_LOSS, "a": _values(low, TRAIN_LOSS), "b": _values(high, TRAIN_LOSS)},
             )

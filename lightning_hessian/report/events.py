@@ -107,6 +107,9 @@ def find_run_dirs(paths: Iterable[str | Path]) -> list[Path]:
     Hidden directories (names starting with ``.``, where ``hessian-sweep`` moves failed attempts)
     and ``checkpoints`` directories are not searched.
 
+    Returns:
+        The run directories, resolved (an event file given directly stands for its directory).
+
     Raises:
         InputNotFoundError: a path does not exist (a ``FileNotFoundError``).
     """
@@ -128,11 +131,14 @@ def find_run_dirs(paths: Iterable[str | Path]) -> list[Path]:
 
 
 def check_event_file(path: str | Path) -> str | None:
-    """``None`` if every record of the event file is whole and its checksums match, else what is
-    wrong (and how many intact records come before it).
+    """Whether the event file is whole: every record complete and its checksums matching.
 
     The TFRecord framing of event files: a little-endian uint64 length, the masked CRC32C of
     those 8 bytes, the data, the masked CRC32C of the data.
+
+    Returns:
+        ``None`` if the file is whole, else what is wrong (truncated or corrupt, and how many intact
+        records come before it).
     """
     from tensorboard.compat.tensorflow_stub.pywrap_tensorflow import masked_crc32c
 
@@ -162,6 +168,10 @@ def read_events(run_dir: str | Path) -> RunEvents:
 
     A damaged event file is reported with a :class:`DamagedEventFileWarning` and in
     ``RunEvents.problems``; the records before the damage, and the other files, are still read.
+
+    Returns:
+        The scalars and histograms by tag, each sorted by wall time with one point per step (the
+        one written last), and the problems of damaged files.
     """
     # Imported here: the accumulator pulls in a part of TensorBoard that the rest does not need.
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -206,8 +216,12 @@ def read_events(run_dir: str | Path) -> RunEvents:
 
 
 def _last_per_step(points: Sequence[_Point]) -> list[_Point]:
-    """One point per step: of several at the same step, the one written last (``points`` are in
-    the order the event files were read)."""
+    """One point per step: of several at the same step, the one written last.
+
+    Returns:
+        The kept points, in the order of their last writes (``points`` are in the order the event
+        files were read).
+    """
     by_step: dict[int, _Point] = {}
     for point in points:
         by_step.pop(point.step, None)  # re-insert: the dict keeps the order of the last writes
@@ -225,6 +239,9 @@ def _histogram_edges(histogram: object) -> tuple[np.ndarray, np.ndarray]:
 
     Bucket ``i`` covers ``(bucket_limit[i - 1], bucket_limit[i]]``; the first bucket starts at the
     histogram's ``min``. Empty leading/trailing buckets are dropped.
+
+    Returns:
+        ``(edges, counts)``, one more edge than counts.
     """
     limits = np.asarray(histogram.bucket_limit, dtype=np.float64)  # type: ignore[attr-defined]
     counts = np.asarray(histogram.bucket, dtype=np.float64)  # type: ignore[attr-defined]

@@ -180,7 +180,10 @@ def step_to_epoch(events: RunEvents, steps: Sequence[int]) -> list[float] | None
     validation of epoch ``e`` are logged at steps below ``(e + 1) * steps_per_epoch``, while an
     epoch-end analysis logs at ``trainer.global_step``, which is already ``(e + 1) *
     steps_per_epoch``. So the epoch of step ``s`` is the largest epoch logged at a step
-    *before* ``s`` (0 when nothing was logged before). ``None`` when the run has no ``epoch`` tag.
+    *before* ``s`` (0 when nothing was logged before).
+
+    Returns:
+        The epoch of each of ``steps``, or ``None`` when the run has no ``epoch`` tag.
     """
     points = events.scalars.get("epoch")
     if not points:
@@ -200,6 +203,9 @@ def training_trajectory(points: Sequence[ScalarPoint]) -> list[ScalarPoint]:
     Later points at a step already passed are left out: a ``hessian-train test`` of runs logged
     before split-qualified tags logged its test-split analyses under the same tag at step 0 or at
     the checkpoint's step. Non-finite values (analyses cut by a time budget) are left out too.
+
+    Returns:
+        The kept points, in logging order with increasing steps.
     """
     kept: list[ScalarPoint] = []
     for point in points:  # sorted by wall time
@@ -232,7 +238,7 @@ def plot_top_eigenvalue_vs_epoch(
     colors = _batch_size_colors([b for by_batch in grouped.values() for b in by_batch])
     any_steps = False
     splits = []
-    for ax, (variant, by_batch) in zip(axes, grouped.items()):
+    for ax, (variant, by_batch) in zip(axes, grouped.items(), strict=True):
         panel_values: list[float] = []
         for batch_size in _sorted_batch_sizes(list(by_batch)):
             values_at: dict[float, list[float]] = defaultdict(list)
@@ -241,7 +247,7 @@ def plot_top_eigenvalue_vs_epoch(
                 if y:
                     splits.append(tag_split(run, tag) or "?")
                 any_steps |= not is_epoch
-                for xi, yi in zip(x, y):
+                for xi, yi in zip(x, y, strict=True):
                     values_at[xi].append(yi)
             if not values_at:
                 continue
@@ -267,7 +273,8 @@ def plot_top_eigenvalue_vs_epoch(
     return FigureFile(
         file_name,
         "Top Hessian eigenvalue during training",
-        f"`{tag}` on {_split_phrase(splits)} (the analyses during `fit`), mean ± std over seeds, one curve per batch size.",
+        f"`{tag}` on {_split_phrase(splits)} (the analyses during `fit`), mean ± std over seeds, one curve per batch "
+        "size.",
     )
 
 
@@ -284,7 +291,7 @@ def _plot_columns_vs_batch_size(
         return None
     figure, axes = _grid(len(panels))
     grouped = _group(known)
-    for ax, column in zip(axes, panels):
+    for ax, column in zip(axes, panels, strict=True):
         panel_values: list[float] = []
         for position, (variant, by_batch) in enumerate(grouped.items()):
             xs, means, stds = [], [], []
@@ -333,6 +340,10 @@ def plot_metrics_vs_batch_size(
         out_dir: where the PNG goes.
         columns: the report's columns (:func:`~lightning_hessian.report.tables.report_columns` of
             ``runs`` when not given).
+
+    Returns:
+        The figure (``metrics_vs_batch_size.png``), or ``None`` when no run with a known batch size
+        has a value for the accuracy or a shown curvature column.
     """
     if columns is None:
         from lightning_hessian.report.tables import report_columns
@@ -374,7 +385,7 @@ def plot_spectrum_vs_batch_size(runs: Sequence[Run], out_dir: Path) -> FigureFil
     if not panels:
         return None
     figure, axes = _grid(len(panels))
-    for ax, (variant, split, by_batch, indices) in zip(axes, panels):
+    for ax, (variant, split, by_batch, indices) in zip(axes, panels, strict=True):
         batch_sizes = sorted(b for b in by_batch if b is not None)
         colormap = colormaps["plasma"]
         panel_values: list[float] = []
@@ -383,8 +394,8 @@ def plot_spectrum_vs_batch_size(runs: Sequence[Run], out_dir: Path) -> FigureFil
             for batch_size in batch_sizes:
                 values = [
                     v for run in by_batch[batch_size]
-                    if (v := run.events.final(_eigen_tag(run.fit_splits.get("hessian", "train"), split, index))) is not None
-                    and math.isfinite(v)
+                    if (v := run.events.final(_eigen_tag(run.fit_splits.get("hessian", "train"), split, index)))
+                    is not None and math.isfinite(v)
                 ]  # fmt: skip
                 if values:
                     mean, std = _mean_std(values)
@@ -416,6 +427,10 @@ def plot_topk_spectrum(runs: Sequence[Run], out_dir: Path) -> FigureFile | None:
     """The top-k spectrum per batch size: eigenvalue index on x, one line per batch size.
 
     One panel per (variant, split) with at least two eigenvalues; all panels share the y axis.
+
+    Returns:
+        The figure (``topk_spectrum.png``), or ``None`` when no variant logged two or more
+        eigenvalues at one split.
     """
     panels = []
     for variant, by_batch in _group(runs).items():
@@ -428,14 +443,14 @@ def plot_topk_spectrum(runs: Sequence[Run], out_dir: Path) -> FigureFile | None:
     figure, axes = _grid(len(panels), sharey=True)
     colors = _batch_size_colors([b for _, _, by_batch, _ in panels for b in by_batch])
     all_values: list[float] = []
-    for ax, (variant, split, by_batch, indices) in zip(axes, panels):
+    for ax, (variant, split, by_batch, indices) in zip(axes, panels, strict=True):
         for batch_size in _sorted_batch_sizes(list(by_batch)):
             xs, means, stds = [], [], []
             for index in indices:
                 values = [
                     v for run in by_batch[batch_size]
-                    if (v := run.events.final(_eigen_tag(run.fit_splits.get("hessian", "train"), split, index))) is not None
-                    and math.isfinite(v)
+                    if (v := run.events.final(_eigen_tag(run.fit_splits.get("hessian", "train"), split, index)))
+                    is not None and math.isfinite(v)
                 ]  # fmt: skip
                 if values:
                     mean, std = _mean_std(values)
@@ -471,6 +486,10 @@ def plot_robust_accuracy_vs_epsilon(runs: Sequence[Run], out_dir: Path) -> Figur
 
     The clean accuracy (``robust/clean_acc`` at the same split) is drawn at epsilon 0 when the
     attack has no ``eps_0`` tag of its own. All panels share the y axis (0-100 %).
+
+    Returns:
+        The figure (``robust_accuracy_vs_epsilon.png``), or ``None`` when no run logged a robust
+        accuracy ``robust/[SPLIT/]ATTACK/eps_E``.
     """
     panels = []
     for variant, by_batch in _group(runs).items():
@@ -492,7 +511,7 @@ def plot_robust_accuracy_vs_epsilon(runs: Sequence[Run], out_dir: Path) -> Figur
         return None
     figure, axes = _grid(len(panels), sharey=True)
     colors = _batch_size_colors([b for panel in panels for b in panel[3]])
-    for ax, (variant, attack, label, by_batch, tag_eps, clean_tag) in zip(axes, panels):
+    for ax, (variant, attack, label, by_batch, tag_eps, clean_tag) in zip(axes, panels, strict=True):
         has_zero = any(eps == 0 for _, eps in tag_eps)
         series = list(tag_eps) if has_zero or clean_tag is None else [(clean_tag, 0.0), *tag_eps]
         for batch_size in _sorted_batch_sizes(list(by_batch)):
@@ -528,19 +547,24 @@ def plot_robust_accuracy_vs_epsilon(runs: Sequence[Run], out_dir: Path) -> Figur
 
 def plot_median_norms_vs_batch_size(runs: Sequence[Run], out_dir: Path) -> FigureFile | None:
     """Median minimal perturbation norms (DeepFool, CW) against batch size: a panel per (attack,
-    split), a line per training variant."""
+    split), a line per training variant.
+
+    Returns:
+        The figure (``median_norms_vs_batch_size.png``), or ``None`` when no run logged
+        ``robust/[SPLIT/]ATTACK/median_norm`` or no run has a known batch size.
+    """
     keys: dict[tuple[str, str], dict[Path, str]] = defaultdict(dict)
     for run in runs:
         for tag in run.events.scalars:
-            split, base = parse_split_tag(tag)
+            named_split, base = parse_split_tag(tag)
             if (match := MEDIAN_NORM_PATTERN.match(base)) is not None:
-                keys[(match.group("attack"), split or run.fit_splits.get("robust", "val"))][run.path] = tag
+                keys[(match.group("attack"), named_split or run.fit_splits.get("robust", "val"))][run.path] = tag
     known = [run for run in runs if run.batch_size is not None]
     if not keys or not known:
         return None
     grouped = _group(known)
     figure, axes = _grid(len(keys))
-    for ax, ((attack, split), tag_of) in zip(axes, sorted(keys.items())):
+    for ax, ((attack, split), tag_of) in zip(axes, sorted(keys.items()), strict=True):
         panel_values: list[float] = []
         for position, (variant, by_batch) in enumerate(grouped.items()):
             xs, means, stds = [], [], []
@@ -583,6 +607,10 @@ def plot_spectral_density(runs: Sequence[Run], out_dir: Path, *, tag: str = DENS
     Reads the last ``hessian/density`` (or split-qualified) histogram of each run (seeds of a batch
     size share a colour). All panels share both axes; the y axis is logarithmic: the bulk near zero
     and the outliers differ by orders of magnitude.
+
+    Returns:
+        The figure (``spectral_density.png``), or ``None`` when no run logged a non-empty density
+        histogram.
     """
     panels = []
     for variant, by_batch in _group(runs).items():
@@ -590,9 +618,9 @@ def plot_spectral_density(runs: Sequence[Run], out_dir: Path, *, tag: str = DENS
         splits = {}
         for run in members:
             for name in run.events.histograms:
-                split, base = parse_split_tag(name)
+                named_split, base = parse_split_tag(name)
                 if base == tag and run.events.histograms[name]:
-                    splits[split or run.fit_splits.get("hessian", "train")] = True
+                    splits[named_split or run.fit_splits.get("hessian", "train")] = True
         for split in sorted(splits, key=lambda s: SPLITS.index(s) if s in SPLITS else len(SPLITS)):
             panels.append((variant, split, by_batch))
     if not panels:
@@ -600,7 +628,7 @@ def plot_spectral_density(runs: Sequence[Run], out_dir: Path, *, tag: str = DENS
     figure, axes = _grid(len(panels), sharex=True, sharey=True)
     colors = _batch_size_colors([b for _, _, by_batch in panels for b in by_batch])
     floor = 1e-8
-    for ax, (variant, split, by_batch) in zip(axes, panels):
+    for ax, (variant, split, by_batch) in zip(axes, panels, strict=True):
         for batch_size in _sorted_batch_sizes(list(by_batch)):
             labelled = False
             for run in by_batch[batch_size]:
@@ -610,8 +638,8 @@ def plot_spectral_density(runs: Sequence[Run], out_dir: Path, *, tag: str = DENS
                     continue
                 centres, density = density_from_histogram(histograms[-1].edges, histograms[-1].counts)
                 ax.semilogy(
-                    centres, np.where(density > floor, density, np.nan), color=colors[batch_size], linewidth=1.0, alpha=0.8,
-                    label=None if labelled else _batch_size_label(batch_size),
+                    centres, np.where(density > floor, density, np.nan), color=colors[batch_size], linewidth=1.0,
+                    alpha=0.8, label=None if labelled else _batch_size_label(batch_size),
                 )  # fmt: skip
                 labelled = True
         ax.set_title(f"{variant} training, {split} samples")
@@ -624,7 +652,8 @@ def plot_spectral_density(runs: Sequence[Run], out_dir: Path, *, tag: str = DENS
     return FigureFile(
         file_name,
         "Hessian spectral density at the end of training",
-        f"Last `{tag}` histogram (stochastic Lanczos quadrature) of each run on {_split_phrase([p[1] for p in panels])}, "
+        f"Last `{tag}` histogram (stochastic Lanczos quadrature) of each run on "
+        f"{_split_phrase([p[1] for p in panels])}, "
         "one line per seed, one colour per batch size; each panel names its split; all panels share both axes.",
     )
 
@@ -648,6 +677,10 @@ def find_landscape(run: Run) -> RunLandscape | None:
     ``test_epoch_XXX.npz`` under ``hessian-train test``. Files that are not landscape archives
     are ignored. (The report itself reads every file, per split:
     :func:`lightning_hessian.report.artifacts.latest_landscapes`.)
+
+    Returns:
+        The newest file (by modification time, then name) with curves or surfaces, or ``None``
+        when the run has none.
     """
     files = [p for p in run.path.rglob("*.npz") if "checkpoints" not in p.relative_to(run.path).parts]
     for path in sorted(files, key=lambda p: (p.stat().st_mtime, p.name), reverse=True):
@@ -680,6 +713,10 @@ def plot_landscapes(runs: Sequence[Run], out_dir: Path) -> list[FigureFile] | No
     * 2-D: per variant, surface and split, the smallest and the largest batch size side by side
       (the first seed that has one), on one colour scale (logarithmic when the losses span two
       decades) with one colour bar.
+
+    Returns:
+        The figures (``landscape_curves_*.png``, ``landscape_surface_*.png``), or ``None`` when no
+        run has a landscape file with a curve or a surface with finite losses.
     """
     written: list[FigureFile] = []
     for variant_index, (variant, by_batch) in enumerate(_group(runs).items()):
@@ -688,11 +725,11 @@ def plot_landscapes(runs: Sequence[Run], out_dir: Path) -> list[FigureFile] | No
         for batch_size in _sorted_batch_sizes(list(by_batch)):
             for run in sorted(by_batch[batch_size], key=lambda r: (r.seed is None, r.seed or 0)):
                 run_curves, run_surfaces = latest_landscapes(run)
-                for split, named in run_curves.items():
-                    for name, curve in named.items():
+                for split, named_curves in run_curves.items():
+                    for name, curve in named_curves.items():
                         curves[(name, split)][batch_size].append(curve)
-                for split, named in run_surfaces.items():
-                    for name, surface in named.items():
+                for split, named_surfaces in run_surfaces.items():
+                    for name, surface in named_surfaces.items():
                         surfaces[(name, split)].setdefault(batch_size, surface)
         slug = f"{variant_index}_{_slug(variant)}"
         colors = _batch_size_colors(list(by_batch))
@@ -700,7 +737,7 @@ def plot_landscapes(runs: Sequence[Run], out_dir: Path) -> list[FigureFile] | No
             keys = sorted(curves, key=lambda k: (k[0], SPLITS.index(k[1]) if k[1] in SPLITS else 9))
             figure, axes = _grid(len(keys), sharey=True)
             values: list[float] = []
-            for ax, key in zip(axes, keys):
+            for ax, key in zip(axes, keys, strict=True):
                 name, split = key
                 for batch_size in _sorted_batch_sizes(list(curves[key])):
                     stats = _mean_curve(curves[key][batch_size])
@@ -725,9 +762,10 @@ def plot_landscapes(runs: Sequence[Run], out_dir: Path) -> list[FigureFile] | No
                 FigureFile(
                     file_name,
                     f"Loss along directions ({variant} training)",
-                    f"`L(θ + t d)` along each direction (`eig1`: the top eigenvector of the Hessian on the training samples "
-                    f"at the end of `fit`, unit length) on {_split_phrase(splits)} (each panel names its split), mean ± std "
-                    "over seeds per batch size; the newest landscape file of each run and split (`landscape/*.npz`).",
+                    "`L(θ + t d)` along each direction (`eig1`: the top eigenvector of the Hessian on the training "
+                    f"samples at the end of `fit`, unit length) on {_split_phrase(splits)} (each panel names its "
+                    "split), mean ± std over seeds per batch size; the newest landscape file of each run and split "
+                    "(`landscape/*.npz`).",
                 )
             )
         for (name, split), by_size in sorted(surfaces.items()):
@@ -744,12 +782,12 @@ def plot_landscapes(runs: Sequence[Run], out_dir: Path) -> list[FigureFile] | No
             )
             figure, axes = _grid(len(chosen), width=4.4, height=3.8, max_columns=2, sharex=True, sharey=True)
             contour = None
-            for ax, batch_size in zip(axes, chosen):
+            for ax, batch_size in zip(axes, chosen, strict=True):
                 surface = by_size[batch_size]
                 loss = np.asarray(surface.loss, dtype=np.float64)
                 contour = ax.contourf(
-                    surface.alphas, surface.betas, np.clip(loss, finite.min(), finite.max()).T, levels=levels, norm=norm,
-                    cmap="viridis",
+                    surface.alphas, surface.betas, np.clip(loss, finite.min(), finite.max()).T, levels=levels,
+                    norm=norm, cmap="viridis",
                 )  # fmt: skip
                 ax.plot([0], [0], marker="*", color="white", markersize=10)
                 ax.set_title(f"{_batch_size_label(batch_size)}: {name}, {split} samples")
@@ -766,7 +804,8 @@ def plot_landscapes(runs: Sequence[Run], out_dir: Path) -> list[FigureFile] | No
                     f"`L(θ + a d₁ + b d₂)` on {split} samples for the smallest and the largest batch size (first seed "
                     "with a surface), one colour scale for both panels"
                     + (" (logarithmic)" if log else "")
-                    + "; the star is the trained model; directions of unit length (eigenvectors) or filter-normalised (random).",
+                    + "; the star is the trained model; directions of unit length (eigenvectors) or "
+                    "filter-normalised (random).",
                 )
             )
     return written or None
@@ -782,6 +821,10 @@ def plot_interpolations(interpolations: Sequence[Interpolation], out_dir: Path) 
     The seeds of one pair (:func:`~lightning_hessian.report.artifacts.interpolation_title`) give
     the mean ± std; one line per split of the samples; the loss and eigenvalue axes are
     logarithmic when they span a decade.
+
+    Returns:
+        One figure per pair (``interpolation_<i>_<title>.png``), or ``None`` when there are no
+        interpolations.
     """
     written: list[FigureFile] = []
     for index, (title, items) in enumerate(group_interpolations(interpolations).items()):
@@ -791,7 +834,8 @@ def plot_interpolations(interpolations: Sequence[Interpolation], out_dir: Path) 
         figure, axes = _grid(3 if has_eig else 2, width=4.6, height=3.4)
         splits = sorted({s for item in same for s in item.loss}, key=lambda s: SPLITS.index(s) if s in SPLITS else 9)
         styles = {"train": "-", "val": "-.", "test": "--"}
-        for ax, quantity in zip(axes, ("loss", "accuracy")):
+        # the third panel (when there is one) is the eigenvalue's, drawn below
+        for ax, quantity in zip(axes, ("loss", "accuracy"), strict=False):
             values: list[float] = []
             for position, split in enumerate(splits):
                 stack = np.vstack([getattr(item, quantity)[split] for item in same if split in getattr(item, quantity)])
@@ -827,14 +871,16 @@ def plot_interpolations(interpolations: Sequence[Interpolation], out_dir: Path) 
         file_name = f"interpolation_{index}_{_slug(title)}.png"
         _save(figure, out_dir, file_name)
         eig_note = (
-            f"; the top eigenvalue of the Hessian on {same[0].eigenvalue_split or 'the first split'}'s samples at every α"
+            f"; the top eigenvalue of the Hessian on {same[0].eigenvalue_split or 'the first split'}'s samples "
+            "at every α"
             if has_eig else ""
         )  # fmt: skip
         written.append(
             FigureFile(
                 file_name,
                 f"Model interpolation: {title}",
-                f"θ(α) = (1 − α) θ_A + α θ_B (BatchNorm statistics interpolated too) from `hessian-landscape interpolate`: "
+                "θ(α) = (1 − α) θ_A + α θ_B (BatchNorm statistics interpolated too) from "
+                "`hessian-landscape interpolate`: "
                 f"loss and accuracy on {_split_phrase(splits)}{eig_note}; mean ± std over {len(same)} pair(s) of runs "
                 "with the same seed.",
             )

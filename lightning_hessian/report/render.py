@@ -57,7 +57,12 @@ def _table_cells(table: VariantTable) -> tuple[list[str], list[list[str]]]:
 
 def _section_cells(content: ReportContent, section: str) -> tuple[list[str], list[list[str]]] | None:
     """One section's table over all variants: a row per (variant, batch size), the section's
-    shown columns that some row has a value for; ``None`` when there are none."""
+    shown columns that some row has a value for.
+
+    Returns:
+        ``(header, rows)`` of the table, or ``None`` when no row has a value for any of the
+        section's shown columns.
+    """
     columns = [c for c in content.columns if c.section == section and c.shown]
     present = {column.key for table in content.tables for column in table.columns}
     columns = [c for c in columns if c.key in present]

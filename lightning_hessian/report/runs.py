@@ -144,8 +144,11 @@ def describe_variant(options: Mapping[str, Any]) -> str | None:
     Looks for an ``adversarial`` option (a mapping with ``method`` and ``epsilon`` as
     :class:`~lightning_hessian.attacks.training.AdversarialTraining` saves it, or a string) and an
     ``activation`` option (a string, with ``softplus_beta`` for softplus, or a mapping with
-    ``name`` and e.g. ``beta``): ``"standard"``, ``"fgsm ε=0.1"``, ``"standard, softplus β=5"``.
-    Returns ``None`` when neither is present, so that other sources can decide.
+    ``name`` and e.g. ``beta``).
+
+    Returns:
+        The variant, e.g. ``"standard"``, ``"fgsm ε=0.1"``, ``"standard, softplus β=5"``; ``None``
+        when neither option is present, so that other sources can decide.
     """
     adversarial = _init_args(_find_key(options, "adversarial"))
     activation = _init_args(_find_key(options, "activation"))

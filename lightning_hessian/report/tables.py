@@ -229,7 +229,12 @@ def run_accuracy(run: Run) -> tuple[float | None, str | None]:
 def variant_order(variant: str) -> tuple:
     """Sort key of the training variants: standard training first, then its own variations
     (``"standard, ..."``: controls, activations), then the others; numbers inside a label in
-    numeric order (softplus β=5 before β=20)."""
+    numeric order (softplus β=5 before β=20).
+
+    Returns:
+        ``(rank, parts)``: the rank of the kind of variant, then the label's numbers and the text
+        between them.
+    """
     rank = 0 if variant == STANDARD_VARIANT else 1 if variant.startswith(STANDARD_VARIANT) else 2
     parts = tuple(
         (0, float(part), "") if _is_number(part) else (1, 0.0, part) for part in _NUMBER.split(variant) if part
@@ -245,9 +250,12 @@ def _is_number(text: str) -> bool:
 
 
 def tag_split(run: Run, tag: str) -> str | None:
-    """The split of the samples behind ``tag`` in ``run``: named in a split-qualified tag, else
-    the split the tag's group sampled during ``fit`` (``run.fit_splits``); ``None`` for tags of no
-    analysis group."""
+    """The split of the samples behind ``tag`` in ``run``.
+
+    Returns:
+        The split named in a split-qualified tag, else the split the tag's group sampled during
+        ``fit`` (``run.fit_splits``); ``None`` for tags of no analysis group.
+    """
     split, base = parse_split_tag(tag)
     if split is not None:
         return split
@@ -339,7 +347,7 @@ def report_columns(runs: Sequence[Run]) -> list[Column]:
             if _present(runs, key):
                 columns.append(Column(key, f"{title}, {split}", percent, "curvature", shown, split))
 
-    accuracy_tags = {tag for run in runs if (tag := run_accuracy(run)[1]) is not None}
+    accuracy_tags = {accuracy_tag for run in runs if (accuracy_tag := run_accuracy(run)[1]) is not None}
     if accuracy_tags:
         title = {frozenset({TEST_ACC}): "test acc (%)", frozenset({VAL_ACC}): "val acc (%)"}.get(
             frozenset(accuracy_tags), "test acc* (%)"
@@ -386,8 +394,12 @@ def _subscript(index: int) -> str:
 
 
 def summarize_runs(runs: Sequence[Run]) -> list[VariantTable]:
-    """One :class:`VariantTable` per training variant, standard training first; each holds the
-    :func:`report_columns` of all runs that its own runs have a value for."""
+    """The tables of the report, one per training variant.
+
+    Returns:
+        One :class:`VariantTable` per training variant, standard training first (:func:`variant_order`);
+        each holds the :func:`report_columns` of all runs that its own runs have a value for.
+    """
     columns = report_columns(runs)
     by_variant: dict[str, list[Run]] = defaultdict(list)
     for run in runs:

@@ -45,7 +45,12 @@ def _process_state(pid: int) -> tuple[str, str] | None:
 
 def _process_alive(pid: Any, started: Any = None) -> bool:
     """Whether process ``pid`` exists and is not a zombie; with ``started`` (its ``/proc`` start
-    time when the lock was written) a reused PID does not count."""
+    time when the lock was written) a reused PID does not count.
+
+    Returns:
+        ``False`` for a ``pid`` that is not a positive integer, a process that does not exist or
+        is a zombie, or a reused PID; else ``True``.
+    """
     if not isinstance(pid, int) or pid <= 0:
         return False
     try:

@@ -50,7 +50,11 @@ def _settings_record(settings: SweepSettings) -> dict[str, Any]:
 
 def _die_with_sweep() -> Any:
     """A ``preexec_fn`` that makes the child get SIGTERM when the sweep dies (Linux
-    ``PR_SET_PDEATHSIG``, which survives exec), or ``None`` elsewhere."""
+    ``PR_SET_PDEATHSIG``, which survives exec).
+
+    Returns:
+        The ``preexec_fn``, or ``None`` where ``prctl`` is not available (not Linux).
+    """
     if not sys.platform.startswith("linux"):
         return None
     try:
@@ -96,11 +100,14 @@ def _stop_process_group(process: subprocess.Popen[str], signum: int) -> None:
 
 
 def _run_logged(command: list[str], log: TextIO, echo: bool, lock: RunLock | None = None) -> int:
-    """Run ``command``, writing its output to ``log`` (and to stdout with ``echo``); its exit code.
+    """Run ``command``, writing its output to ``log`` (and to stdout with ``echo``).
 
     The child runs in a process group of its own (its DDP workers too) and inherits ``lock``. If
     the sweep is interrupted, the signal it got (SIGINT for Ctrl-C, else the one in
     :class:`SweepInterrupted`) is passed on to that group, and the child is reaped before the interrupt propagates.
+
+    Returns:
+        The child's exit code.
     """
     log.write(f"$ {shlex.join(command)}\n")
     log.flush()
@@ -194,10 +201,15 @@ def _execute(settings: SweepSettings, run: SweepRun, echo: bool, lock: RunLock |
 def run_sweep(
     settings: SweepSettings, *, dry_run: bool = False, echo: bool = False, out: TextIO | None = None
 ) -> list[SweepRun]:
-    """Run (or with ``dry_run`` only print) every combination; returns the runs with their status.
+    """Run (or with ``dry_run`` only print) every combination.
 
     Progress goes to ``out`` (default: standard output); the runs' own output to their
     ``train.log`` (and with ``echo`` to standard output as well).
+
+    Returns:
+        The runs in execution order (:func:`~lightning_hessian.sweep.plan_sweep`), each with its
+        status (``finished``, ``skipped``, ``failed`` or ``refused``; ``pending`` for the runs that
+        ``dry_run`` only printed).
     """
     out = sys.stdout if out is None else out
     runs = plan_sweep(settings)
@@ -254,5 +266,9 @@ def run_sweep(
 
 def stop_on_signal(signum: int, frame: Any) -> None:
     """A signal handler that stops the sweep like Ctrl-C (for SIGTERM: a job scheduler, ``kill``):
-    the current run's process group gets the same signal and its ``sweep.json`` says ``interrupted``."""
+    the current run's process group gets the same signal and its ``sweep.json`` says ``interrupted``.
+
+    Raises:
+        SweepInterrupted: always, carrying ``signum`` (a ``KeyboardInterrupt``).
+    """
     raise SweepInterrupted(signum)

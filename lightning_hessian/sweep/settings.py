@@ -181,6 +181,9 @@ def plan_sweep(settings: SweepSettings) -> list[SweepRun]:
     """The runs of a sweep in execution order: all batch sizes of the first seed first.
 
     Seed-major order gives a complete batch-size curve after the first pass over the batch sizes.
+
+    Returns:
+        One :class:`SweepRun` per (seed, batch size), with its run directory and ``fit`` command.
     """
     runs = []
     for seed in settings.seeds:

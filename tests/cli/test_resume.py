@@ -1,0 +1,368 @@
+"""Exact resumption: RNG states in checkpoints, ``--ckpt_path last``, event files without repeated
+steps (``lightning_hessian.resume``, ``hessian-train``'s resume defaults, the report's reader)."""
+
+from __future__ import annotations
+
+import collections
+import os
+import random
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import pytorch_lightning as pl
+import torch
+import yaml
+from helpers import QUICKSTART, QUIET_CLI
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from lightning_hessian.cli import main
+from lightning_hessian.report.events import read_events
+from lightning_hessian.resume import (
+    RNGStateCallback,
+    capture_rng_state,
+    continue_event_log,
+    find_resume_checkpoint,
+    restore_rng_state,
+)
+
+QUIET = {"enable_progress_bar": False, "enable_model_summary": False, "accelerator": "cpu", "devices": 1}
+
+
+def _draws() -> tuple:
+    return torch.rand(3).tolist(), np.random.rand(3).tolist(), [random.random() for _ in range(3)], np.random.randn()
+
+
+# ---------------------------------------------------------------------------------------------
+# RNG states
+
+
+def test_rng_state_round_trip_through_a_weights_only_checkpoint(tmp_path: Path) -> None:
+    np.random.randn()  # a cached Gaussian in NumPy's state
+    random.gauss(0, 1)  # and in Python's
+    callback = RNGStateCallback()
+    torch.save({"callbacks": {callback.state_key: callback.state_dict()}}, tmp_path / "state.ckpt")
+    expected = _draws()
+    _draws()
+    loaded = torch.load(tmp_path / "state.ckpt", weights_only=True)  # tensors and plain values only
+    RNGStateCallback().load_state_dict(loaded["callbacks"][callback.state_key])
+    assert _draws() == expected
+
+
+def test_restore_rng_state_leaves_missing_parts_alone() -> None:
+    state = capture_rng_state()
+    expected_torch = torch.rand(2)
+    np.random.seed(5)
+    numpy_next = np.random.rand()
+    np.random.seed(5)
+    restore_rng_state({"torch": state["torch"]})
+    assert torch.equal(torch.rand(2), expected_torch) and np.random.rand() == numpy_next
+
+
+class NoisyModule(pl.LightningModule):
+    """Dropout and per-step noise: every step draws from the global generator."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(6, 16), nn.Dropout(0.3), nn.ReLU(), nn.Linear(16, 2))
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        x = x + 0.1 * torch.randn_like(x)
+        return nn.functional.cross_entropy(self.net(x), y)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1, momentum=0.9)
+
+    def train_dataloader(self) -> DataLoader:
+        data = torch.Generator().manual_seed(1)
+        dataset = TensorDataset(torch.randn(40, 6, generator=data), torch.randint(0, 2, (40,), generator=data))
+        return DataLoader(dataset, batch_size=8, shuffle=True)  # order from torch's global generator
+
+
+def _fit(tmp_path: Path, max_epochs: int, callbacks: list, ckpt_path: str | None = None) -> NoisyModule:
+    pl.seed_everything(0)
+    model = NoisyModule()
+    checkpoint = pl.callbacks.ModelCheckpoint(dirpath=tmp_path / "checkpoints", save_last=True)
+    trainer = pl.Trainer(max_epochs=max_epochs, logger=False, callbacks=[*callbacks, checkpoint], **QUIET)
+    trainer.fit(model, ckpt_path=ckpt_path)
+    return model
+
+
+@pytest.mark.parametrize("with_callback", [True, False])
+def test_rng_callback_makes_a_resumed_fit_repeat_the_uninterrupted_one(tmp_path: Path, with_callback: bool) -> None:
+    """Any LightningModule: shuffling, dropout and noise after the checkpoint repeat exactly."""
+    callbacks = lambda: [RNGStateCallback()] if with_callback else []  # noqa: E731
+    uninterrupted = _fit(tmp_path / "a", 4, callbacks())
+    _fit(tmp_path / "b", 2, callbacks())
+    resumed = _fit(tmp_path / "b", 4, callbacks(), ckpt_path=str(tmp_path / "b" / "checkpoints" / "last.ckpt"))
+    equal = all(torch.equal(p, q) for p, q in zip(uninterrupted.parameters(), resumed.parameters(), strict=True))
+    assert equal == with_callback  # without it, Lightning's resume draws other numbers
+
+
+# ---------------------------------------------------------------------------------------------
+# event files
+
+
+def _writer(run_dir: Path):
+    from torch.utils.tensorboard import SummaryWriter
+
+    return SummaryWriter(str(run_dir))
+
+
+def _accumulated(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    accumulator = EventAccumulator(str(run_dir), size_guidance={"scalars": 0})
+    accumulator.Reload()
+    return {tag: [(e.step, e.value) for e in accumulator.Scalars(tag)] for tag in accumulator.Tags()["scalars"]}
+
+
+def test_read_events_keeps_one_value_per_step_the_last_written(tmp_path: Path) -> None:
+    first = _writer(tmp_path)
+    for step in range(4):
+        first.add_scalar("loss", 10.0 + step, step)
+    first.add_scalar("loss", 99.0, 3)  # the same step twice in one file
+    first.close()
+    time.sleep(1.1)  # event file names carry the second they were created in
+    second = _writer(tmp_path)  # a second writer, without a purge marker
+    for step in (2, 3, 4):
+        second.add_scalar("loss", 20.0 + step, step)
+    second.close()
+    assert len(_accumulated(tmp_path)["loss"]) == 8  # TensorBoard's accumulator keeps all of them
+
+    points = read_events(tmp_path).scalars["loss"]
+    assert sorted((p.step, p.value) for p in points) == [(0, 10.0), (1, 11.0), (2, 22.0), (3, 23.0), (4, 24.0)]
+    assert read_events(tmp_path).final("loss") == 24.0
+
+
+def test_continue_event_log_purges_after_the_checkpoint_and_keeps_what_came_before(tmp_path: Path) -> None:
+    killed = _writer(tmp_path)
+    for step in range(6):
+        killed.add_scalar("train/loss", float(step), step)
+    killed.add_scalar("analysis/lambda", 7.0, 6)  # at the checkpoint's step, before the checkpoint
+    killed.flush()
+    saved_at = time.time()  # the checkpoint: global step 6
+    time.sleep(0.01)
+    for step in range(6, 9):  # after the checkpoint, then killed
+        killed.add_scalar("train/loss", -1.0, step)
+    killed.add_scalar("analysis/lambda", -1.0, 8)
+    killed.close()
+    time.sleep(1.1)
+
+    resumed = _writer(tmp_path)
+    assert continue_event_log(resumed, tmp_path, purge_step=6, saved_at=saved_at) == 1
+    for step in range(6, 9):
+        resumed.add_scalar("train/loss", float(step), step)
+    resumed.close()
+
+    scalars = _accumulated(tmp_path)
+    assert scalars["train/loss"] == [(s, float(s)) for s in range(9)]
+    assert scalars["analysis/lambda"] == [(6, 7.0)]
+    assert {
+        tag: [(p.step, p.value) for p in points] for tag, points in read_events(tmp_path).scalars.items()
+    } == scalars
+
+
+def test_find_resume_checkpoint_takes_the_newest_run_with_a_last_checkpoint(tmp_path: Path) -> None:
+    for version, files in {0: ["last.ckpt", "epoch=1.ckpt"], 1: ["last.ckpt"], 2: ["epoch=0.ckpt"], 3: []}.items():
+        directory = tmp_path / f"version_{version}" / "checkpoints"
+        directory.mkdir(parents=True)
+        for name in files:
+            (directory / name).write_bytes(b"")
+    (tmp_path / "version_4").mkdir()  # a `test` run: no checkpoints directory
+    assert find_resume_checkpoint(tmp_path) == (tmp_path / "version_1" / "checkpoints" / "last.ckpt", 1)
+    assert find_resume_checkpoint(tmp_path, 0) == (tmp_path / "version_0" / "checkpoints" / "last.ckpt", 0)
+    assert find_resume_checkpoint(tmp_path, 2) is None
+    assert find_resume_checkpoint(tmp_path / "nowhere") is None
+
+
+# ---------------------------------------------------------------------------------------------
+# hessian-train
+
+
+TINY = [*QUIET_CLI, "--trainer.max_epochs=1", "--trainer.limit_train_batches=2", "--trainer.limit_val_batches=1"]
+
+
+@pytest.mark.usefixtures("clean_argv")
+def test_ckpt_path_last_without_a_checkpoint_is_an_error(in_tmp_dir: Path, capsys: pytest.CaptureFixture) -> None:
+    config = str(QUICKSTART)
+    with pytest.raises(SystemExit) as info:
+        main(["fit", "--config", config, *TINY, "--ckpt_path", "last"])
+    assert info.value.code == 2
+    assert (
+        "--ckpt_path last: there is no last checkpoint in runs/quickstart/version_*/checkpoints"
+        in capsys.readouterr().err
+    )
+    assert not (in_tmp_dir / "runs" / "quickstart" / "version_0" / "checkpoints").exists()
+
+
+@pytest.mark.usefixtures("clean_argv")
+def test_fit_saves_a_last_checkpoint_unless_the_config_says_otherwise(
+    in_tmp_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    config = str(QUICKSTART)
+    main(["fit", "--config", config, *TINY])
+    checkpoints = in_tmp_dir / "runs" / "quickstart" / "version_0" / "checkpoints"
+    assert (checkpoints / "last.ckpt").is_file()
+    state = torch.load(checkpoints / "last.ckpt", weights_only=True)["callbacks"]
+    assert "rng" in state["RNGStateCallback"] and state["CheckpointLogSync"]["saved_at"] > 0
+    assert set(state) >= {"RNGStateCallback", "CheckpointLogSync"}
+
+    main([
+        "fit", "--config", config, *TINY, "--trainer.callbacks+=ModelCheckpoint",
+        "--trainer.callbacks.save_last=false", "--trainer.callbacks.filename=mine",
+    ])  # fmt: skip
+    assert [p.name for p in (in_tmp_dir / "runs" / "quickstart" / "version_1" / "checkpoints").iterdir()] == [
+        "mine.ckpt"
+    ]
+
+    # `test --ckpt_path last`: the newest run with a last checkpoint (version_0), logged to a new directory
+    with caplog.at_level("INFO"):
+        main(["test", "--config", config, *TINY, "--ckpt_path", "last", "--trainer.limit_test_batches=1"])
+    assert f"checkpoint path at {Path('runs/quickstart/version_0/checkpoints/last.ckpt')}" in caplog.text
+    assert list((in_tmp_dir / "runs" / "quickstart" / "version_2").glob("events.out.tfevents.*"))
+
+
+HELPERS = '''
+"""Callbacks of the kill-and-resume test (imported by hessian-train in a subprocess)."""
+import os
+import time
+from pathlib import Path
+
+import pytorch_lightning as pl
+
+
+class EpochEndProbe(pl.Callback):
+    """Logs at trainer.global_step at epoch end before the checkpoint, as the analysis callbacks
+    do, with its schedule in the checkpoint (a resumed run does not log it again)."""
+
+    def __init__(self):
+        self.last_epoch = -1
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        if trainer.current_epoch > self.last_epoch:
+            self.last_epoch = trainer.current_epoch
+            value = float(sum(p.detach().double().sum() for p in pl_module.parameters()))
+            for logger in trainer.loggers:
+                logger.log_metrics({"probe/param_sum": value}, step=trainer.global_step)
+
+    def state_dict(self):
+        return {"last_epoch": self.last_epoch}
+
+    def load_state_dict(self, state):
+        self.last_epoch = state["last_epoch"]
+
+
+class HoldAt(pl.Callback):
+    """Before the batch at global step $HOLD_AT_STEP: flush the loggers (the events logged since the
+    checkpoint are on disk, as they would be after a while), write `marker`, wait to be killed."""
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_step == int(os.environ.get("HOLD_AT_STEP", "-1")):
+            for logger in trainer.loggers:
+                logger.save()
+            Path("held").write_text(str(trainer.global_step))
+            while True:
+                time.sleep(0.02)
+'''
+
+CONFIG = {
+    "seed_everything": 0,
+    "trainer": {
+        "accelerator": "cpu", "devices": 1, "max_epochs": 3, "limit_train_batches": 4, "limit_val_batches": 2,
+        "log_every_n_steps": 1, "enable_progress_bar": False, "enable_model_summary": False,
+        "logger": {
+            "class_path": "pytorch_lightning.loggers.TensorBoardLogger",
+            "init_args": {"save_dir": "runs", "name": "tiny", "default_hp_metric": False},
+        },
+        "callbacks": [
+            {
+                "class_path": "pytorch_lightning.callbacks.LearningRateMonitor",
+                "init_args": {"logging_interval": "epoch"},
+            },
+            {"class_path": "resume_helpers.EpochEndProbe"},
+            {"class_path": "resume_helpers.HoldAt"},
+        ],
+    },
+    # gaussian_noise: every step draws from the global generator
+    "model": {
+        "arch": "mlp", "lr": 0.1, "base_batch_size": 64, "adversarial": {"method": "gaussian_noise", "epsilon": 0.05},
+    },
+    "data": {
+        "class_path": "lightning_hessian.data.Digits", "init_args": {"batch_size": 64, "val_fraction": 0.1, "seed": 0},
+    },
+}  # fmt: skip
+
+
+def _hessian_train(directory: Path, *extra: str, hold_at: int = -1) -> subprocess.Popen:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HOLD_AT_STEP": str(hold_at)}
+    env["PYTHONPATH"] = os.pathsep.join([str(directory.parent), env.get("PYTHONPATH", "")])
+    command = [sys.executable, "-m", "lightning_hessian.cli", "fit", "--config", "../tiny.yaml", *extra]
+    log = open(directory / f"log{time.monotonic_ns()}.txt", "w")
+    return subprocess.Popen(command, cwd=directory, env=env, stdout=log, stderr=subprocess.STDOUT)
+
+
+def _finish(process: subprocess.Popen, directory: Path, timeout: float = 120) -> None:
+    if process.wait(timeout=timeout) != 0:
+        logs = "\n".join(p.read_text()[-3000:] for p in sorted(directory.glob("log*.txt")))
+        pytest.fail(f"hessian-train failed in {directory}:\n{logs}")
+
+
+def test_kill_9_mid_epoch_then_ckpt_path_last_repeats_the_uninterrupted_run(tmp_path: Path) -> None:
+    (tmp_path / "resume_helpers.py").write_text(textwrap.dedent(HELPERS))
+    (tmp_path / "tiny.yaml").write_text(yaml.safe_dump(CONFIG))
+    uninterrupted_dir, resumed_dir = tmp_path / "uninterrupted", tmp_path / "resumed"
+    uninterrupted_dir.mkdir()
+    resumed_dir.mkdir()
+    uninterrupted = _hessian_train(uninterrupted_dir)
+    # 4 steps an epoch, a checkpoint at the end of each: step 6 is mid-epoch, after the step-4 checkpoint
+    killed = _hessian_train(resumed_dir, hold_at=6)
+    deadline = time.monotonic() + 180
+    while not (resumed_dir / "held").exists():
+        assert killed.poll() is None, (resumed_dir / "held", "hessian-train ended before step 6")
+        assert time.monotonic() < deadline, "hessian-train did not reach step 6"
+        time.sleep(0.05)
+    killed.send_signal(signal.SIGKILL)
+    killed.wait(timeout=60)
+    run = resumed_dir / "runs" / "tiny" / "version_0"
+    assert [p.name for p in (run / "checkpoints").glob("*.ckpt")] != []
+    killed_events = _accumulated(run)
+    assert {4, 5} <= {step for step, _ in killed_events["train/loss_step"]}  # logged after the checkpoint
+
+    _finish(_hessian_train(resumed_dir, "--ckpt_path", "last"), resumed_dir)
+    _finish(uninterrupted, uninterrupted_dir)
+
+    # one run directory, continued
+    assert [p.name for p in (resumed_dir / "runs" / "tiny").iterdir()] == ["version_0"]
+    assert len(list(run.glob("events.out.tfevents.*"))) == 2
+    # the weights and the optimiser of the uninterrupted run, bit for bit
+    expected = torch.load(uninterrupted_dir / "runs/tiny/version_0/checkpoints/last.ckpt", weights_only=True)
+    actual = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
+    assert actual["global_step"] == expected["global_step"] == 12
+    assert expected["state_dict"].keys() == actual["state_dict"].keys()
+    assert all(torch.equal(actual["state_dict"][k], v) for k, v in expected["state_dict"].items())
+    momenta = [
+        (s["momentum_buffer"], actual["optimizer_states"][0]["state"][i]["momentum_buffer"])
+        for i, s in expected["optimizer_states"][0]["state"].items()
+    ]
+    assert momenta and all(torch.equal(a, b) for a, b in momenta)
+    # every curve, as TensorBoard reads it (the purge honoured), is the uninterrupted run's
+    reference = _accumulated(uninterrupted_dir / "runs" / "tiny" / "version_0")
+    assert {"train/loss_step", "train/loss", "val/loss", "lr-SGD", "probe/param_sum"} <= set(reference)
+    curves = _accumulated(run)
+    assert {tag: sorted(points) for tag, points in curves.items()} == {
+        tag: sorted(points) for tag, points in reference.items()
+    }
+    # and the report's reader has one value per step per tag
+    for tag, points in read_events(run).scalars.items():
+        steps = [p.step for p in points]
+        assert len(steps) == len(set(steps)), tag
+        assert sorted((p.step, p.value) for p in points) == sorted(dict(reference[tag]).items()), tag
+    assert collections.Counter(step for step, _ in curves["probe/param_sum"]) == {4: 1, 8: 1, 12: 1}
