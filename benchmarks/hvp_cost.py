@@ -41,7 +41,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from lightning_hessian.curvature import HessianOperator, top_eigenvalues
-from lightning_hessian.curvature.operator import HVP_MODES, k_bucket
+from lightning_hessian.curvature.hvp_tuning import k_bucket
+from lightning_hessian.curvature.operator import HVP_MODES
 
 MODES = tuple(mode for mode in HVP_MODES if mode != "auto")
 

@@ -34,8 +34,8 @@ K = 1/4/16/32 vectors per call): retained graph 1.39/1.38/1.39/1.39, double back
 1.36/2.08/4.41/4.70 (K=1 is the loop). MLP 784-256-128-10 on 1024 samples: 1.06/1.13/1.05/1.07,
 2.08/1.31/1.13/1.12, 2.88/1.48/1.16/1.12 and 1.05/1.07/1.05/1.06. ``"auto"`` (the default)
 therefore starts from the retained graph and switches only where another mode is measurably
-faster on this model (see :class:`_ModeTrial`); the choice is kept per model, parameter set,
-device and K range, so repeated analyses neither re-tune nor flip.
+faster on this model (the rule is in :mod:`~lightning_hessian.curvature.hvp_tuning`); the choice is
+kept per model, parameter set, device and K range, so repeated analyses neither re-tune nor flip.
 
 Where the retained graph does not fit in memory (an out-of-memory error while building it or in
 a product through it, or on CUDA a first micro-batch whose graph, times the number of
@@ -44,18 +44,18 @@ holds one micro-batch's graph at a time. Where ``torch.func`` cannot run the mod
 (custom autograd functions without vmap support, data-dependent Python control flow), ``"auto"``
 uses the graph modes; where the model has no double backward, ``"auto"`` uses ``torch.func``.
 Chunks of ``vmap``-ed vectors halve on an out-of-memory error and retry.
+
+This module holds the operator and the dispatch between the modes (the fallbacks above); the
+retained graph itself is :mod:`~lightning_hessian.curvature.retained_graph`.
 """
 
 from __future__ import annotations
 
 import contextlib
 import re
-import statistics
 import time
 import warnings
-import weakref
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -63,7 +63,23 @@ from torch import Tensor, nn
 
 from lightning_hessian.curvature.batches import batch_size, map_tensors, slice_batch
 from lightning_hessian.curvature.context import analysis_mode
+from lightning_hessian.curvature.hvp_tuning import (
+    ModelTuning,
+    ModeTrial,
+    k_bucket,
+    known_errors,
+    model_tuning,
+    tuning_key,
+)
 from lightning_hessian.curvature.objective import BatchLoss, BatchLossModule, loss_of_outputs
+from lightning_hessian.curvature.retained_graph import (
+    RetainedGraph,
+    RetainedGraphDoesNotFit,
+    build_retained_graph,
+    retained_products,
+    retained_products_vmap,
+    state_signature,
+)
 from lightning_hessian.errors import UserInputError
 
 __all__ = ["HVP_MODES", "BatchLoss", "HessianOperator", "LossFunction"]
@@ -74,15 +90,6 @@ ParamFilter = str | re.Pattern | Callable[[str, nn.Parameter], bool]
 #: the values of ``HessianOperator(hvp_mode=...)``
 HVP_MODES = ("auto", "retained_graph", "retained_graph_vmap", "func", "double_backward")
 _RETAINED_MODES = ("retained_graph", "retained_graph_vmap")
-
-# Mode choice of hvp_mode="auto": timed calls per candidate after one warm-up call, the margin by
-# which another mode's median must beat the default's, and the ratio that decides after two calls.
-_TUNING_TIMED_CALLS = 3
-_TUNING_MARGIN = 0.15
-_TUNING_CLEAR_RATIO = 1.5
-# On CUDA the retained graph is kept only if all micro-batches' graphs (estimated from the first)
-# plus one more for the products' temporaries fit in this fraction of the free memory.
-_RETAINED_MEMORY_FRACTION = 0.8
 
 
 def _is_oom(error: BaseException) -> bool:
@@ -102,143 +109,6 @@ def _is_single_batch(data: Any) -> bool:
 
 def _split_batch(batch: Any, size: int) -> list[Any]:
     return [slice_batch(batch, start, start + size) for start in range(0, batch_size(batch), size)]
-
-
-def _tensors_of(batch: Any) -> list[Tensor]:
-    """Every tensor in a (nested) batch."""
-    found: list[Tensor] = []
-
-    def collect(tensor: Tensor) -> Tensor:
-        found.append(tensor)
-        return tensor
-
-    map_tensors(batch, collect)
-    return found
-
-
-def k_bucket(num_vectors: int) -> str:
-    """The range of vectors per call that one ``hvp_mode="auto"`` choice covers.
-
-    Args:
-        num_vectors: K, the number of vectors in one ``matmat``.
-
-    Returns:
-        ``"1"``, ``"2-4"``, ``"5-16"`` or ``"17+"``: the relative cost of the modes changes with K
-        (``vmap`` shares more work for larger K), so each range is tuned separately.
-    """
-    if num_vectors <= 1:
-        return "1"
-    if num_vectors <= 4:
-        return "2-4"
-    if num_vectors <= 16:
-        return "5-16"
-    return "17+"
-
-
-class _RetainedGraphDoesNotFit(RuntimeError):
-    """The first-order graphs of all micro-batches would not fit in the free accelerator memory."""
-
-
-@dataclass
-class _RetainedGraph:
-    """The first-order graph :math:`g = \\sum_b n_b \\nabla L_b`, kept for many products.
-
-    Attributes:
-        leaves: the parameters as autograd leaves (detached, in the analysis dtype).
-        outputs: the entries of ``g`` that depend on the parameters (the others have zero
-            second derivative).
-        active: the parameter index of each entry of ``outputs``.
-        signature: versions and storage of the parameters, buffers and batch tensors at build
-            time; a change means the graph is stale.
-        build_seconds: the time the build took (excluded from the per-product timings).
-    """
-
-    leaves: tuple[Tensor, ...]
-    outputs: tuple[Tensor, ...]
-    active: tuple[int, ...]
-    signature: tuple
-    build_seconds: float
-
-
-@dataclass
-class _ModeTrial:
-    """Timings of the candidate modes for one model and K range, from real calls.
-
-    Every call during the trial computes the products the caller asked for with one candidate,
-    so tuning costs no extra products (all of them are in ``hvp_count``), only the time of the
-    slower candidates' calls (on the CNN above, a top-5 Lanczos took 10% longer on a model's
-    first analysis). ``torch.func`` goes
-    first (its first call also finds out whether it can run the model at all); each mode gets one
-    untimed warm-up call followed directly by a timed one, then the candidates alternate, so that
-    load changes on a shared machine hit all of them alike.
-    """
-
-    warmed: set[str] = field(default_factory=set)
-    seconds: dict[str, list[float]] = field(default_factory=dict)
-
-    def next_mode(self, candidates: Sequence[str]) -> str:
-        """The candidate the next call should run."""
-        order = sorted(candidates, key=lambda mode: mode != "func")  # stable: func first
-        for mode in order:
-            if mode not in self.warmed or not self.seconds.get(mode):
-                return mode
-        return min(order, key=lambda mode: len(self.seconds.get(mode, [])))
-
-    def record(self, mode: str, seconds_per_product: float) -> None:
-        """Add one call's time per product (the first call of a mode is its warm-up, not kept)."""
-        if mode not in self.warmed:
-            self.warmed.add(mode)
-        else:
-            self.seconds.setdefault(mode, []).append(seconds_per_product)
-
-    def decision(self, candidates: Sequence[str], default: str) -> str | None:
-        """The mode to keep, or ``None`` while more calls are needed.
-
-        After :data:`_TUNING_TIMED_CALLS` timed calls of every candidate: ``default`` unless
-        another mode's median time per product is at least :data:`_TUNING_MARGIN` below its
-        median. After two calls already, if the fastest mode's slowest call beats every other
-        mode's fastest call by :data:`_TUNING_CLEAR_RATIO`.
-
-        Returns:
-            One of ``candidates``, or ``None`` while some candidate has fewer than two timed calls
-            or no mode is yet clearly fastest.
-        """
-        samples = {mode: self.seconds.get(mode, []) for mode in candidates}
-        fewest = min(len(values) for values in samples.values())
-        if fewest < 2:
-            return None
-        medians = {mode: statistics.median(values) for mode, values in samples.items()}
-        fastest = min(medians, key=medians.__getitem__)
-        if fewest < _TUNING_TIMED_CALLS:
-            clear = all(
-                max(samples[fastest]) * _TUNING_CLEAR_RATIO <= min(values)
-                for mode, values in samples.items()
-                if mode != fastest
-            )
-            return fastest if clear else None
-        if fastest != default and medians[fastest] <= (1.0 - _TUNING_MARGIN) * medians[default]:
-            return fastest
-        return default
-
-
-@dataclass
-class _ModelTuning:
-    """What ``hvp_mode="auto"`` learnt about one model, kept while the model lives.
-
-    Attributes:
-        choices: the chosen mode per (parameters, dtype, device, micro-batch size, K range).
-        trials: the timings so far where no choice is made yet; kept with the model, so that
-            analyses with few calls each (a new operator every epoch) still finish the trial.
-        errors: modes this model cannot run (``"func"``, ``"graph"``, ``"vmap"``), with the reason.
-    """
-
-    choices: dict[tuple, str] = field(default_factory=dict)
-    trials: dict[tuple, _ModeTrial] = field(default_factory=dict)
-    errors: dict[str, str] = field(default_factory=dict)
-
-
-# Keyed by the model object: a new model (or one garbage-collected and replaced) is tuned afresh.
-_MODEL_TUNING: weakref.WeakKeyDictionary[nn.Module, _ModelTuning] = weakref.WeakKeyDictionary()
 
 
 class HessianOperator:
@@ -340,7 +210,7 @@ class HessianOperator:
         self._hvp_count = 0
         self._depth = 0
         self._chunk: int | None = None
-        self._retained: _RetainedGraph | None = None
+        self._retained: RetainedGraph | None = None
         self._retained_error: str | None = None  # this sample's graphs do not fit in memory
         self._build_seconds = 0.0  # all retained-graph builds so far (excluded from the trial's timings)
         self._warned: set[str] = set()
@@ -446,7 +316,8 @@ class HessianOperator:
 
     @property
     def selected_hvp_modes(self) -> dict[str, str | None]:
-        """:attr:`selected_hvp_mode` for each range of K (:func:`k_bucket`): ``{"1": ..., "2-4":
+        """:attr:`selected_hvp_mode` for each range of K
+        (:func:`~lightning_hessian.curvature.hvp_tuning.k_bucket`): ``{"1": ..., "2-4":
         ..., "5-16": ..., "17+": ...}``, a new dict."""
         return {k_bucket(size): self._selected_for(size) for size in (1, 4, 16, 17)}
 
@@ -586,21 +457,12 @@ class HessianOperator:
     __matmul__ = matmat
 
     # ------------------------------------------------------------------------- mode selection
-    def _model_tuning(self) -> _ModelTuning:
-        record = _MODEL_TUNING.get(self.model)
-        if record is None:
-            record = _MODEL_TUNING[self.model] = _ModelTuning()
-        return record
+    def _model_tuning(self) -> ModelTuning:
+        return model_tuning(self.model)
 
     def _tuning_key(self, bucket: str) -> tuple:
         """One ``"auto"`` choice per parameter set, precision, device, micro-batch size and K range."""
-        return (
-            tuple(zip(self.param_names, map(tuple, self.param_shapes), strict=True)),
-            str(self.dtype),
-            str(self.device),
-            max(self._batch_sizes),
-            bucket,
-        )
+        return tuning_key(self.param_names, self.param_shapes, self.dtype, self.device, max(self._batch_sizes), bucket)
 
     def _graph_mode(self) -> str:
         """The graph-based mode this sample can run: the retained graph if it fits in memory."""
@@ -608,7 +470,7 @@ class HessianOperator:
 
     def _candidates(self, num_vectors: int) -> list[str]:
         """The modes ``"auto"`` chooses from for K vectors, the default first."""
-        errors = _MODEL_TUNING[self.model].errors if self.model in _MODEL_TUNING else {}
+        errors = known_errors(self.model)
         graph = [] if "graph" in errors else [self._graph_mode()]
         func = [] if "func" in errors else ["func"]
         candidates = graph + func
@@ -620,7 +482,7 @@ class HessianOperator:
 
     def _fixed_mode(self) -> str:
         """The mode a fixed ``hvp_mode`` runs now, after the memory and capability fallbacks."""
-        errors = _MODEL_TUNING[self.model].errors if self.model in _MODEL_TUNING else {}
+        errors = known_errors(self.model)
         mode = self._hvp_mode
         if mode == "retained_graph_vmap" and "vmap" in errors:
             mode = "retained_graph"
@@ -643,9 +505,10 @@ class HessianOperator:
         """``sum_b n_b H_b V`` with the fixed mode, ``"auto"``'s choice, or a timed trial call.
 
         With ``hvp_mode="auto"`` the first calls for a K range are the trial of
-        :class:`_ModeTrial`: each computes the caller's products with one candidate and is timed
-        (per product, without the time to build the retained graph, which a long analysis pays
-        once). The choice is then kept for this model (:meth:`_tuning_key`).
+        :class:`~lightning_hessian.curvature.hvp_tuning.ModeTrial`: each computes the caller's
+        products with one candidate and is timed (per product, without the time to build the
+        retained graph, which a long analysis pays once). The choice is then kept for this model
+        (:meth:`_tuning_key`).
 
         Returns:
             The (K, P) sum of products ``sum_b n_b H_b V`` (rows of ``vectors``), not yet divided
@@ -669,7 +532,7 @@ class HessianOperator:
         if len(candidates) == 1 or choice is not None:
             mode = choice if choice in candidates else candidates[0]
             return self._run(vectors, mode, fixed=False)[0]
-        trial = record.trials.setdefault(key, _ModeTrial())
+        trial = record.trials.setdefault(key, ModeTrial())
         mode = trial.next_mode(candidates)
         result, ran, seconds = self._run(vectors, mode, fixed=False)
         if ran == mode:  # a fallback call measures nothing about the mode it stood in for
@@ -702,7 +565,7 @@ class HessianOperator:
                 result = self._retained_product(vectors, batched=mode == "retained_graph_vmap")
             else:
                 result = self._product(vectors, "double_backward")
-        except _RetainedGraphDoesNotFit as error:
+        except RetainedGraphDoesNotFit as error:
             return self._without_retained_graph(vectors, str(error), fixed=fixed)
         except Exception as error:
             if _is_oom(error) and mode in _RETAINED_MODES:
@@ -826,100 +689,44 @@ class HessianOperator:
         return total
 
     # ---------------------------------------------------------------------- the retained graph
-    def _state_signature(self) -> tuple:
-        """Storage and version counter of every tensor the graph depends on.
-
-        An in-place change (an optimizer step, ``load_state_dict``, ``copy_`` under ``no_grad``)
-        bumps the version; writes through ``.data`` do not, and are not detected.
+    def _retained_graph(self) -> RetainedGraph:
+        """The retained first-order graph of the current parameters, built if missing or stale.
 
         Returns:
-            One ``(data_ptr, version)`` pair per parameter, buffer and batch tensor (version -1 for
-            inference tensors).
-        """
-        tensors = [*self._params, *self.model.buffers()]
-        for batch in self._batches:
-            tensors.extend(_tensors_of(batch))
-        signature = []
-        for tensor in tensors:
-            try:
-                version = tensor._version
-            except RuntimeError:  # inference tensors have no version counter
-                version = -1
-            signature.append((tensor.data_ptr(), version))
-        return tuple(signature)
+            The graph, kept in ``self._retained`` until the outermost analysis context ends.
 
-    def _retained_graph(self) -> _RetainedGraph:
-        """The retained first-order graph of the current parameters, built if missing or stale."""
-        signature = self._state_signature()
+        Raises:
+            RetainedGraphDoesNotFit: if the build runs out of memory (or, on CUDA, would).
+        """
+        signature = state_signature(self._params, self.model.buffers(), self._batches)
         if self._retained is not None and self._retained.signature == signature:
             return self._retained
         self._retained = None  # free a stale graph before building the new one
         try:
-            self._retained = self._build_retained_graph(signature)
+            constants = self._constants()
+            losses = [self._batch_loss_fn(batch, constants) for batch in self._batches]
+            self._retained = build_retained_graph(self._primals(), losses, self._batch_sizes, signature, self.device)
             self._build_seconds += self._retained.build_seconds
         except Exception as error:
             if not _is_oom(error):
                 raise
             if self.device.type == "cuda":
                 torch.cuda.empty_cache()
-            raise _RetainedGraphDoesNotFit(
+            raise RetainedGraphDoesNotFit(
                 f"The first-order graphs of all micro-batches do not fit in memory ({error})"
             ) from error
         return self._retained
 
-    def _build_retained_graph(self, signature: tuple) -> _RetainedGraph:
-        """:math:`g = \\sum_b n_b \\nabla L_b` with ``create_graph=True``, one micro-batch at a time.
-
-        Weighting the loss by :math:`n_b` before differentiating makes the sum of the batch
-        gradients the weighted one without a per-entry multiplication.
-
-        Returns:
-            The graph, its build time and ``signature``.
-
-        Raises:
-            _RetainedGraphDoesNotFit: on CUDA, when the first micro-batch's graph times the
-                number of micro-batches (plus one for the products' temporaries) exceeds
-                :data:`_RETAINED_MEMORY_FRACTION` of the free memory.
-        """
-        self._synchronize()
-        began = time.perf_counter()
-        constants = self._constants()
-        leaves = tuple(p.requires_grad_() for p in self._primals())
-        sums: list[Tensor | None] = [None] * len(leaves)
-        cuda = self.device.type == "cuda"
-        allocated = torch.cuda.memory_allocated(self.device) if cuda else 0
-        for index, (batch, count) in enumerate(zip(self._batches, self._batch_sizes, strict=True)):
-            loss = self._batch_loss_fn(batch, constants)(*leaves)
-            grads = torch.autograd.grad(loss * count, leaves, create_graph=True, allow_unused=True)
-            for position, grad in enumerate(grads):
-                if grad is not None:
-                    current = sums[position]
-                    sums[position] = grad if current is None else current + grad
-            del loss, grads
-            if cuda and index == 0 and len(self._batches) > 1:
-                per_batch = torch.cuda.memory_allocated(self.device) - allocated
-                free, _ = torch.cuda.mem_get_info(self.device)
-                needed = per_batch * len(self._batches)  # the others' graphs, and room for the products
-                if needed > _RETAINED_MEMORY_FRACTION * free:
-                    raise _RetainedGraphDoesNotFit(
-                        f"The first-order graphs of {len(self._batches)} micro-batches need about"
-                        f" {needed / 2**30:.1f} GiB, {free / 2**30:.1f} GiB are free"
-                    )
-        kept = [(i, s) for i, s in enumerate(sums) if s is not None and s.requires_grad]
-        active = tuple(i for i, _ in kept)
-        outputs = tuple(s for _, s in kept)
-        self._synchronize()
-        return _RetainedGraph(leaves, outputs, active, signature, time.perf_counter() - began)
-
     def _retained_product(self, vectors: Tensor, *, batched: bool) -> Tensor:
         """``sum_b n_b H_b V`` by backward passes through the retained graph (K, P) -> (K, P)."""
         graph = self._retained_graph()
-        total = torch.zeros_like(vectors)
         if not graph.active:  # the loss is at most linear in every parameter: H = 0
-            return total
+            return torch.zeros_like(vectors)
         if batched and vectors.shape[0] > 1:
             try:
-                return self._chunked(lambda chunk: self._retained_vmap(graph, chunk), vectors)
+                return self._chunked(
+                    lambda chunk: retained_products_vmap(graph, chunk, self._sizes, self.param_shapes), vectors
+                )
             except Exception as error:
                 if _is_oom(error):
                     raise
@@ -930,48 +737,12 @@ class HessianOperator:
                         f"vmap over the retained graph fails on this model ({error});"
                         " looping over the vectors instead.",
                     )
-        offsets = [0]
-        for size in self._sizes:
-            offsets.append(offsets[-1] + size)
         # Called outside any analysis context, the graph dies with this call: the last backward
         # pass may free it as it goes (retain_graph=False), as plain double backward does.
-        last_use = self._depth == 1
-        for row in range(vectors.shape[0]):
-            tangents = self._tangents(vectors[row])
-            keep = not (last_use and row + 1 == vectors.shape[0])
-            if not keep:
-                self._retained = None
-            products = torch.autograd.grad(
-                graph.outputs,
-                graph.leaves,
-                grad_outputs=[tangents[i] for i in graph.active],
-                retain_graph=keep,
-                allow_unused=True,
-            )
-            for position, product in enumerate(products):
-                if product is not None:
-                    total[row, offsets[position] : offsets[position + 1]] = product.reshape(-1)
-        return total
-
-    def _retained_vmap(self, graph: _RetainedGraph, chunk: Tensor) -> Tensor:
-        num = chunk.shape[0]
-        pieces = chunk.split(self._sizes, dim=1)
-        tangents = [pieces[i].reshape(num, *self.param_shapes[i]) for i in graph.active]
-        products = torch.autograd.grad(
-            graph.outputs,
-            graph.leaves,
-            grad_outputs=tangents,
-            retain_graph=True,
-            allow_unused=True,
-            is_grads_batched=True,
-        )
-        return torch.cat(
-            [
-                (chunk.new_zeros(num, size) if h is None else h.reshape(num, size))
-                for h, size in zip(products, self._sizes, strict=True)
-            ],
-            dim=1,
-        )
+        retain = self._depth != 1
+        if not retain:
+            self._retained = None
+        return retained_products(graph, vectors, self._sizes, self.param_shapes, retain=retain)
 
     def __repr__(self) -> str:
         return (

@@ -6,8 +6,10 @@ The library behind ``hessian-report`` (:mod:`lightning_hessian.cli.report`):
   (mean ± std over seeds) and figures, from the logged TensorBoard tags only;
 * :mod:`~lightning_hessian.report.events`, :mod:`~lightning_hessian.report.runs`,
   :mod:`~lightning_hessian.report.artifacts`, :mod:`~lightning_hessian.report.tables`,
-  :mod:`~lightning_hessian.report.figures`, :mod:`~lightning_hessian.report.render`: reading event
-  files, metadata, landscape grids and interpolations, aggregating, drawing, writing;
+  :mod:`~lightning_hessian.report.figures` (with :mod:`~lightning_hessian.report.spectrum_figures`,
+  :mod:`~lightning_hessian.report.robustness_figures`, :mod:`~lightning_hessian.report.landscape_figures`),
+  :mod:`~lightning_hessian.report.render`: reading event files, metadata, landscape grids and
+  interpolations, aggregating, drawing, writing;
 * :mod:`~lightning_hessian.report.claims`: the paper's claims judged from the numbers by a stated rule.
 
 The tags it reads are those of :mod:`lightning_hessian.metrics`. Sweeps, which produce the runs,

@@ -9,11 +9,12 @@ and writes into ``out_dir``:
 * ``report.md`` and ``report.html``: the paper's claims judged from the numbers
   (:mod:`lightning_hessian.report.claims`), the tables (mean ± std over seeds, every column naming
   the split of its samples; :mod:`lightning_hessian.report.tables`) and the figures;
-* PNG figures (:mod:`lightning_hessian.report.figures`): training loss and accuracy, the final
-  metrics (accuracy and curvature) and median perturbation norms vs batch size, top eigenvalue vs
-  epoch, top-k spectrum per batch size, spectral densities overlaid, robust accuracy vs epsilon,
-  loss along the top eigenvector and 2-D surfaces (smallest and largest batch), model
-  interpolations (each only when some run logged what it needs);
+* PNG figures (:mod:`lightning_hessian.report.figures`, :mod:`~lightning_hessian.report.spectrum_figures`,
+  :mod:`~lightning_hessian.report.robustness_figures`, :mod:`~lightning_hessian.report.landscape_figures`):
+  training loss and accuracy, the final metrics (accuracy and curvature) and median perturbation
+  norms vs batch size, top eigenvalue vs epoch, top-k spectrum per batch size, spectral densities
+  overlaid, robust accuracy vs epsilon, loss along the top eigenvector and 2-D surfaces (smallest
+  and largest batch), model interpolations (each only when some run logged what it needs);
 * ``summary.json`` (the tables' unrounded numbers, the claims with their numbers, the columns and
   the interpolations) and ``runs.csv`` (final value of every tag of every run).
 
@@ -35,10 +36,11 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from lightning_hessian.errors import UserInputError
-from lightning_hessian.report import figures as figure_module
 from lightning_hessian.report.artifacts import find_interpolations
 from lightning_hessian.report.claims import evaluate_claims
 from lightning_hessian.report.events import find_run_dirs
+from lightning_hessian.report.figures import FigureFile, plot_metrics_vs_batch_size, plot_training_vs_batch_size
+from lightning_hessian.report.landscape_figures import plot_interpolations, plot_landscapes
 from lightning_hessian.report.render import (
     ReportContent,
     render_html,
@@ -46,7 +48,14 @@ from lightning_hessian.report.render import (
     write_runs_csv,
     write_summary_json,
 )
+from lightning_hessian.report.robustness_figures import plot_median_norms_vs_batch_size, plot_robust_accuracy_vs_epsilon
 from lightning_hessian.report.runs import Run, load_run
+from lightning_hessian.report.spectrum_figures import (
+    plot_spectral_density,
+    plot_spectrum_vs_batch_size,
+    plot_top_eigenvalue_vs_epoch,
+    plot_topk_spectrum,
+)
 from lightning_hessian.report.tables import report_columns, run_accuracy, summarize_runs
 from lightning_hessian.sweep.records import SWEEP_FILE
 
@@ -55,24 +64,24 @@ __all__ = ["build_report", "load_runs"]
 # (function, what a run must log for it): tried in this order, each may find nothing to draw.
 # Each takes (runs, out_dir) and, where named, the report's columns or interpolations.
 # The calls differ by what is named, so the functions are typed by their result only.
-_Drawn = figure_module.FigureFile | list[figure_module.FigureFile] | None
+_Drawn = FigureFile | list[FigureFile] | None
 _FIGURES: tuple[tuple[Callable[..., _Drawn], str | None, str], ...] = (
-    (figure_module.plot_training_vs_batch_size, "columns",
+    (plot_training_vs_batch_size, "columns",
      "training vs batch size: no run with a known batch size logged an accuracy or training loss"),
-    (figure_module.plot_metrics_vs_batch_size, "columns",
+    (plot_metrics_vs_batch_size, "columns",
      "metrics vs batch size: no run with a known batch size logged an accuracy, `hessian/*` or "
      "`landscape/sharpness`"),
-    (figure_module.plot_top_eigenvalue_vs_epoch, None, "top eigenvalue vs epoch: no run logged `hessian/eig_1`"),
-    (figure_module.plot_spectrum_vs_batch_size, None,
+    (plot_top_eigenvalue_vs_epoch, None, "top eigenvalue vs epoch: no run logged `hessian/eig_1`"),
+    (plot_spectrum_vs_batch_size, None,
      "spectrum vs batch size: no run with a known batch size logged `hessian/eig_k`"),
-    (figure_module.plot_topk_spectrum, None, "top-k spectrum: no run logged two or more eigenvalues `hessian/eig_k`"),
-    (figure_module.plot_spectral_density, None,
+    (plot_topk_spectrum, None, "top-k spectrum: no run logged two or more eigenvalues `hessian/eig_k`"),
+    (plot_spectral_density, None,
      "spectral density: no run logged a density (spectrum callback with density enabled)"),
-    (figure_module.plot_robust_accuracy_vs_epsilon, None, "robust accuracy vs ε: no run logged `robust/ATTACK/eps_E`"),
-    (figure_module.plot_median_norms_vs_batch_size, None,
+    (plot_robust_accuracy_vs_epsilon, None, "robust accuracy vs ε: no run logged `robust/ATTACK/eps_E`"),
+    (plot_median_norms_vs_batch_size, None,
      "median perturbation norms: no run logged `robust/ATTACK/median_norm` (DeepFool, CW)"),
-    (figure_module.plot_landscapes, None, "loss landscapes: no run wrote landscape grids (`.npz`)"),
-    (figure_module.plot_interpolations, "interpolations",
+    (plot_landscapes, None, "loss landscapes: no run wrote landscape grids (`.npz`)"),
+    (plot_interpolations, "interpolations",
      "model interpolation: no `interpolation.json` (hessian-landscape interpolate) below the given paths"),
 )  # fmt: skip
 
@@ -168,7 +177,7 @@ def build_report(
     columns = report_columns(runs)
     tables = summarize_runs(runs)
     interpolations = find_interpolations(paths, runs)
-    figures: list[figure_module.FigureFile] = []
+    figures: list[FigureFile] = []
     missing: list[str] = []
     for plot, needs, missing_note in _FIGURES:
         if needs == "columns":

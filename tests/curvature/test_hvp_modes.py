@@ -15,8 +15,11 @@ import torch.nn.functional as F
 from helpers import SquareNet, assert_same_state, exact_hessian, fingerprint, load_benchmark, make_cnn, make_mlp
 from torch import nn
 
+import lightning_hessian.curvature.operator as operator_module
 from lightning_hessian.curvature import HessianOperator, top_eigenvalues
-from lightning_hessian.curvature.operator import HVP_MODES, _ModeTrial, k_bucket
+from lightning_hessian.curvature.hvp_tuning import ModeTrial, k_bucket
+from lightning_hessian.curvature.operator import HVP_MODES
+from lightning_hessian.curvature.retained_graph import RetainedGraph
 from lightning_hessian.errors import UserInputError
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -30,13 +33,13 @@ FIXED_MODES = [mode for mode in HVP_MODES if mode != "auto"]
 def count_builds(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     """Counts calls of the retained graph's build (a list that grows by one per build)."""
     builds: list[int] = []
-    original = HessianOperator._build_retained_graph
+    original = operator_module.build_retained_graph
 
-    def counting(self: HessianOperator, signature: tuple):
+    def counting(*args, **kwargs) -> RetainedGraph:
         builds.append(1)
-        return original(self, signature)
+        return original(*args, **kwargs)
 
-    monkeypatch.setattr(HessianOperator, "_build_retained_graph", counting)
+    monkeypatch.setattr(operator_module, "build_retained_graph", counting)
     return builds
 
 
@@ -214,10 +217,10 @@ def test_retained_graph_that_does_not_fit_falls_back_to_double_backward(monkeypa
     model, x, y = make_mlp()
     H = exact_hessian(model, x, y)
 
-    def out_of_memory(self: HessianOperator, signature: tuple):
+    def out_of_memory(*args, **kwargs) -> RetainedGraph:
         raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
 
-    monkeypatch.setattr(HessianOperator, "_build_retained_graph", out_of_memory)
+    monkeypatch.setattr(operator_module, "build_retained_graph", out_of_memory)
     op = HessianOperator(
         model, F.cross_entropy, (x, y), micro_batch_size=5, dtype=torch.float64, hvp_mode="retained_graph"
     )
@@ -259,23 +262,23 @@ def test_vmap_over_the_retained_graph_halves_chunks_and_falls_back(monkeypatch: 
         model, F.cross_entropy, (x, y), dtype=torch.float64, max_chunk=8, hvp_mode="retained_graph_vmap"
     )
     V = torch.randn(op.num_params, 7, dtype=torch.float64)
-    original = HessianOperator._retained_vmap
+    original = operator_module.retained_products_vmap
     sizes = []
 
-    def limited(self: HessianOperator, graph, chunk: torch.Tensor) -> torch.Tensor:
+    def limited(graph: RetainedGraph, chunk: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         sizes.append(chunk.shape[0])
         if chunk.shape[0] > 2:
             raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
-        return original(self, graph, chunk)
+        return original(graph, chunk, *args, **kwargs)
 
-    monkeypatch.setattr(HessianOperator, "_retained_vmap", limited)
+    monkeypatch.setattr(operator_module, "retained_products_vmap", limited)
     assert torch.allclose(op.matmat(V), H @ V, rtol=1e-10, atol=1e-12)
     assert sizes[:3] == [7, 4, 2] and op._chunk == 2
 
-    def unsupported(self: HessianOperator, graph, chunk: torch.Tensor) -> torch.Tensor:
+    def unsupported(graph: RetainedGraph, chunk: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         raise RuntimeError("Batching rule not implemented (simulated)")
 
-    monkeypatch.setattr(HessianOperator, "_retained_vmap", unsupported)
+    monkeypatch.setattr(operator_module, "retained_products_vmap", unsupported)
     fresh_model = make_cnn()[0]  # the failure is remembered per model
     fixed = HessianOperator(fresh_model, F.cross_entropy, (x, y), dtype=torch.float64, hvp_mode="retained_graph_vmap")
     with pytest.warns(UserWarning, match="looping"):
@@ -305,8 +308,8 @@ def test_auto_without_torch_func_uses_the_retained_graph_and_warns_once_per_mode
 
 
 def test_mode_trial_keeps_the_default_unless_another_mode_is_clearly_faster() -> None:
-    def trial(samples: dict[str, list[float]]) -> _ModeTrial:
-        result = _ModeTrial()
+    def trial(samples: dict[str, list[float]]) -> ModeTrial:
+        result = ModeTrial()
         for mode, values in samples.items():
             result.record(mode, 99.0)  # warm-up, not kept
             for value in values:
@@ -331,7 +334,7 @@ def test_mode_trial_keeps_the_default_unless_another_mode_is_clearly_faster() ->
     )
     assert "99.0" not in repr(trial({"func": [1.0]}).seconds)
 
-    schedule = _ModeTrial()
+    schedule = ModeTrial()
     order = []
     for _ in range(8):
         mode = schedule.next_mode(candidates)

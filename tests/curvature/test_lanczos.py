@@ -336,6 +336,16 @@ def test_import_graph_has_no_cycle_and_results_import_no_algorithm() -> None:
     assert graph["lightning_hessian.curvature.results"] == set()
     for module in ("lanczos", "trace", "density", "pyhessian_backend"):
         assert "lightning_hessian.curvature.results" in graph[f"lightning_hessian.curvature.{module}"]
+    # the operator's parts sit below it: the "auto" mode choice and the retained graph reach no operator
+    operator = "lightning_hessian.curvature.operator"
+    parts = {"lightning_hessian.curvature.hvp_tuning", "lightning_hessian.curvature.retained_graph"}
+    assert parts <= graph[operator]
+    for part in parts:
+        reached, frontier = set(), {part}
+        while frontier:
+            reached |= frontier
+            frontier = {t for m in frontier for t in graph[m]} - reached
+        assert operator not in reached, part
     assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]  # the check can fail
 
 

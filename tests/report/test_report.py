@@ -19,7 +19,8 @@ from lightning_hessian.landscape.evaluation import LossCurve, LossSurface
 from lightning_hessian.landscape.export import save_landscape
 from lightning_hessian.report import load_runs
 from lightning_hessian.report.events import find_run_dirs, read_events
-from lightning_hessian.report.figures import find_landscape, step_to_epoch, training_trajectory
+from lightning_hessian.report.figures import step_to_epoch, training_trajectory
+from lightning_hessian.report.landscape_figures import find_landscape
 from lightning_hessian.report.runs import describe_variant, load_run
 from lightning_hessian.report.tables import format_cell, summarize_runs
 
@@ -514,18 +515,19 @@ def test_the_report_reads_the_tags_the_callbacks_write() -> None:
     """The report's columns and figures name the tags of :mod:`lightning_hessian.metrics`, the
     module the callbacks log with: writer and reader cannot drift apart."""
     from lightning_hessian import metrics
-    from lightning_hessian.report import figures, tables
+    from lightning_hessian.report import robustness_figures, spectrum_figures, tables
 
     assert [column.key for column in tables._FIXED_COLUMNS] == [
         "hessian/eig_1", "hessian/trace", "hessian/input_eig_1", "hessian/input_grad_norm", "landscape/sharpness",
     ]  # fmt: skip
     assert (tables.TEST_ACC_TAG, tables.VAL_ACC_TAG) == (metrics.accuracy_tag("test"), metrics.accuracy_tag("val"))
-    assert figures.DENSITY_TAG == metrics.DENSITY and figures.CLEAN_ACCURACY_TAG == metrics.CLEAN_ACC
+    assert spectrum_figures.DENSITY_TAG == metrics.DENSITY
+    assert robustness_figures.CLEAN_ACCURACY_TAG == metrics.CLEAN_ACC
     tag = metrics.robust_accuracy_tag("linf_pgd", 8 / 255)
     assert tag == "robust/linf_pgd/eps_0.0313725"
     assert tables.robust_tags([tag, metrics.median_norm_tag("l2_cw"), "robust/clean_acc"]) == [
         (tag, "linf_pgd", "0.0313725")
     ]
     assert tables.epsilon_value("0.0313725") == pytest.approx(8 / 255, rel=1e-5)
-    assert figures.EIGENVALUE_TAG.match(metrics.eigenvalue_tag(12)).group(1) == "12"
+    assert spectrum_figures.EIGENVALUE_TAG.match(metrics.eigenvalue_tag(12)).group(1) == "12"
     assert metrics.MEDIAN_NORM_PATTERN.match(metrics.median_norm_tag("l2_cw")).group("attack") == "l2_cw"

@@ -1,0 +1,154 @@
+"""The adversarial robustness figures of ``hessian-report``: robust accuracy against epsilon and the
+median minimal perturbation norms against batch size.
+
+The conventions and shared helpers are those of :mod:`lightning_hessian.report.figures`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from collections.abc import Sequence
+from pathlib import Path
+
+from lightning_hessian.metrics import CLEAN_ACC, MEDIAN_NORM_PATTERN, ROBUST_ACCURACY_PATTERN, parse_split_tag
+from lightning_hessian.report.figures import (
+    FigureFile,
+    _batch_axis,
+    _batch_size_colors,
+    _batch_size_label,
+    _final_values,
+    _grid,
+    _group,
+    _mean_std,
+    _save,
+    _sorted_batch_sizes,
+    _split_phrase,
+    use_log_scale,
+)
+from lightning_hessian.report.runs import Run
+from lightning_hessian.report.tables import epsilon_value
+
+__all__ = ["plot_median_norms_vs_batch_size", "plot_robust_accuracy_vs_epsilon"]
+
+CLEAN_ACCURACY_TAG = CLEAN_ACC
+
+
+def plot_robust_accuracy_vs_epsilon(runs: Sequence[Run], out_dir: Path) -> FigureFile | None:
+    """Robust accuracy against epsilon: a panel per (variant, attack, split), a curve per batch size.
+
+    The clean accuracy (``robust/clean_acc`` at the same split) is drawn at epsilon 0 when the
+    attack has no ``eps_0`` tag of its own. All panels share the y axis (0-100 %).
+
+    Returns:
+        The figure (``robust_accuracy_vs_epsilon.png``), or ``None`` when no run logged a robust
+        accuracy ``robust/[SPLIT/]ATTACK/eps_E``.
+    """
+    panels = []
+    for variant, by_batch in _group(runs).items():
+        members = [run for batch_runs in by_batch.values() for run in batch_runs]
+        tags = {tag for run in members for tag in run.events.scalars}
+        by_key: dict[tuple[str, str], list[tuple[str, float]]] = defaultdict(list)
+        clean: dict[str, str] = {}
+        for tag in tags:
+            split, base = parse_split_tag(tag)
+            label = split or "/".join(sorted({run.fit_splits.get("robust", "val") for run in members}))
+            if base == CLEAN_ACC:
+                clean[label] = tag
+            match = ROBUST_ACCURACY_PATTERN.match(base)
+            if match is not None and math.isfinite(value := epsilon_value(match.group("eps"))):
+                by_key[(match.group("attack"), label)].append((tag, value))
+        for (attack, label), tag_eps in sorted(by_key.items()):
+            panels.append((variant, attack, label, by_batch, sorted(tag_eps, key=lambda t: t[1]), clean.get(label)))
+    if not panels:
+        return None
+    figure, axes = _grid(len(panels), sharey=True)
+    colors = _batch_size_colors([b for panel in panels for b in panel[3]])
+    for ax, (variant, attack, label, by_batch, tag_eps, clean_tag) in zip(axes, panels, strict=True):
+        has_zero = any(eps == 0 for _, eps in tag_eps)
+        series = list(tag_eps) if has_zero or clean_tag is None else [(clean_tag, 0.0), *tag_eps]
+        for batch_size in _sorted_batch_sizes(list(by_batch)):
+            xs, means, stds = [], [], []
+            for tag, epsilon in series:
+                values = _final_values(by_batch[batch_size], tag)
+                if values:
+                    mean, std = _mean_std(values)
+                    xs.append(epsilon)
+                    means.append(100 * mean)
+                    stds.append(100 * std)
+            if xs:
+                ax.errorbar(
+                    xs, means, yerr=stds, marker="o", markersize=4, capsize=3,
+                    color=colors[batch_size], label=_batch_size_label(batch_size),
+                )  # fmt: skip
+        ax.set_title(f"{variant} training, {attack}, {label} samples")
+        ax.set_xlabel("ε")
+        ax.set_ylabel("robust accuracy (%)")
+        ax.set_ylim(-2, 102)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize="small")
+    file_name = "robust_accuracy_vs_epsilon.png"
+    _save(figure, out_dir, file_name)
+    return FigureFile(
+        file_name,
+        "Robust accuracy vs ε",
+        f"Final `robust/[SPLIT/]ATTACK/eps_E` on {_split_phrase([p[2] for p in panels])} (and the clean accuracy of "
+        "the attacked samples at ε=0), mean ± std over seeds; each panel names the split of the attacked samples "
+        "(test: `hessian-train test` on the last checkpoint).",
+    )
+
+
+def plot_median_norms_vs_batch_size(runs: Sequence[Run], out_dir: Path) -> FigureFile | None:
+    """Median minimal perturbation norms (DeepFool, CW) against batch size: a panel per (attack,
+    split), a line per training variant.
+
+    Returns:
+        The figure (``median_norms_vs_batch_size.png``), or ``None`` when no run logged
+        ``robust/[SPLIT/]ATTACK/median_norm`` or no run has a known batch size.
+    """
+    keys: dict[tuple[str, str], dict[Path, str]] = defaultdict(dict)
+    for run in runs:
+        for tag in run.events.scalars:
+            named_split, base = parse_split_tag(tag)
+            if (match := MEDIAN_NORM_PATTERN.match(base)) is not None:
+                keys[(match.group("attack"), named_split or run.fit_splits.get("robust", "val"))][run.path] = tag
+    known = [run for run in runs if run.batch_size is not None]
+    if not keys or not known:
+        return None
+    grouped = _group(known)
+    figure, axes = _grid(len(keys))
+    for ax, ((attack, split), tag_of) in zip(axes, sorted(keys.items()), strict=True):
+        panel_values: list[float] = []
+        for position, (variant, by_batch) in enumerate(grouped.items()):
+            xs, means, stds = [], [], []
+            for batch_size in sorted(b for b in by_batch if b is not None):
+                values = [
+                    v for run in by_batch[batch_size]
+                    if run.path in tag_of and (v := run.events.final(tag_of[run.path])) is not None and math.isfinite(v)
+                ]  # fmt: skip
+                if values:
+                    mean, std = _mean_std(values)
+                    xs.append(batch_size)
+                    means.append(mean)
+                    stds.append(std)
+            if xs:
+                panel_values += means
+                ax.errorbar(
+                    xs, means, yerr=stds, marker="o", markersize=4, capsize=3, color=f"C{position % 10}", label=variant
+                )
+        _batch_axis(ax, [run.batch_size for run in known])
+        if use_log_scale(panel_values):
+            ax.set_yscale("log")
+        ax.set_title(f"{attack}, {split} samples")
+        ax.set_ylabel("median minimal ‖δ‖₂")
+        ax.grid(alpha=0.3, which="both")
+        ax.legend(fontsize="x-small")
+    file_name = "median_norms_vs_batch_size.png"
+    _save(figure, out_dir, file_name)
+    return FigureFile(
+        file_name,
+        "Median minimal adversarial perturbation vs batch size",
+        f"Final `robust/[SPLIT/]ATTACK/median_norm` on {_split_phrase([split for _, split in keys])} (DeepFool, "
+        "Carlini-Wagner: the median over the attacked samples of the smallest perturbation found, 0 for "
+        "misclassified samples), mean ± std over seeds; larger is more robust; each panel names its split.",
+    )
