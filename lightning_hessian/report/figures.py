@@ -37,6 +37,7 @@ from pathlib import Path
 
 import numpy as np
 from matplotlib import colormaps
+from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from matplotlib.ticker import NullLocator
 
@@ -125,14 +126,14 @@ def _final_values(runs: Sequence[Run], tag: str) -> list[float]:
     return [v for run in runs if (v := column_value(run, tag)) is not None and math.isfinite(v)]
 
 
-def _batch_axis(ax: object, batch_sizes: Sequence[int | None]) -> None:
+def _batch_axis(ax: Axes, batch_sizes: Sequence[int | None]) -> None:
     """A base-2 log axis of batch sizes, ticked at the batch sizes themselves (128, 2048, ...)."""
-    ax.set_xscale("log", base=2)  # type: ignore[attr-defined]
+    ax.set_xscale("log", base=2)
     known = sorted({b for b in batch_sizes if b is not None})
     if known:
-        ax.set_xticks(known, [str(b) for b in known])  # type: ignore[attr-defined]
-        ax.xaxis.set_minor_locator(NullLocator())  # type: ignore[attr-defined]
-    ax.set_xlabel("batch size")  # type: ignore[attr-defined]
+        ax.set_xticks(known, [str(b) for b in known])
+        ax.xaxis.set_minor_locator(NullLocator())
+    ax.set_xlabel("batch size")
 
 
 def use_log_scale(values: Sequence[float] | np.ndarray) -> bool:
