@@ -48,25 +48,37 @@ def _settings_record(settings: SweepSettings) -> dict[str, Any]:
     }
 
 
-def _die_with_sweep() -> Any:
-    """A ``preexec_fn`` that makes the child get SIGTERM when the sweep dies (Linux
-    ``PR_SET_PDEATHSIG``, which survives exec).
+# Held (blocked) while a child starts, so that an interrupt cannot land between the fork and the
+# moment the sweep knows the child's process (it would leave the child running, unreaped).
+_STOP_SIGNALS = frozenset({signal.SIGINT, signal.SIGTERM})
+_CAN_HOLD_SIGNALS = hasattr(signal, "pthread_sigmask")
+
+
+def _die_with_sweep(mask: Any = None) -> Any:
+    """A ``preexec_fn`` that restores the signal ``mask`` in the child (the sweep holds
+    SIGINT/SIGTERM while it starts it, and a mask survives exec) and makes the child get SIGTERM
+    when the sweep dies (Linux ``PR_SET_PDEATHSIG``, which survives exec).
 
     Returns:
-        The ``preexec_fn``, or ``None`` where ``prctl`` is not available (not Linux).
+        The ``preexec_fn``, or ``None`` when it has nothing to do.
     """
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        prctl = ctypes.CDLL(None, use_errno=True).prctl  # looked up before the fork
-    except (OSError, AttributeError):
+    prctl = None
+    if sys.platform.startswith("linux"):
+        try:
+            prctl = ctypes.CDLL(None, use_errno=True).prctl  # looked up before the fork
+        except (OSError, AttributeError):
+            prctl = None
+    if prctl is None and mask is None:
         return None
     sweep_pid = os.getpid()
 
     def preexec() -> None:
-        prctl(1, signal.SIGTERM, 0, 0, 0)  # 1 = PR_SET_PDEATHSIG
-        if os.getppid() != sweep_pid:  # the sweep died before prctl took effect
-            os.kill(os.getpid(), signal.SIGTERM)
+        if mask is not None:
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+        if prctl is not None:
+            prctl(1, signal.SIGTERM, 0, 0, 0)  # 1 = PR_SET_PDEATHSIG
+            if os.getppid() != sweep_pid:  # the sweep died before prctl took effect
+                os.kill(os.getpid(), signal.SIGTERM)
 
     return preexec
 
@@ -112,11 +124,20 @@ def _run_logged(command: list[str], log: TextIO, echo: bool, lock: RunLock | Non
     log.write(f"$ {shlex.join(command)}\n")
     log.flush()
     environment = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    process = subprocess.Popen(
-        command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=environment, start_new_session=True,
-        preexec_fn=_die_with_sweep(), pass_fds=lock.pass_fds if lock is not None else (),
-    )  # fmt: skip
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS) if _CAN_HOLD_SIGNALS else None
     try:
+        process = subprocess.Popen(
+            command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=environment,
+            start_new_session=True, preexec_fn=_die_with_sweep(mask),
+            pass_fds=lock.pass_fds if lock is not None else (),
+        )  # fmt: skip
+    except BaseException:
+        if mask is not None:
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+        raise
+    try:
+        if mask is not None:  # an interrupt held meanwhile is raised here, where the child is known
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
         if lock is not None:
             lock.record_child(process)
         assert process.stdout is not None

@@ -524,3 +524,40 @@ def test_one_definition_of_the_sweep_record_file() -> None:
 
     assert runs.SWEEP_FILE is records.SWEEP_FILE == "sweep.json"
     assert runs.read_record is records.read_record
+
+
+def test_an_interrupt_while_the_child_starts_still_stops_and_reaps_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """SIGTERM delivered the moment ``Popen`` returns (on a loaded machine the sweep can be off the
+    CPU until the child is up): the sweep holds the signal until it knows the child, then stops it
+    and reaps it, instead of leaving it running."""
+    import os
+    import signal
+    import subprocess
+
+    import lightning_hessian.sweep.runner as runner
+
+    slow = tmp_path / "slow_train.py"
+    slow.write_text(SLOW_TRAIN)
+    started: list[int] = []
+    real_popen = subprocess.Popen
+
+    def popen_then_sigterm(*args, **kwargs):
+        process = real_popen(*args, **kwargs)
+        started.append(process.pid)
+        _wait_for(lambda: (tmp_path / "child.pid").exists(), "the training process to start")
+        os.kill(os.getpid(), signal.SIGTERM)  # arrives before _run_logged's try block is entered
+        return process
+
+    monkeypatch.setattr(runner.subprocess, "Popen", popen_then_sigterm)
+    try:
+        assert main(_sweep_argv(tmp_path, slow)) == 130
+        child = started[0]
+        assert (tmp_path / "signal.txt").read_text() == "SIGTERM"
+        assert _gone(child)
+    finally:
+        for pid in started:
+            _kill(pid)
+    record = json.loads((tmp_path / "sweeps" / "quickstart" / "bs8_seed0" / "sweep.json").read_text())
+    assert record["status"] == "interrupted"
