@@ -4,7 +4,8 @@ One ``Trainer.fit`` per analysis configuration trains :class:`~lightning_hessian
 with the callback attached (analysis after every epoch). A timer callback placed before it
 measures each training epoch without the analysis; the callback reports its own seconds
 (``hessian/seconds``). Printed: medians over the epochs after the first (the first epoch and the
-first analysis pay one-off warm-up costs) and their ratio, *analysis seconds per training epoch*;
+first analysis pay one-off warm-up costs) and their ratio, *analysis seconds per training epoch*, the
+median products per analysis over the same epochs and the lowest fraction of converged quantities;
 also the ratio of process CPU times, which other processes' load disturbs less on a shared CPU.
 
 Two analyses: **top-1** (``top_k=1``, eigenvalues only, warm-started from the previous epoch) and
@@ -252,6 +253,9 @@ def run(name: str, args: argparse.Namespace, workdir: Path) -> dict[str, float]:
     analysis = statistics.median(r["hessian/seconds"] for r in recorder.records[timed])
     epoch_cpu = statistics.median(timer.cpu_seconds[timed])
     analysis_cpu = statistics.median(r["cpu_seconds"] for r in recorder.records[timed])
+    # the products and convergence of the same analyses the seconds are the median of
+    hvps = statistics.median(r.get("hessian/hvps", float("nan")) for r in recorder.records[timed])
+    converged = min(r.get("hessian/converged", float("nan")) for r in recorder.records[timed])
     last = recorder.records[-1]
     return {
         "train_epoch_s": epoch,
@@ -259,8 +263,8 @@ def run(name: str, args: argparse.Namespace, workdir: Path) -> dict[str, float]:
         "analysis_s": analysis,
         "ratio": analysis / epoch,
         "cpu_ratio": analysis_cpu / epoch_cpu,
-        "hvps": last.get("hessian/hvps", float("nan")),
-        "converged": last.get("hessian/converged", float("nan")),
+        "hvps": hvps,
+        "converged": converged,
         "eig_1": last.get("hessian/eig_1", float("nan")),
     }
 

@@ -288,6 +288,7 @@ class HessianSpectrumCallback(EpochAnalysisCallback):
         self.evaluation_stages = tuple(stage for stage in _EVALUATION_STAGES if stage in evaluation_stages)
 
         self._eigenvectors: list[dict[str, Tensor]] | None = None
+        self._smallest_eigenvector: list[dict[str, Tensor]] | None = None
         self._layer_eigenvectors: dict[str, list[dict[str, Tensor]]] = {}
         self._layer_params: dict[str, list[str]] = {}
         self._layout_writers: set[int] = set()
@@ -425,67 +426,79 @@ class HessianSpectrumCallback(EpochAnalysisCallback):
         hvps = 0
         converged: list[bool] = []
         top_values: list[float] = []
+        top_pairs: EigenResult | None = None
 
-        if "eigenvalues" in self.quantities:
-            # The headline number: with the budget already spent it still gets one Lanczos step
-            # (a rough, unconverged estimate) rather than nothing.
-            result = self._lanczos(
-                operator, self.top_k, "largest", self._eigenvectors, budget, progress.with_base(hvps)
-            )
-            hvps += result.hvp_count
-            top_values = [float(v) for v in result.eigenvalues]
-            metrics.update({tags.eigenvalue_tag(i): v for i, v in enumerate(top_values, start=1)})
-            converged += padded_flags(result.converged, self.top_k)
-            if len(result.eigenvectors) == self.top_k:
-                self._eigenvectors = [{n: t.detach() for n, t in v.items()} for v in result.eigenvectors]
-            progress.report("top eigenvalues", hvps)
-            if self.stability and top_values:
-                # for Adam, one more Lanczos run on the preconditioned Hessian
-                stability_progress = progress.with_base(hvps)
-
-                def preconditioned(scaled: HessianOperator) -> EigenResult:
-                    return self._lanczos(scaled, 1, "largest", None, budget, stability_progress)
-
-                stability, spent = stability_metrics(trainer, pl_module, operator, top_values[0], preconditioned)
-                metrics.update(stability)
-                hvps += spent
-
-        if "smallest_eigenvalue" in self.quantities:
-            if budget.spent():
-                converged.append(False)
-            else:
-                result = self._lanczos(operator, 1, "smallest", None, budget, progress.with_base(hvps))
+        # One analysis context for all the quantities of the parameter-space Hessian: the retained
+        # first-order graph is built once and serves the Lanczos runs, the trace and the density.
+        with operator.analysis():
+            if "eigenvalues" in self.quantities:
+                # The headline number: with the budget already spent it still gets one Lanczos step
+                # (a rough, unconverged estimate) rather than nothing.
+                result = self._lanczos(
+                    operator, self.top_k, "largest", self._eigenvectors, budget, progress.with_base(hvps)
+                )
                 hvps += result.hvp_count
-                metrics[tags.EIG_MIN] = float(result.eigenvalues[0])
-                converged += padded_flags(result.converged, 1)
-                progress.report("smallest eigenvalue", hvps)
+                top_pairs = result
+                top_values = [float(v) for v in result.eigenvalues]
+                metrics.update({tags.eigenvalue_tag(i): v for i, v in enumerate(top_values, start=1)})
+                converged += padded_flags(result.converged, self.top_k)
+                if len(result.eigenvectors) == self.top_k:
+                    self._eigenvectors = [{n: t.detach() for n, t in v.items()} for v in result.eigenvectors]
+                progress.report("top eigenvalues", hvps)
+                if self.stability and top_values:
+                    # for Adam, one more Lanczos run on the preconditioned Hessian
+                    stability_progress = progress.with_base(hvps)
 
-        if "trace" in self.quantities and not budget.spent():
-            trace = hessian_trace(
-                operator,
-                method="auto",
-                rel_tol=self.trace_rel_tol,
-                max_probes=self.trace_max_probes,
-                seed=self.seed,
-                backend=self.backend,
-            )
-            hvps += trace.hvp_count
-            metrics[tags.TRACE] = float(trace.estimate)
-            metrics[tags.TRACE_STDERR] = float(trace.stderr)
-            progress.report("trace", hvps)
+                    def preconditioned(scaled: HessianOperator) -> EigenResult:
+                        return self._lanczos(scaled, 1, "largest", None, budget, stability_progress)
 
-        if "density" in self.quantities and not budget.spent():
-            density = spectral_density(
-                operator,
-                num_probes=self.density_probes,
-                lanczos_steps=min(self.density_steps, operator.num_params),
-                grid_size=self.density_grid,
-                sigma=self.density_sigma,
-                seed=self.seed,
-            )
-            hvps += density.hvp_count
-            log_density(self, trainer, density, operator.num_params, top_values)
-            progress.report("density", hvps)
+                    stability, spent = stability_metrics(trainer, pl_module, operator, top_values[0], preconditioned)
+                    metrics.update(stability)
+                    hvps += spent
+
+            if "smallest_eigenvalue" in self.quantities:
+                if budget.spent():
+                    converged.append(False)
+                else:
+                    result = self._lanczos(
+                        operator, 1, "smallest", self._smallest_eigenvector, budget, progress.with_base(hvps)
+                    )
+                    hvps += result.hvp_count
+                    if result.eigenvectors:
+                        self._smallest_eigenvector = [{n: t.detach() for n, t in result.eigenvectors[0].items()}]
+                    metrics[tags.EIG_MIN] = float(result.eigenvalues[0])
+                    converged += padded_flags(result.converged, 1)
+                    progress.report("smallest eigenvalue", hvps)
+
+            if "trace" in self.quantities and not budget.spent():
+                trace = hessian_trace(
+                    operator,
+                    method="auto",
+                    rel_tol=self.trace_rel_tol,
+                    max_probes=self.trace_max_probes,
+                    seed=self.seed,
+                    # the top eigenpairs just found carry most of Hutchinson's variance: their span's
+                    # trace is their sum, the probes cover the rest
+                    deflate_with=top_pairs,
+                    backend=self.backend,
+                )
+                hvps += trace.hvp_count
+                metrics[tags.TRACE] = float(trace.estimate)
+                metrics[tags.TRACE_STDERR] = float(trace.stderr)
+                progress.report("trace", hvps)
+
+            if "density" in self.quantities and not budget.spent():
+                density = spectral_density(
+                    operator,
+                    num_probes=self.density_probes,
+                    lanczos_steps=min(self.density_steps, operator.num_params),
+                    grid_size=self.density_grid,
+                    sigma=self.density_sigma,
+                    seed=self.seed,
+                )
+                hvps += density.hvp_count
+                log_density(self, trainer, density, operator.num_params, top_values)
+                progress.report("density", hvps)
 
         if "input_hessian" in self.quantities and not budget.spent():
             metrics[tags.INPUT_EIG_1], metrics[tags.INPUT_GRAD_NORM] = input_hessian_means(
@@ -536,6 +549,7 @@ class HessianSpectrumCallback(EpochAnalysisCallback):
     def state_dict(self) -> dict[str, Any]:
         state = super().state_dict()
         state["eigenvectors"] = vectors_to_cpu(self._eigenvectors)
+        state["smallest_eigenvector"] = vectors_to_cpu(self._smallest_eigenvector)
         state["layer_eigenvectors"] = {k: vectors_to_cpu(v) for k, v in self._layer_eigenvectors.items()}
         state["analysed_step"] = self._analysed_step
         return state
@@ -544,11 +558,13 @@ class HessianSpectrumCallback(EpochAnalysisCallback):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         state_dict = dict(state_dict)
         eigenvectors = state_dict.pop("eigenvectors", None)
+        smallest_eigenvector = state_dict.pop("smallest_eigenvector", None)
         layer_eigenvectors = state_dict.pop("layer_eigenvectors", {})
         self._analysed_step = state_dict.pop("analysed_step", -1)
         super().load_state_dict(state_dict)
         # moved to the model's device by the operator (``flatten``) at the next warm start
         self._eigenvectors = eigenvectors
+        self._smallest_eigenvector = smallest_eigenvector
         self._layer_eigenvectors = dict(layer_eigenvectors)
 
     # ----------------------------------------------------------------------------------------

@@ -33,6 +33,20 @@ variance, i.e. when the predicted sketch plus remainder costs fewer products tha
 Hutchinson; its sketch then reuses the pilot's products (the pilot's samples are dropped, as
 the sketch depends on their probes).
 
+Deflation by known eigenvectors (``deflate_with``): the Ritz pairs :math:`(\\theta_i, y_i)` of a
+Lanczos run on the same operator (:func:`~lightning_hessian.curvature.lanczos.top_eigenvalues`)
+are an orthonormal :math:`Q` whose exact part is free, since Rayleigh-Ritz makes
+:math:`y_i^\\top H y_i = \\theta_i`:
+
+.. math:: \\operatorname{tr} H = \\sum_i \\theta_i
+          + \\operatorname{tr}\\big((I - QQ^\\top) H (I - QQ^\\top)\\big),
+
+and everything above (pilot, choice, Hutch++ sketch) then runs on the deflated operator. A
+Hessian's Hutchinson variance is mostly its few outliers' :math:`2\\sum \\lambda_i^2`, the very
+pairs a top-:math:`k` call has just found, so the remainder needs several times fewer probes. The
+estimate stays unbiased (:math:`Q` is independent of the trace's probes); its products were
+counted by the call that made them.
+
 Every run stops when ``stderr <= rel_tol * |estimate|`` (checked from ``min_probes`` samples on,
 each further batch sized by the products the current standard error predicts are still needed)
 or when ``max_probes`` products are spent. When the products still needed exceed the operator's
@@ -58,7 +72,7 @@ from lightning_hessian.curvature.linear import (
     row_dots,
     seeded_generator,
 )
-from lightning_hessian.curvature.results import TraceResult
+from lightning_hessian.curvature.results import EigenResult, TraceResult
 from lightning_hessian.errors import UserInputError
 
 __all__ = ["TraceResult", "hessian_trace"]  # TraceResult: re-exported from results
@@ -92,9 +106,7 @@ class _Run:
         """``count`` Rademacher rows, projected off the sketch basis if there is one."""
         Z = random_rademacher((count, self.size), self.generator, self.device)
         self.drawn += count
-        if self.basis is not None:
-            Z.addmm_(Z @ self.basis.T, self.basis, alpha=-1.0)
-        return Z
+        return self.project(Z)
 
     def sample(self, count: int) -> tuple[Tensor, Tensor]:
         """Draw ``count`` probes, record their quadratic forms; returns the probes and products."""
@@ -114,10 +126,23 @@ class _Run:
         values = self.values()
         return float(values.std() / math.sqrt(values.numel())) if values.numel() > 1 else math.inf
 
+    def project(self, rows: Tensor) -> Tensor:
+        """``rows`` with their components in the deflation/sketch basis removed (in place)."""
+        if self.basis is not None:
+            rows.addmm_(rows @ self.basis.T, self.basis, alpha=-1.0)
+        return rows
+
+    def deflate(self, vectors: Tensor, values: Tensor) -> None:
+        """Take out the span of known orthonormal Ritz vectors (rows); their values are its exact trace."""
+        self.basis = torch.linalg.qr(vectors.T).Q.T.contiguous()  # re-orthonormalised in float64
+        self.exact_part = float(values.sum())
+
     def sketch(self, Y: Tensor) -> None:
-        """Use ``orth(Y)`` as the sketch: its exact part costs one product per row."""
-        self.basis = torch.linalg.qr(Y.T).Q.T.contiguous()
-        self.exact_part = float(row_dots(self.basis, self.products(self.basis)).sum())
+        """Add ``orth(Y)`` (off the current basis) to the basis: its exact part costs one product per row."""
+        fresh = self.project(self.project(Y.clone()))  # twice: Y may lie close to the basis
+        fresh = torch.linalg.qr(fresh.T).Q.T.contiguous()
+        self.exact_part += float(row_dots(fresh, self.products(fresh)).sum())
+        self.basis = fresh if self.basis is None else torch.cat([self.basis, fresh])
         self.samples = []
 
 
@@ -215,6 +240,7 @@ def hessian_trace(
     *,
     sketch_size: int | None = None,
     min_probes: int = 8,
+    deflate_with: EigenResult | None = None,
     backend: str = "native",
 ) -> TraceResult:
     """Estimate the trace of ``op`` with its standard error, spending as few products as it can.
@@ -232,6 +258,10 @@ def hessian_trace(
         sketch_size: Hutch++ sketch rows (default 16 under a tolerance, ``max_probes // 3`` when
             ``rel_tol`` is ``None``; with ``"auto"`` at least the pilot, whose products it reuses).
         min_probes: the pilot, and the fewest stochastic samples a standard error is trusted from.
+        deflate_with: Ritz pairs of ``op`` itself (a :func:`~lightning_hessian.curvature.lanczos.
+            top_eigenvalues` result on the same operator at the same parameters, converged or
+            not): their span's trace is their eigenvalues' sum and the estimate runs on the rest
+            (module docstring). Pairs from another operator would bias the estimate.
         backend: ``"native"``, or ``"pyhessian"`` (its Hutchinson loop, for cross-checks).
 
     Returns:
@@ -239,7 +269,8 @@ def hessian_trace(
         estimator produced ``estimate`` (``"exact"`` when unit vectors were cheaper).
 
     Raises:
-        UserInputError: for an unknown ``method``/``backend`` or non-positive counts/tolerance.
+        UserInputError: for an unknown ``method``/``backend``, non-positive counts/tolerance, or
+            ``deflate_with`` without eigenvectors of ``op``'s size.
     """
     if backend == "pyhessian":
         from lightning_hessian.curvature.pyhessian_backend import pyhessian_trace
@@ -260,6 +291,15 @@ def hessian_trace(
     began = time.perf_counter()
     size = int(op.num_params)
     run = _Run(op, seeded_generator(seed), operator_device(op), size)
+    if deflate_with is not None:
+        vectors = deflate_with.vectors
+        if vectors is None or vectors.ndim != 2 or vectors.shape[0] != size:
+            raise UserInputError(
+                f"deflate_with needs the eigenvectors of this operator as a ({size}, k) `vectors` tensor, got"
+                f" {None if vectors is None else tuple(vectors.shape)}; pass the result of top_eigenvalues(op, ...)."
+            )
+        if 0 < vectors.shape[1] < size:
+            run.deflate(vectors.T.to(run.device, torch.float64), deflate_with.eigenvalues.to(torch.float64))
     chosen = method
     with operator_context(op):
         if method == "hutch++":
@@ -299,6 +339,7 @@ def _pilot_and_choose(run: _Run, rel_tol: float | None, max_probes: int, pilot: 
     estimate, stderr = run.estimate(), run.stderr()
     if rel_tol is not None and stderr <= rel_tol * abs(estimate):
         return "hutchinson"
+    HZ = run.project(HZ)  # with a deflation basis: the products of the deflated operator
     hutchinson_variance = _hutchinson_variance(Z, HZ)
     sketch_variance = 2.0 * _leave_one_out_tail(HZ)  # per remainder probe, an over-estimate
     if rel_tol is None:

@@ -5,6 +5,7 @@ The tiny networks and the exact Hessian are ``helpers.make_cnn``, ``make_mlp`` a
 
 from __future__ import annotations
 
+import copy
 import functools
 import math
 
@@ -324,3 +325,62 @@ def test_tied_weights_get_both_contributions() -> None:
     H = torch.cat([torch.cat([blocks[i][j].reshape(sizes[i], sizes[j]) for j in range(3)], 1) for i in range(3)])
     v = torch.randn(op.num_params, dtype=torch.float64)
     assert torch.allclose(op.matvec(v), H @ v, rtol=1e-10, atol=1e-12)
+
+
+def _graph_names(output: torch.Tensor) -> set[str]:
+    """Names of every autograd node behind ``output``."""
+    names, stack, seen = set(), [output.grad_fn], set()
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        names.add(type(node).__name__)
+        stack.extend(next_node for next_node, _ in node.next_functions)
+    return names
+
+
+@pytest.mark.parametrize(
+    "norm, shape",
+    [(nn.BatchNorm1d(4), (6, 4)), (nn.BatchNorm1d(4, affine=False), (6, 4, 3)), (nn.BatchNorm2d(4), (6, 4, 3, 3))],
+    ids=["1d", "1d-no-affine-3d-input", "2d"],
+)
+def test_batch_norm_on_running_statistics_is_computed_as_an_affine_map(norm: nn.Module, shape: tuple) -> None:
+    """Under ``affine_batch_norm`` an eval-mode BatchNorm is the same function (and Hessian) as
+    PyTorch's, recorded as multiply-add instead of ``native_batch_norm``; training mode (batch
+    statistics, running-statistics update) is left alone."""
+    from lightning_hessian.curvature.context import affine_batch_norm
+
+    generator = torch.Generator().manual_seed(11)
+    norm = norm.double()
+    with torch.no_grad():
+        norm.running_mean.copy_(torch.randn(4, dtype=torch.float64, generator=generator))
+        norm.running_var.copy_(torch.rand(4, dtype=torch.float64, generator=generator) + 0.5)
+        if norm.affine:
+            norm.weight.copy_(torch.randn(4, dtype=torch.float64, generator=generator))
+            norm.bias.copy_(torch.randn(4, dtype=torch.float64, generator=generator))
+    x = torch.randn(*shape, dtype=torch.float64, generator=generator, requires_grad=True)
+
+    norm.eval()
+    native = norm(x)
+    with affine_batch_norm():
+        affine = norm(x)
+    torch.testing.assert_close(affine, native, rtol=1e-13, atol=1e-13)
+    assert any("BatchNorm" in name for name in _graph_names(native))
+    assert not any("BatchNorm" in name for name in _graph_names(affine))
+
+    def loss(inputs: torch.Tensor) -> torch.Tensor:
+        return (norm(inputs).sin() * 3).sum()
+
+    point = x.detach()
+    exact = torch.autograd.functional.hessian(loss, point)
+    with affine_batch_norm():
+        torch.testing.assert_close(torch.autograd.functional.hessian(loss, point), exact, rtol=1e-12, atol=1e-12)
+
+    norm.train()
+    reference = copy.deepcopy(norm)
+    with affine_batch_norm():
+        trained = norm(x)
+    assert torch.equal(trained, reference(x))
+    assert torch.equal(norm.running_mean, reference.running_mean)
+    assert any("BatchNorm" in name for name in _graph_names(trained))
