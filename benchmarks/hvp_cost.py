@@ -12,7 +12,9 @@ repeat), so load changes on a shared machine hit them alike. Also reported: the 
 
 Models (synthetic data, eval mode, BatchNorm statistics of the data): ``cnn``, a small CNN with
 BatchNorm (38,666 parameters) on 512 CIFAR-shaped samples (3x16x16); ``mlp``, 784-256-128-10 on
-1024 samples; ``resnet18``, torchvision's ResNet-18 with the CIFAR stem on 4096 3x32x32 samples.
+1024 samples; ``resnet18``, torchvision's ResNet-18 with the CIFAR stem on 4096 3x32x32 samples;
+``m1``, the paper's Fashion-MNIST CNN (this package's architecture, BatchNorm) on 256 1x28x28
+samples, the callback's light full analysis in ``callback_overhead.py``.
 
 CPU, one thread (the numbers in benchmarks/RESULTS.md):
     OMP_NUM_THREADS=1 python benchmarks/hvp_cost.py --repeats 7 --lanczos
@@ -43,6 +45,7 @@ from torch import nn
 from lightning_hessian.curvature import HessianOperator, top_eigenvalues
 from lightning_hessian.curvature.hvp_tuning import k_bucket
 from lightning_hessian.curvature.operator import HVP_MODES
+from lightning_hessian.models.architectures import build_architecture
 
 MODES = tuple(mode for mode in HVP_MODES if mode != "auto")
 
@@ -96,6 +99,9 @@ class Case:
     y: torch.Tensor
 
 
+CASE_NAMES = ("cnn", "mlp", "resnet18", "m1")
+
+
 def make_cases(
     names: Sequence[str], *, smoke: bool, device: torch.device, seed: int, samples: int | None = None
 ) -> list[Case]:
@@ -117,14 +123,17 @@ def make_cases(
             size, count = (8, 8) if smoke else (32, 4096)
             model = resnet18_cifar()
             description = f"ResNet-18 (CIFAR stem), {size}x{size}x3 inputs"
+        elif name == "m1":
+            size, count = 28, (16 if smoke else 256)
+            model = build_architecture("m1", input_shape=(1, 28, 28), num_classes=10)
+            description = "the paper's m1 (this package's, BatchNorm), 28x28x1 inputs"
         else:
-            raise ValueError(f"unknown case {name!r}: use cnn, mlp or resnet18")
+            raise ValueError(f"unknown case {name!r}: use {', '.join(CASE_NAMES)}")
         count = samples or count
-        x = (
-            torch.randn(count, 784, generator=generator)
-            if name == "mlp"
-            else torch.randn(count, 3, size, size, generator=generator)
-        )
+        if name == "mlp":
+            x = torch.randn(count, 784, generator=generator)
+        else:
+            x = torch.randn(count, 1 if name == "m1" else 3, size, size, generator=generator)
         model = model.to(device)
         x = x.to(device)
         with torch.no_grad():  # running statistics of the data, as after training
@@ -330,11 +339,9 @@ def print_report(case: Case, result: dict[str, Any], args: argparse.Namespace, d
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--cases", "--model", dest="cases", nargs="+", default=["cnn", "mlp"], choices=CASE_NAMES)
     parser.add_argument(
-        "--cases", "--model", dest="cases", nargs="+", default=["cnn", "mlp"], choices=["cnn", "mlp", "resnet18"]
-    )
-    parser.add_argument(
-        "--samples", type=int, default=None, help="sample count (default 512 cnn, 1024 mlp, 4096 resnet18)"
+        "--samples", type=int, default=None, help="sample count (default 512 cnn, 1024 mlp, 4096 resnet18, 256 m1)"
     )
     parser.add_argument("--modes", nargs="+", default=list(MODES), choices=list(MODES))
     parser.add_argument("--ks", type=int, nargs="+", default=None, help="vectors per call (default 1 4 16 32)")

@@ -23,7 +23,14 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
-__all__ = ["ModelStateSnapshot", "affine_batch_norm", "analysis_mode", "exact_float32", "preserved_state"]
+__all__ = [
+    "ModelStateSnapshot",
+    "affine_batch_norm",
+    "analysis_mode",
+    "batch_norm_as_affine",
+    "exact_float32",
+    "preserved_state",
+]
 
 
 @dataclass
@@ -179,6 +186,19 @@ def affine_batch_norm() -> Iterator[None]:
     """
     with _AffineBatchNorm():
         yield
+
+
+def batch_norm_as_affine(model: nn.Module) -> Callable[[], contextlib.AbstractContextManager]:
+    """:func:`affine_batch_norm` for a model with BatchNorm layers that keep running statistics,
+    else a no-op context (the mode costs a few microseconds per torch call of the forward pass).
+
+    Returns:
+        A factory of the context to wrap each loss evaluation in.
+    """
+    batch_norms = (m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm))
+    if any(m.running_mean is not None for m in batch_norms):
+        return affine_batch_norm
+    return contextlib.nullcontext
 
 
 def _math_attention() -> contextlib.AbstractContextManager:

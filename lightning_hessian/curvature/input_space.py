@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from lightning_hessian.curvature.context import affine_batch_norm, analysis_mode
+from lightning_hessian.curvature.context import analysis_mode, batch_norm_as_affine
 from lightning_hessian.curvature.lanczos import BatchedLanczos, batched_lanczos
 from lightning_hessian.curvature.linear import random_normal, seeded_generator
 from lightning_hessian.curvature.objective import BatchLoss, BatchLossModule, loss_of_outputs
@@ -113,8 +113,10 @@ def _sum_loss(
             tensor = tensor.to(dtype)
         tensors["inner." + name] = tensor
 
+    batch_norm_context = batch_norm_as_affine(model)
+
     def loss(x: Tensor, y: Any) -> Tensor:
-        with affine_batch_norm():  # the same function, with a cheap double backward
+        with batch_norm_context():  # the same function, with a cheap double backward
             return x.shape[0] * torch.func.functional_call(wrapper, tensors, ((x, y),))
 
     return loss

@@ -62,7 +62,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_hessian.curvature.batches import batch_size, map_tensors, slice_batch
-from lightning_hessian.curvature.context import affine_batch_norm, analysis_mode
+from lightning_hessian.curvature.context import analysis_mode, batch_norm_as_affine
 from lightning_hessian.curvature.hvp_tuning import (
     ModelTuning,
     ModeTrial,
@@ -215,6 +215,7 @@ class HessianOperator:
         self._build_seconds = 0.0  # all retained-graph builds so far (excluded from the trial's timings)
         self._warned: set[str] = set()
         self._wrapper = BatchLossModule(model, loss)
+        self._batch_norm_context = batch_norm_as_affine(model)
 
         named = list(model.named_parameters())
         if params is not None:
@@ -375,7 +376,7 @@ class HessianOperator:
         def loss(*params: Tensor) -> Tensor:
             tensors = dict(constants)
             tensors.update(zip(names, params, strict=True))
-            with affine_batch_norm():  # the same function, with a cheap double backward
+            with self._batch_norm_context():  # the same function, with a cheap double backward
                 return torch.func.functional_call(self._wrapper, tensors, (batch,))
 
         return loss

@@ -5,6 +5,7 @@ The tiny networks and the exact Hessian are ``helpers.make_cnn``, ``make_mlp`` a
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 import math
@@ -349,7 +350,7 @@ def test_batch_norm_on_running_statistics_is_computed_as_an_affine_map(norm: nn.
     """Under ``affine_batch_norm`` an eval-mode BatchNorm is the same function (and Hessian) as
     PyTorch's, recorded as multiply-add instead of ``native_batch_norm``; training mode (batch
     statistics, running-statistics update) is left alone."""
-    from lightning_hessian.curvature.context import affine_batch_norm
+    from lightning_hessian.curvature.context import affine_batch_norm, batch_norm_as_affine
 
     generator = torch.Generator().manual_seed(11)
     norm = norm.double()
@@ -376,6 +377,11 @@ def test_batch_norm_on_running_statistics_is_computed_as_an_affine_map(norm: nn.
     exact = torch.autograd.functional.hessian(loss, point)
     with affine_batch_norm():
         torch.testing.assert_close(torch.autograd.functional.hessian(loss, point), exact, rtol=1e-12, atol=1e-12)
+
+    assert batch_norm_as_affine(nn.Sequential(nn.Linear(4, 4), norm)) is affine_batch_norm
+    assert batch_norm_as_affine(nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4, track_running_stats=False))) is (
+        contextlib.nullcontext
+    )
 
     norm.train()
     reference = copy.deepcopy(norm)
