@@ -24,6 +24,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any, TextIO
@@ -48,19 +49,50 @@ def _settings_record(settings: SweepSettings) -> dict[str, Any]:
     }
 
 
-# Held (blocked) while a child starts, so that an interrupt cannot land between the fork and the
-# moment the sweep knows the child's process (it would leave the child running, unreaped).
-_STOP_SIGNALS = frozenset({signal.SIGINT, signal.SIGTERM})
-_CAN_HOLD_SIGNALS = hasattr(signal, "pthread_sigmask")
+# Deferred while a child starts, so that an interrupt cannot land between the fork and the moment
+# the sweep knows the child's process (it would leave the child running, unreaped).
+_STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
-def _die_with_sweep(mask: Any = None) -> Any:
-    """A ``preexec_fn`` that restores the signal ``mask`` in the child (the sweep holds
-    SIGINT/SIGTERM while it starts it, and a mask survives exec) and makes the child get SIGTERM
-    when the sweep dies (Linux ``PR_SET_PDEATHSIG``, which survives exec).
+class _DeferredInterrupts:
+    """SIGINT/SIGTERM arriving between :meth:`hold` and :meth:`release` are recorded, not acted on;
+    :meth:`release` puts the handlers back and re-raises the first one.
+
+    Python runs signal handlers in the main thread whichever thread the kernel chose, so this
+    swaps the Python-level handlers: a per-thread signal mask cannot hold a process-directed
+    signal once the process has another thread (a TensorBoard writer, a data loader, pytest's).
+    Outside the main thread (where handlers cannot be set, and none would run) it does nothing.
+    """
+
+    def __init__(self) -> None:
+        self.pending: list[int] = []
+        self.previous: dict[int, Any] = {}
+
+    def hold(self) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return
+        for signum in _STOP_SIGNALS:
+            self.previous[signum] = signal.signal(signum, self._record)
+
+    def _record(self, signum: int, frame: Any) -> None:
+        self.pending.append(signum)
+
+    def release(self) -> None:
+        """Restore the handlers; a recorded signal is raised again, now handled as usual (for
+        SIGTERM under ``hessian-sweep``: :class:`SweepInterrupted` from :func:`stop_on_signal`)."""
+        for signum, handler in self.previous.items():
+            signal.signal(signum, handler)
+        self.previous = {}
+        if self.pending:
+            signal.raise_signal(self.pending[0])
+
+
+def _die_with_sweep() -> Any:
+    """A ``preexec_fn`` that makes the child get SIGTERM when the sweep dies (Linux
+    ``PR_SET_PDEATHSIG``, which survives exec).
 
     Returns:
-        The ``preexec_fn``, or ``None`` when it has nothing to do.
+        The ``preexec_fn``, or ``None`` off Linux.
     """
     prctl = None
     if sys.platform.startswith("linux"):
@@ -68,17 +100,14 @@ def _die_with_sweep(mask: Any = None) -> Any:
             prctl = ctypes.CDLL(None, use_errno=True).prctl  # looked up before the fork
         except (OSError, AttributeError):
             prctl = None
-    if prctl is None and mask is None:
+    if prctl is None:
         return None
     sweep_pid = os.getpid()
 
     def preexec() -> None:
-        if mask is not None:
-            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
-        if prctl is not None:
-            prctl(1, signal.SIGTERM, 0, 0, 0)  # 1 = PR_SET_PDEATHSIG
-            if os.getppid() != sweep_pid:  # the sweep died before prctl took effect
-                os.kill(os.getpid(), signal.SIGTERM)
+        prctl(1, signal.SIGTERM, 0, 0, 0)  # 1 = PR_SET_PDEATHSIG
+        if os.getppid() != sweep_pid:  # the sweep died before prctl took effect
+            os.kill(os.getpid(), signal.SIGTERM)
 
     return preexec
 
@@ -124,20 +153,19 @@ def _run_logged(command: list[str], log: TextIO, echo: bool, lock: RunLock | Non
     log.write(f"$ {shlex.join(command)}\n")
     log.flush()
     environment = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    mask = signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS) if _CAN_HOLD_SIGNALS else None
+    interrupts = _DeferredInterrupts()
+    interrupts.hold()
     try:
         process = subprocess.Popen(
             command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=environment,
-            start_new_session=True, preexec_fn=_die_with_sweep(mask),
+            start_new_session=True, preexec_fn=_die_with_sweep(),
             pass_fds=lock.pass_fds if lock is not None else (),
         )  # fmt: skip
     except BaseException:
-        if mask is not None:
-            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+        interrupts.release()
         raise
     try:
-        if mask is not None:  # an interrupt held meanwhile is raised here, where the child is known
-            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+        interrupts.release()  # an interrupt deferred meanwhile is raised here, where the child is known
         if lock is not None:
             lock.record_child(process)
         assert process.stdout is not None
