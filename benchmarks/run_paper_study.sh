@@ -49,7 +49,9 @@
 # under test FGSM/PGD ~5 s (measured before), DeepFool and CW ~1-2 min (estimated: ~500 gradient passes
 # over 1000 images each), the test-sample spectrum and landscapes ~10 s. Two lanes side by side on the
 # 2-core machine, OMP_NUM_THREADS=1 each, so wall times are about half the CPU times (more when loaded):
-#   recipe       15 runs, ~340 s (B = 128) to ~660 s (B = 16384): ~7,300 s CPU, ~1 h wall.
+#   recipe       15 runs, ~340 s (B = 128) to ~660 s (B = 16384): ~7,300 s CPU, ~1 h wall. Measured
+#                (2026-11-29, lenet5, the shared machine also running tests and benchmarks): 8,895 s wall,
+#                585-3,172 s per run (sweep.json), 14,947 s in all.
 #   control      15 runs; B = 128 stops after ~3 epochs (~200 s), B = 16384 after ~100 epochs (~1,700 s;
 #                up to ~3,300 s at the cap of 200): ~10,000 s CPU, ~1.4 h wall (up to ~2 h).
 #   robust       24 runs; training costs x2 (FGSM), x1 (noise), x(steps + 1) (PGD), x(steps + 2) (TRADES):
