@@ -16,8 +16,9 @@
 # Outputs: runs/paper_study/NET/ (TensorBoard runs, one folder per sweep, lane logs, interpolations,
 # report; not tracked) and docs/results/paper_study_NET/ (report.md, summary.json, runs.csv, the PNG
 # figures, input_hessian_psd.{json,md}, wall_times.log; tracked). Resumable: hessian-sweep skips runs
-# whose sweep.json says finished, so a killed study continues where it stopped when rerun with the same
-# arguments; the post-training stages redo their (short) work.
+# whose sweep.json says finished and continues a run that was killed from its last checkpoint (an epoch's
+# work at most is lost), so a killed study continues where it stopped when rerun with the same arguments;
+# the post-training stages redo their (short) work.
 #
 # What runs (the recipe: configs/paper_fashion_mnist_NET.yaml, the authors' HessianFlow settings: SGD
 # with momentum 0.9, learning rate 0.02 at every batch size, step decay x0.2, no weight decay, no

@@ -9,7 +9,8 @@
 
 The command line becomes a :class:`~lightning_hessian.sweep.SweepSettings` and
 :func:`~lightning_hessian.sweep.run_sweep` runs it (:mod:`lightning_hessian.sweep` says how: run
-directories, ``sweep.json``, skipping finished runs, one writer per directory, signals). The exit
+directories, ``sweep.json``, skipping finished runs, resuming interrupted ones, one writer per
+directory, signals). The exit
 status is 0 when every run finished (or had finished before), 1 when one failed or was refused
 (its directory in use), 130 when interrupted (Ctrl-C, SIGTERM), 2 for bad arguments.
 """
@@ -47,6 +48,10 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--no-test", action="store_true", help="do not run hessian-train test after fit")
     parser.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
     parser.add_argument("--echo", action="store_true", help="also print the runs' output (always in train.log)")
+    parser.add_argument(
+        "--restart", action="store_true",
+        help="start interrupted runs again from the beginning (default: continue them from their last checkpoint)",
+    )  # fmt: skip
     parser.add_argument(
         "--train-command", default=shlex.join(DEFAULT_TRAIN_COMMAND),
         help="command that starts hessian-train (default: %(default)s)",
@@ -94,9 +99,13 @@ def _main(argv: Sequence[str]) -> int:
     # gets the same signal and its sweep.json says "interrupted".
     previous = signal.signal(signal.SIGTERM, stop_on_signal)
     try:
-        runs = run_sweep(settings, dry_run=arguments.dry_run, echo=arguments.echo)
+        runs = run_sweep(settings, dry_run=arguments.dry_run, echo=arguments.echo, resume=not arguments.restart)
     except KeyboardInterrupt:
-        print("hessian-sweep: interrupted; run it again to continue (finished runs are skipped)", file=sys.stderr)
+        print(
+            "hessian-sweep: interrupted; run it again to continue (finished runs are skipped, the interrupted one"
+            " continues from its last checkpoint)",
+            file=sys.stderr,
+        )
         return 130
     finally:
         signal.signal(signal.SIGTERM, previous)

@@ -21,7 +21,14 @@ A sweep is a subprocess runner, not part of the report; the report only reads wh
 
 from lightning_hessian.sweep.lock import LOCK_FILE, RunBusyError, RunLock
 from lightning_hessian.sweep.records import ATTEMPTS_DIR, LOG_FILE, SWEEP_FILE, read_record
-from lightning_hessian.sweep.runner import STOP_GRACE_SECONDS, SweepInterrupted, run_sweep, stop_on_signal
+from lightning_hessian.sweep.runner import (
+    STOP_GRACE_SECONDS,
+    ResumePoint,
+    SweepInterrupted,
+    find_resume_point,
+    run_sweep,
+    stop_on_signal,
+)
 from lightning_hessian.sweep.settings import DEFAULT_TRAIN_COMMAND, SweepRun, SweepSettings, plan_sweep, run_version
 
 __all__ = [
@@ -31,11 +38,13 @@ __all__ = [
     "LOG_FILE",
     "STOP_GRACE_SECONDS",
     "SWEEP_FILE",
+    "ResumePoint",
     "RunBusyError",
     "RunLock",
     "SweepInterrupted",
     "SweepRun",
     "SweepSettings",
+    "find_resume_point",
     "plan_sweep",
     "read_record",
     "run_sweep",

@@ -1,12 +1,15 @@
 """The files a sweep keeps in each run directory, and the record of what happened to the run.
 
 * ``sweep.json`` (:data:`SWEEP_FILE`): config, batch size, seed, overrides, commands, status
-  (``running``, ``finished``, ``failed``, ``interrupted``), wall times. ``hessian-report`` reads the
-  batch size, seed, variant and status from it (:mod:`lightning_hessian.report.runs`).
+  (``running``, ``finished``, ``failed``, ``interrupted``), wall times, and for a run continued after
+  an interruption the earlier attempts (``resumed``). ``hessian-report`` reads the batch size, seed,
+  variant, status and ``wall_seconds`` from it (:mod:`lightning_hessian.report.runs`).
 * ``train.log`` (:data:`LOG_FILE`): the output of the run's ``hessian-train`` commands.
 * ``sweep.lock``: the claim of the directory (:mod:`lightning_hessian.sweep.lock`).
 
-Unfinished runs are moved to ``ROOT/NAME/.attempts/`` (:data:`ATTEMPTS_DIR`) before they run again.
+Unfinished runs that do not continue from their checkpoint
+(:func:`~lightning_hessian.sweep.runner.find_resume_point`) are moved to ``ROOT/NAME/.attempts/``
+(:data:`ATTEMPTS_DIR`) before they run again.
 """
 
 from __future__ import annotations

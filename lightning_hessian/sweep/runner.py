@@ -2,8 +2,12 @@
 
 Each run directory gets a ``sweep.json`` and a ``train.log`` (:mod:`~lightning_hessian.sweep.records`).
 A run whose ``sweep.json`` says ``finished`` is skipped, so an interrupted sweep continues where
-it stopped; a run that failed or was interrupted is moved to ``ROOT/NAME/.attempts/`` and run
-again. A failed run does not stop the sweep. After a successful ``fit`` the sweep runs
+it stopped. A run that was stopped from outside (``interrupted`` by Ctrl-C or SIGTERM, or still
+``running`` because the sweep itself was killed) continues from its last checkpoint with the same
+settings (:func:`find_resume_point`; ``hessian-train``'s resumption is exact, see
+:mod:`lightning_hessian.resume`); a run that failed, or one that cannot continue (other settings, no
+checkpoint yet, ``resume=False``), is moved to ``ROOT/NAME/.attempts/`` and run again from the
+start. A failed run does not stop the sweep. After a successful ``fit`` the sweep runs
 ``hessian-train test`` into the same directory on the checkpoint that the fit recorded in
 ``checkpoint.json`` (:mod:`lightning_hessian.checkpoint_io`; not merely the newest ``.ckpt``
 file, which may be a partial one), so the run has a ``test/acc`` and the callbacks' analyses on
@@ -18,6 +22,7 @@ dies, even by SIGKILL (``PR_SET_PDEATHSIG``), so a killed sweep leaves no traini
 from __future__ import annotations
 
 import ctypes
+import json
 import os
 import shlex
 import signal
@@ -26,15 +31,25 @@ import subprocess
 import sys
 import threading
 import time
+from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import Any, TextIO
 
-from lightning_hessian.checkpoint_io import recorded_checkpoint
+from lightning_hessian.checkpoint_io import CHECKPOINT_RECORD, recorded_checkpoint
+from lightning_hessian.resume import last_checkpoint_in, read_resume_info
 from lightning_hessian.sweep.lock import RunBusyError, RunLock
 from lightning_hessian.sweep.records import LOG_FILE, move_aside, read_record, utc_now, write_record
 from lightning_hessian.sweep.settings import SweepRun, SweepSettings, plan_sweep, train_arguments
 
-__all__ = ["STOP_GRACE_SECONDS", "SweepInterrupted", "run_sweep", "stop_on_signal"]
+__all__ = [
+    "STOP_GRACE_SECONDS",
+    "ResumePoint",
+    "SweepInterrupted",
+    "find_resume_point",
+    "run_sweep",
+    "stop_on_signal",
+]
 
 #: seconds a training process gets to stop after the forwarded SIGINT/SIGTERM before SIGKILL
 STOP_GRACE_SECONDS = 30.0
@@ -46,6 +61,128 @@ def _settings_record(settings: SweepSettings) -> dict[str, Any]:
         "overrides": list(settings.overrides),
         "extra_args": list(settings.extra_args),
         "test": settings.test,
+    }
+
+
+# statuses of an attempt that was stopped from outside (Ctrl-C/SIGTERM: "interrupted"; the sweep
+# killed, e.g. with its machine: still "running"), as opposed to one that failed by itself
+_STOPPED_FROM_OUTSIDE = ("running", "interrupted")
+
+
+@dataclass(frozen=True)
+class ResumePoint:
+    """Where an unfinished run continues.
+
+    Attributes:
+        stage: ``"fit"``: continue training from ``checkpoint`` (``hessian-train fit
+            --ckpt_path``); ``"test"``: the fit had finished, only what follows it (``test`` on
+            ``checkpoint``) is left.
+        checkpoint: the checkpoint it continues from.
+        kept: the entry for the record's ``resumed`` list: the earlier attempt's ``started`` and
+            ``status``, ``stage``, ``checkpoint``, its ``epoch`` and ``global_step`` and
+            ``kept_seconds``, the earlier attempt's wall time up to the checkpoint (the work that
+            is not lost; ``None`` when the checkpoint has no save time).
+    """
+
+    stage: str
+    checkpoint: Path
+    kept: dict[str, Any]
+
+    def describe(self) -> str:
+        where = f"epoch {self.kept['epoch']}, step {self.kept['global_step']}"
+        kept = self.kept.get("kept_seconds")
+        work = "" if kept is None else f"; {kept:.0f} s of its work kept"
+        if self.stage == "fit":
+            return f"resuming the {self.kept['status']} attempt's fit from {self.checkpoint} ({where}{work})"
+        return f"the {self.kept['status']} attempt's fit had finished ({where}{work}); running what follows it"
+
+
+def _timestamp(value: Any) -> float | None:
+    try:
+        return datetime.fromisoformat(str(value)).timestamp()
+    except (TypeError, ValueError):
+        return None
+
+
+def _finished_fit(run_dir: Path) -> tuple[Path, dict[str, Any], float] | None:
+    """The fit that finished in ``run_dir``, if one did: its
+    :data:`~lightning_hessian.checkpoint_io.CHECKPOINT_RECORD` says ``finished`` and the
+    checkpoint it names exists.
+
+    Returns:
+        ``(checkpoint, the record, the time the record was written)``, or ``None``.
+    """
+    checkpoint, _ = recorded_checkpoint(run_dir)
+    if checkpoint is None:
+        return None
+    path = run_dir / CHECKPOINT_RECORD
+    try:
+        record = json.loads(path.read_text())
+        written = path.stat().st_mtime
+    except (OSError, json.JSONDecodeError):
+        return None
+    if not isinstance(record, dict) or record.get("status") != "finished":
+        return None
+    return checkpoint, record, written
+
+
+def find_resume_point(
+    settings: SweepSettings, run_dir: Path, record: dict[str, Any] | None
+) -> tuple[ResumePoint | None, str]:
+    """Whether the unfinished run in ``run_dir`` (its ``sweep.json``: ``record``) can continue.
+
+    It can when it was stopped from outside (status ``interrupted``, or ``running`` left by a
+    killed sweep), with the settings of ``settings``, and either its fit had finished
+    (``checkpoint.json`` says ``finished``: only the test is left) or ``run_dir/checkpoints``
+    holds a last checkpoint (``last*.ckpt``) to continue the fit from. Call it while holding the
+    directory's :class:`~lightning_hessian.sweep.lock.RunLock` (no process is writing there).
+
+    Returns:
+        ``(resume point, "")``, or ``(None, why not)``.
+    """
+    if record is None:
+        return None, "it has no readable sweep.json"
+    status = record.get("status")
+    if status not in _STOPPED_FROM_OUTSIDE:
+        return None, f"it {status}" if status == "failed" else f"its status is {status!r}"
+    recorded = {key: record.get(key) for key in _settings_record(settings)}
+    if recorded != _settings_record(settings):
+        return None, f"it ran with other settings {recorded}"
+    started = _timestamp(record.get("started"))
+    finished = _finished_fit(run_dir)
+    if finished is not None:
+        checkpoint, fit_record, written = finished
+        kept = {
+            "stage": "test",
+            "epoch": fit_record.get("epoch"),
+            "global_step": fit_record.get("global_step"),
+            "saved_at": written,
+        }
+        return ResumePoint("test", checkpoint, _kept(record, checkpoint, kept, started)), ""
+    last = last_checkpoint_in(run_dir / "checkpoints")
+    if last is None:
+        return None, "it saved no last checkpoint in checkpoints/ (stopped before its first checkpoint)"
+    try:
+        info = read_resume_info(last)
+    except Exception as error:  # any unreadable file: start again rather than fail the sweep
+        return None, f"its last checkpoint {last} cannot be read ({type(error).__name__}: {error})"
+    kept = {"stage": "fit", "epoch": info["epoch"], "global_step": info["global_step"], "saved_at": info["saved_at"]}
+    if not info["has_rng"]:
+        kept["exact"] = False  # saved without RNGStateCallback: the resumed run draws other random numbers
+    return ResumePoint("fit", last, _kept(record, last, kept, started)), ""
+
+
+def _kept(record: dict[str, Any], checkpoint: Path, entry: dict[str, Any], started: float | None) -> dict[str, Any]:
+    saved_at = entry.pop("saved_at")
+    kept_seconds = None
+    if started is not None and isinstance(saved_at, (int, float)):
+        kept_seconds = round(max(0.0, float(saved_at) - started), 3)
+    return {
+        "attempt_started": record.get("started"),
+        "status": record.get("status"),
+        **entry,
+        "checkpoint": str(checkpoint),
+        "kept_seconds": kept_seconds,
     }
 
 
@@ -190,8 +327,24 @@ def _tail(path: Path, lines: int = 15) -> str:
         return ""
 
 
-def _execute(settings: SweepSettings, run: SweepRun, echo: bool, lock: RunLock | None = None) -> None:
-    """Fit (and test) one run, keeping ``sweep.json`` up to date; ``lock`` is the run directory's."""
+def _execute(
+    settings: SweepSettings,
+    run: SweepRun,
+    echo: bool,
+    lock: RunLock | None = None,
+    resume: ResumePoint | None = None,
+    earlier: dict[str, Any] | None = None,
+) -> None:
+    """Fit (and test) one run, keeping ``sweep.json`` up to date; ``lock`` is the run directory's.
+
+    With ``resume`` the run continues an earlier attempt (whose record is ``earlier``): the fit
+    from the resume point's checkpoint, or only the test when the fit had finished. The record's
+    ``resumed`` list keeps each earlier attempt's contribution, and ``wall_seconds`` counts the
+    work the run kept (this attempt plus each earlier one up to its checkpoint), not the work lost.
+
+    Raises:
+        KeyboardInterrupt: the sweep was interrupted (the record says ``interrupted``).
+    """
     record: dict[str, Any] = {
         "sweep": settings.sweep_name,
         "batch_size": run.batch_size,
@@ -205,13 +358,25 @@ def _execute(settings: SweepSettings, run: SweepRun, echo: bool, lock: RunLock |
     }
     if settings.variant is not None:
         record["variant"] = settings.variant
+    if resume is not None:
+        record["resumed"] = [*(earlier or {}).get("resumed", []), resume.kept]
+        if resume.stage == "fit":
+            record["fit_command"] = [*run.fit_command, f"--ckpt_path={resume.checkpoint}"]
+        else:
+            record["fit_command"] = (earlier or {}).get("fit_command", run.fit_command)
+    kept_seconds = sum(entry.get("kept_seconds") or 0.0 for entry in record.get("resumed", []))
     write_record(run.run_dir, record)
     start = time.perf_counter()
     try:
         with (run.run_dir / LOG_FILE).open("a") as log:
-            returncode = _run_logged(run.fit_command, log, echo, lock)
-            record["fit_seconds"] = round(time.perf_counter() - start, 3)
-            record["fit_returncode"] = returncode
+            returncode = 0
+            if resume is not None:
+                log.write(f"hessian-sweep: {resume.describe()}\n")
+            if resume is None or resume.stage == "fit":
+                returncode = _run_logged(record["fit_command"], log, echo, lock)
+                record["fit_seconds"] = round(time.perf_counter() - start, 3)
+                record["fit_returncode"] = returncode
+                write_record(run.run_dir, record)  # a sweep killed during the test knows the fit finished
             if returncode == 0 and settings.test:
                 checkpoint, reason = recorded_checkpoint(run.run_dir)
                 if checkpoint is None:
@@ -230,14 +395,15 @@ def _execute(settings: SweepSettings, run: SweepRun, echo: bool, lock: RunLock |
                     record["test_seconds"] = round(time.perf_counter() - test_start, 3)
                     record["test_returncode"] = returncode
     except KeyboardInterrupt:
-        record.update(status="interrupted", wall_seconds=round(time.perf_counter() - start, 3), ended=utc_now())
+        wall = round(time.perf_counter() - start + kept_seconds, 3)
+        record.update(status="interrupted", wall_seconds=wall, ended=utc_now())
         write_record(run.run_dir, record)
         run.status, run.record = "interrupted", record
         raise
     except OSError as error:  # the command could not start (missing executable ...)
         returncode = -1
         record["error"] = f"{type(error).__name__}: {error}"
-    run.wall_seconds = round(time.perf_counter() - start, 3)
+    run.wall_seconds = round(time.perf_counter() - start + kept_seconds, 3)
     run.status = "finished" if returncode == 0 else "failed"
     record.update(status=run.status, returncode=returncode, wall_seconds=run.wall_seconds, ended=utc_now())
     if run.status == "failed":
@@ -248,12 +414,19 @@ def _execute(settings: SweepSettings, run: SweepRun, echo: bool, lock: RunLock |
 
 
 def run_sweep(
-    settings: SweepSettings, *, dry_run: bool = False, echo: bool = False, out: TextIO | None = None
+    settings: SweepSettings,
+    *,
+    dry_run: bool = False,
+    echo: bool = False,
+    resume: bool = True,
+    out: TextIO | None = None,
 ) -> list[SweepRun]:
     """Run (or with ``dry_run`` only print) every combination.
 
     Progress goes to ``out`` (default: standard output); the runs' own output to their
-    ``train.log`` (and with ``echo`` to standard output as well).
+    ``train.log`` (and with ``echo`` to standard output as well). A run stopped from outside
+    continues from its last checkpoint (:func:`find_resume_point`), unless ``resume`` is false:
+    then, like a failed run, it is moved to ``.attempts`` and run again from the start.
 
     Returns:
         The runs in execution order (:func:`~lightning_hessian.sweep.plan_sweep`), each with its
@@ -277,23 +450,41 @@ def run_sweep(
             print(f"{prefix}: finished before, skipped{'; ' + run.message if run.message else ''}", file=out)
             continue
         if dry_run:
-            print(f"{prefix}: {shlex.join(run.fit_command)}", file=out)
+            point = find_resume_point(settings, run.run_dir, existing)[0] if resume and existing else None
+            if point is None:
+                print(f"{prefix}: {shlex.join(run.fit_command)}", file=out)
+            elif point.stage == "fit":
+                command = [*run.fit_command, f"--ckpt_path={point.checkpoint}"]
+                print(f"{prefix}: {point.describe()}: {shlex.join(command)}", file=out)
+            else:
+                print(f"{prefix}: {point.describe()}", file=out)
             continue
+        resume_point = None
         try:
             if run.run_dir.exists():
-                with RunLock(run.run_dir):  # nobody may be writing there while it moves
-                    moved = move_aside(run.run_dir)
-                status = existing.get("status") if existing else "no sweep.json"
-                print(f"{prefix}: earlier attempt ({status}) moved to {moved}", file=out)
+                with RunLock(run.run_dir):  # nobody may be writing there while we look or move
+                    if resume:
+                        resume_point, why_not = find_resume_point(settings, run.run_dir, existing)
+                    else:
+                        why_not = "resuming is off"
+                    if resume_point is None:
+                        moved = move_aside(run.run_dir)
+                if resume_point is None:
+                    status = existing.get("status") if existing else "no sweep.json"
+                    print(f"{prefix}: earlier attempt ({status}) moved to {moved}; not resumed: {why_not}", file=out)
             lock = RunLock(run.run_dir)
         except RunBusyError as error:
             run.status, run.message = "refused", str(error)
             print(f"{prefix}: refused: {error}", file=out, flush=True)
             continue
         with lock:
+            if resume_point is not None:
+                print(f"{prefix}: {resume_point.describe()}", file=out)
             print(f"{prefix}: running (log: {run.run_dir / LOG_FILE})", file=out, flush=True)
-            _execute(settings, run, echo, lock)
-        print(f"{prefix}: {run.status} in {run.wall_seconds:.1f} s", file=out, flush=True)
+            _execute(settings, run, echo, lock, resume_point, existing)
+        kept = sum(entry.get("kept_seconds") or 0.0 for entry in run.record.get("resumed", []))
+        earlier = f" ({kept:.1f} s of it before the resume)" if resume_point is not None else ""
+        print(f"{prefix}: {run.status} in {run.wall_seconds:.1f} s{earlier}", file=out, flush=True)
     failed = [run for run in runs if run.status in ("failed", "refused")]
     statuses = ("finished", "skipped", "failed", "refused")
     counts = {status: sum(run.status == status for run in runs) for status in statuses}
