@@ -9,7 +9,12 @@ from pathlib import Path
 import pytest
 from helpers import REPO_ROOT as ROOT
 
-MARKDOWN = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md")), *sorted((ROOT / "benchmarks").glob("*.md"))]
+MARKDOWN = [
+    ROOT / "README.md",
+    *sorted((ROOT / "docs").glob("*.md")),
+    *sorted((ROOT / "docs" / "results").glob("*/README.md")),
+    *sorted((ROOT / "benchmarks").glob("*.md")),
+]
 LINK = re.compile(r"\]\(([^)\s]+)\)")
 MD_REFERENCE = re.compile(r"(?<![\w/.-])((?:[\w.-]+/)*[A-Za-z][\w.-]*\.md)\b")
 TEST_REFERENCE = re.compile(r"(?<![\w/.-])(tests/(?:[\w.-]+/)*[\w.-]+\.py)\b")
