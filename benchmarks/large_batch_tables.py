@@ -82,8 +82,8 @@ def _training_points(run: Run, record: dict, tag: str) -> list[tuple[int, float]
 
     The test run logs its own analysis (on test samples) at the checkpoint's step, the fit's last
     step, so the report's reader (one point per step, the last written) keeps the test value there.
-    The raw events are read here instead, and points written after the fit's end (``started`` plus
-    ``fit_seconds`` in ``sweep.json``) are left out.
+    The raw events are read here instead, and points written after the fit's end (``fit_ended`` in
+    ``sweep.json``, else ``started`` plus ``fit_seconds``) are left out.
     """
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -92,8 +92,12 @@ def _training_points(run: Run, record: dict, tag: str) -> list[tuple[int, float]
     if tag not in accumulator.Tags().get("scalars", []):
         return []
     events = sorted(accumulator.Scalars(tag), key=lambda e: e.wall_time)
-    if "started" in record and record.get("fit_seconds") is not None:
+    fit_end = None
+    if record.get("fit_ended"):  # hessian-sweep records it (a resumed run's fit spans attempts)
+        fit_end = datetime.fromisoformat(record["fit_ended"]).timestamp()
+    elif "started" in record and record.get("fit_seconds") is not None:
         fit_end = datetime.fromisoformat(record["started"]).timestamp() + float(record["fit_seconds"])
+    if fit_end is not None:
         events = [e for e in events if e.wall_time <= fit_end]
     by_step = {int(e.step): float(e.value) for e in events}  # a resumed run re-logs a step: keep the last
     return sorted(by_step.items())

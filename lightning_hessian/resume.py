@@ -60,6 +60,7 @@ __all__ = [
     "capture_rng_state",
     "continue_event_log",
     "find_resume_checkpoint",
+    "fit_ends_after_this_step",
     "last_checkpoint_in",
     "read_resume_info",
     "restore_rng_state",
@@ -173,6 +174,24 @@ class RNGStateCallback(Callback):
             restore_rng_state(state)
 
 
+def fit_ends_after_this_step(trainer: pl.Trainer) -> bool:
+    """Whether ``fit`` stops once the current step or epoch ends: ``trainer.should_stop`` (an early
+    stop, set before the checkpoint callback runs: Lightning calls it last), or the epoch or step
+    limit reached. Meant for the moment a checkpoint is saved.
+
+    Returns:
+        ``True`` when training will not continue after this point.
+    """
+    if trainer.should_stop:
+        return True
+    max_steps = trainer.max_steps
+    if max_steps is not None and max_steps >= 0 and trainer.global_step >= max_steps:
+        return True
+    max_epochs = trainer.max_epochs
+    # an epoch-end checkpoint is saved before the epoch counts as completed: current_epoch is its index
+    return max_epochs is not None and max_epochs >= 0 and trainer.current_epoch + 1 >= max_epochs
+
+
 class CheckpointLogSync(Callback):
     """Keep the logs and the checkpoints of a run consistent across a kill and a resume.
 
@@ -182,8 +201,13 @@ class CheckpointLogSync(Callback):
       the values Lightning logs just after the checkpoint at steps before it (the epoch means of
       the checkpointed epoch, the last step's loss): these are not logged again by a resumed run,
       so a kill in the few milliseconds between the checkpoint and this flush can lose them.
-    * The checkpoint records ``saved_at`` (wall time of the save) and ``log_dir`` (the first
-      logger's directory, absolute).
+    * The checkpoint records ``saved_at`` (wall time of the save), ``log_dir`` (the first
+      logger's directory, absolute) and ``ends_fit``: whether training stops after this checkpoint
+      (``trainer.should_stop``, e.g. set by ``EarlyStopping`` before the checkpoint callback runs,
+      or ``max_epochs``/``max_steps`` reached). Lightning keeps neither in the checkpoint: resumed
+      from such a checkpoint, ``fit`` skips training and the ``on_train_end`` hooks (the
+      end-of-training analyses) when a limit was reached, and trains another epoch after an early
+      stop. A resumed run warns about it; ``hessian-sweep`` starts such a run again instead.
     * When ``fit`` resumes from a checkpoint and training starts (``on_train_start``; not when the
       checkpointed run had already finished), every TensorBoard logger's event files are continued
       with :func:`continue_event_log` at the checkpoint's global step: the events the stopped run
@@ -195,20 +219,33 @@ class CheckpointLogSync(Callback):
         self._log_dir: str | None = None
         self._flush_pending = False
         self._resume: dict[str, Any] | None = None  # global_step, saved_at, log_dir of the loaded checkpoint
+        self._trainer: pl.Trainer | None = None
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._trainer = trainer
         log_dir = getattr(trainer.loggers[0], "log_dir", None) if trainer.loggers else None
         self._log_dir = os.path.abspath(log_dir) if log_dir else None
 
     @override
     def state_dict(self) -> dict[str, Any]:
-        return {"saved_at": time.time(), "log_dir": self._log_dir}
+        return {
+            "saved_at": time.time(),
+            "log_dir": self._log_dir,
+            "ends_fit": None if self._trainer is None else fit_ends_after_this_step(self._trainer),
+        }
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         if self._resume is not None:
             self._resume.update(saved_at=state_dict.get("saved_at"), log_dir=state_dict.get("log_dir"))
+        if state_dict.get("ends_fit"):
+            rank_zero_warn(
+                "Resuming from a checkpoint saved when training had reached its end (max_epochs/max_steps, or"
+                " an early stop): Lightning does not run the on_train_end hooks again (end-of-training analyses"
+                " are not repeated) and, after an early stop, trains another epoch. To redo the end of this"
+                " run, start it again without --ckpt_path."
+            )
 
     @override
     def on_load_checkpoint(
@@ -336,11 +373,13 @@ def find_resume_checkpoint(
 def read_resume_info(checkpoint_path: str | os.PathLike[str]) -> dict[str, Any]:
     """What resuming from ``checkpoint_path`` needs to know, without loading it into a model:
     ``global_step``, ``epoch``, ``has_rng`` (whether :class:`RNGStateCallback` saved the
-    generators) and, when :class:`CheckpointLogSync` was installed, ``saved_at`` and ``log_dir``.
+    generators), ``early_stopped`` (the state of an ``EarlyStopping`` callback, or a subclass, says
+    it stopped at this epoch; ``None`` when it cannot tell) and, when :class:`CheckpointLogSync` was installed,
+    ``saved_at``, ``log_dir`` and ``ends_fit`` (see there).
 
     Returns:
-        The information by those keys (``saved_at`` and ``log_dir`` ``None`` without
-        :class:`CheckpointLogSync`).
+        The information by those keys (``saved_at``, ``log_dir`` and ``ends_fit`` ``None`` without
+        :class:`CheckpointLogSync`, or from a version of it that did not record them).
     """
     try:
         checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=False, mmap=True)
@@ -353,6 +392,8 @@ def read_resume_info(checkpoint_path: str | os.PathLike[str]) -> dict[str, Any]:
         "has_rng": False,
         "saved_at": None,
         "log_dir": None,
+        "ends_fit": None,
+        "early_stopped": False,
     }
     for key, state in callbacks.items():
         name = key if isinstance(key, str) else getattr(key, "__qualname__", str(key))
@@ -361,6 +402,16 @@ def read_resume_info(checkpoint_path: str | os.PathLike[str]) -> dict[str, Any]:
         if name.startswith(CheckpointLogSync.__qualname__) and isinstance(state, dict):
             info["saved_at"] = state.get("saved_at")
             info["log_dir"] = state.get("log_dir")
+            info["ends_fit"] = state.get("ends_fit")
+        if (
+            isinstance(state, dict) and {"stopped_epoch", "wait_count"} <= state.keys()
+        ):  # EarlyStopping's (or a subclass')
+            # stopped_epoch is 0 until it stops: a stop after the first epoch looks like no stop
+            stopped = int(state["stopped_epoch"])
+            if stopped > 0 and stopped == info["epoch"]:
+                info["early_stopped"] = True
+            elif stopped == 0 and info["epoch"] == 0 and info["early_stopped"] is False:
+                info["early_stopped"] = None
     return info
 
 

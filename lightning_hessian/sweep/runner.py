@@ -22,6 +22,7 @@ dies, even by SIGKILL (``PR_SET_PDEATHSIG``), so a killed sweep leaves no traini
 from __future__ import annotations
 
 import ctypes
+import hashlib
 import json
 import os
 import shlex
@@ -32,9 +33,11 @@ import sys
 import threading
 import time
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, TextIO
+
+import yaml
 
 from lightning_hessian.checkpoint_io import CHECKPOINT_RECORD, recorded_checkpoint
 from lightning_hessian.resume import last_checkpoint_in, read_resume_info
@@ -53,6 +56,15 @@ __all__ = [
 
 #: seconds a training process gets to stop after the forwarded SIGINT/SIGTERM before SIGKILL
 STOP_GRACE_SECONDS = 30.0
+
+
+#: the settings that decide what a run trains: an interrupted run continues only with the same ones
+_TRAINING_SETTINGS = ("configs", "overrides", "extra_args")
+
+
+def _config_digests(settings: SweepSettings) -> list[str]:
+    """SHA-256 of each config file's content: a run continues only under configs it started with."""
+    return [hashlib.sha256(Path(config).read_bytes()).hexdigest() for config in settings.configs]
 
 
 def _settings_record(settings: SweepSettings) -> dict[str, Any]:
@@ -145,9 +157,13 @@ def find_resume_point(
     status = record.get("status")
     if status not in _STOPPED_FROM_OUTSIDE:
         return None, f"it {status}" if status == "failed" else f"its status is {status!r}"
-    recorded = {key: record.get(key) for key in _settings_record(settings)}
-    if recorded != _settings_record(settings):
+    current = _settings_record(settings)
+    recorded = {key: record.get(key) for key in _TRAINING_SETTINGS}
+    if recorded != {key: current[key] for key in _TRAINING_SETTINGS}:
         return None, f"it ran with other settings {recorded}"
+    digests = record.get("config_sha256")  # absent in records of older versions: the paths decide
+    if digests is not None and digests != _config_digests(settings):
+        return None, "its config files have changed since it started (config_sha256)"
     started = _timestamp(record.get("started"))
     finished = _finished_fit(run_dir)
     if finished is not None:
@@ -166,24 +182,61 @@ def find_resume_point(
         info = read_resume_info(last)
     except Exception as error:  # any unreadable file: start again rather than fail the sweep
         return None, f"its last checkpoint {last} cannot be read ({type(error).__name__}: {error})"
+    if _ends_fit(run_dir, info):
+        return None, (
+            f"its last checkpoint {last} was saved when training had reached its end (epoch {info['epoch']}, step"
+            f" {info['global_step']}), and Lightning does not redo the end of training (its analyses) from it"
+        )
     kept = {"stage": "fit", "epoch": info["epoch"], "global_step": info["global_step"], "saved_at": info["saved_at"]}
     if not info["has_rng"]:
         kept["exact"] = False  # saved without RNGStateCallback: the resumed run draws other random numbers
     return ResumePoint("fit", last, _kept(record, last, kept, started)), ""
 
 
+def _ends_fit(run_dir: Path, info: dict[str, Any]) -> bool:
+    """Whether training stopped after the checkpoint that ``info`` describes
+    (:func:`~lightning_hessian.resume.read_resume_info`).
+
+    Returns:
+        What the checkpoint recorded (``ends_fit``), else (a checkpoint from before that record)
+        whether an ``EarlyStopping`` state stopped at its epoch (``True`` too when that cannot be
+        told) or the epoch and step limits in the run's ``config.yaml`` (what LightningCLI saved)
+        are reached; ``False`` when neither is known.
+    """
+    if info.get("ends_fit") is not None:
+        return bool(info["ends_fit"])
+    if info.get("early_stopped") is not False:  # stopped, or cannot tell (after the first epoch)
+        return True
+    try:
+        trainer = (yaml.safe_load((run_dir / "config.yaml").read_text()) or {}).get("trainer") or {}
+    except (OSError, yaml.YAMLError, AttributeError):
+        return False  # no limits known: a checkpoint during training
+    max_epochs, max_steps = trainer.get("max_epochs"), trainer.get("max_steps")
+    if isinstance(max_steps, int) and max_steps >= 0 and info["global_step"] >= max_steps:
+        return True
+    return isinstance(max_epochs, int) and max_epochs >= 0 and info["epoch"] + 1 >= max_epochs
+
+
 def _kept(record: dict[str, Any], checkpoint: Path, entry: dict[str, Any], started: float | None) -> dict[str, Any]:
     saved_at = entry.pop("saved_at")
-    kept_seconds = None
-    if started is not None and isinstance(saved_at, (int, float)):
-        kept_seconds = round(max(0.0, float(saved_at) - started), 3)
+    kept_seconds = saved = None
+    if isinstance(saved_at, (int, float)):
+        saved = _iso(float(saved_at))
+        if started is not None:
+            kept_seconds = round(max(0.0, float(saved_at) - started), 3)
     return {
         "attempt_started": record.get("started"),
         "status": record.get("status"),
         **entry,
         "checkpoint": str(checkpoint),
+        "checkpoint_saved": saved,
         "kept_seconds": kept_seconds,
     }
+
+
+def _iso(timestamp: float) -> str:
+    """``timestamp`` (seconds since the epoch) as ISO 8601 in UTC, to the microsecond."""
+    return datetime.fromtimestamp(timestamp, timezone.utc).isoformat()
 
 
 # Deferred while a child starts, so that an interrupt cannot land between the fork and the moment
@@ -339,8 +392,10 @@ def _execute(
 
     With ``resume`` the run continues an earlier attempt (whose record is ``earlier``): the fit
     from the resume point's checkpoint, or only the test when the fit had finished. The record's
-    ``resumed`` list keeps each earlier attempt's contribution, and ``wall_seconds`` counts the
-    work the run kept (this attempt plus each earlier one up to its checkpoint), not the work lost.
+    ``resumed`` list keeps each earlier attempt's contribution; ``wall_seconds`` and
+    ``fit_seconds`` count the work the run kept (this attempt plus each earlier one up to its
+    checkpoint), not the work lost, and ``fit_ended`` is when the fit ended (the moment that
+    separates the fit's events from the test's).
 
     Raises:
         KeyboardInterrupt: the sweep was interrupted (the record says ``interrupted``).
@@ -350,6 +405,7 @@ def _execute(
         "batch_size": run.batch_size,
         "seed": run.seed,
         **_settings_record(settings),
+        "config_sha256": _config_digests(settings),
         "status": "running",
         "started": utc_now(),
         "host": socket.gethostname(),
@@ -364,7 +420,13 @@ def _execute(
             record["fit_command"] = [*run.fit_command, f"--ckpt_path={resume.checkpoint}"]
         else:
             record["fit_command"] = (earlier or {}).get("fit_command", run.fit_command)
-    kept_seconds = sum(entry.get("kept_seconds") or 0.0 for entry in record.get("resumed", []))
+    resumed = record.get("resumed", [])
+    kept_seconds = sum(entry.get("kept_seconds") or 0.0 for entry in resumed)
+    if resume is not None and resume.stage == "test":  # the fit is the earlier attempts'
+        earlier = earlier or {}
+        record["fit_seconds"] = earlier.get("fit_seconds", round(kept_seconds, 3))
+        record["fit_ended"] = earlier.get("fit_ended", resume.kept.get("checkpoint_saved"))
+        record["fit_returncode"] = 0
     write_record(run.run_dir, record)
     start = time.perf_counter()
     try:
@@ -374,7 +436,9 @@ def _execute(
                 log.write(f"hessian-sweep: {resume.describe()}\n")
             if resume is None or resume.stage == "fit":
                 returncode = _run_logged(record["fit_command"], log, echo, lock)
-                record["fit_seconds"] = round(time.perf_counter() - start, 3)
+                fit_kept = sum(entry.get("kept_seconds") or 0.0 for entry in resumed if entry.get("stage") == "fit")
+                record["fit_seconds"] = round(time.perf_counter() - start + fit_kept, 3)
+                record["fit_ended"] = _iso(time.time())
                 record["fit_returncode"] = returncode
                 write_record(run.run_dir, record)  # a sweep killed during the test knows the fit finished
             if returncode == 0 and settings.test:
@@ -413,6 +477,63 @@ def _execute(
     run.record = record
 
 
+def _skip_finished(
+    settings: SweepSettings, run: SweepRun, existing: dict[str, Any] | None, prefix: str, out: TextIO
+) -> bool:
+    """Mark ``run`` skipped and say so when its record says ``finished``.
+
+    Returns:
+        Whether it was finished.
+    """
+    if existing is None or existing.get("status") != "finished":
+        return False
+    run.status, run.record = "skipped", existing
+    recorded = {key: existing.get(key) for key in _settings_record(settings)}
+    if recorded != _settings_record(settings):
+        run.message = f"finished with other settings {recorded}; not rerun (delete {run.run_dir} or use another --name)"
+    print(f"{prefix}: finished before, skipped{'; ' + run.message if run.message else ''}", file=out)
+    return True
+
+
+def _claim(
+    settings: SweepSettings, run: SweepRun, resume: bool, prefix: str, out: TextIO
+) -> tuple[RunLock | None, ResumePoint | None, dict[str, Any] | None]:
+    """Lock the run directory and decide under the lock how the run goes on: from the start in a
+    fresh directory, from a resume point, or from the start after the earlier attempt is moved aside.
+
+    The record is read again under the lock (another sweep may have finished the run since), and
+    the lock of a run that resumes is kept from the decision to the end of the run.
+
+    Returns:
+        ``(lock, resume point or None, the record read under the lock)``; the lock is ``None``
+        (and released) when the run turned out to be finished. :class:`RunLock` raises
+        :class:`~lightning_hessian.sweep.lock.RunBusyError` when a live process holds the directory.
+    """
+    earlier_attempt = run.run_dir.exists()
+    lock = RunLock(run.run_dir)
+    try:
+        existing = read_record(run.run_dir)
+        if existing is not None and existing.get("status") == "finished":
+            lock.release()
+            return None, None, existing
+        if not earlier_attempt:
+            return lock, None, existing
+        if resume:
+            point, why_not = find_resume_point(settings, run.run_dir, existing)
+            if point is not None:
+                return lock, point, existing
+        else:
+            why_not = "resuming is off"
+        moved = move_aside(run.run_dir)  # under the lock: nobody writes there while it moves
+    except BaseException:
+        lock.release()
+        raise
+    lock.release()
+    status = existing.get("status") if existing else "no sweep.json"
+    print(f"{prefix}: earlier attempt ({status}) moved to {moved}; not resumed: {why_not}", file=out)
+    return RunLock(run.run_dir), None, existing
+
+
 def run_sweep(
     settings: SweepSettings,
     *,
@@ -440,14 +561,7 @@ def run_sweep(
     for index, run in enumerate(runs, start=1):
         prefix = f"[{index}/{total}] {run.version}"
         existing = read_record(run.run_dir)
-        if existing is not None and existing.get("status") == "finished":
-            run.status, run.record = "skipped", existing
-            recorded = {key: existing.get(key) for key in _settings_record(settings)}
-            if recorded != _settings_record(settings):
-                run.message = (
-                    f"finished with other settings {recorded}; not rerun (delete {run.run_dir} or use another --name)"
-                )
-            print(f"{prefix}: finished before, skipped{'; ' + run.message if run.message else ''}", file=out)
+        if _skip_finished(settings, run, existing, prefix, out):
             continue
         if dry_run:
             point = find_resume_point(settings, run.run_dir, existing)[0] if resume and existing else None
@@ -459,23 +573,14 @@ def run_sweep(
             else:
                 print(f"{prefix}: {point.describe()}", file=out)
             continue
-        resume_point = None
         try:
-            if run.run_dir.exists():
-                with RunLock(run.run_dir):  # nobody may be writing there while we look or move
-                    if resume:
-                        resume_point, why_not = find_resume_point(settings, run.run_dir, existing)
-                    else:
-                        why_not = "resuming is off"
-                    if resume_point is None:
-                        moved = move_aside(run.run_dir)
-                if resume_point is None:
-                    status = existing.get("status") if existing else "no sweep.json"
-                    print(f"{prefix}: earlier attempt ({status}) moved to {moved}; not resumed: {why_not}", file=out)
-            lock = RunLock(run.run_dir)
+            lock, resume_point, existing = _claim(settings, run, resume, prefix, out)
         except RunBusyError as error:
             run.status, run.message = "refused", str(error)
             print(f"{prefix}: refused: {error}", file=out, flush=True)
+            continue
+        if lock is None:  # another sweep finished it meanwhile
+            _skip_finished(settings, run, existing, prefix, out)
             continue
         with lock:
             if resume_point is not None:

@@ -25,10 +25,12 @@ from torch.utils.data import DataLoader, TensorDataset
 from lightning_hessian.cli import main
 from lightning_hessian.report.events import read_events
 from lightning_hessian.resume import (
+    CheckpointLogSync,
     RNGStateCallback,
     capture_rng_state,
     continue_event_log,
     find_resume_checkpoint,
+    read_resume_info,
     restore_rng_state,
 )
 
@@ -104,6 +106,57 @@ def test_rng_callback_makes_a_resumed_fit_repeat_the_uninterrupted_one(tmp_path:
     resumed = _fit(tmp_path / "b", 4, callbacks(), ckpt_path=str(tmp_path / "b" / "checkpoints" / "last.ckpt"))
     equal = all(torch.equal(p, q) for p, q in zip(uninterrupted.parameters(), resumed.parameters(), strict=True))
     assert equal == with_callback  # without it, Lightning's resume draws other numbers
+
+
+class StopAfterTwoEpochs(pl.callbacks.EarlyStopping):
+    """An early stop after the second epoch (from then on every loss meets the threshold)."""
+
+    def __init__(self) -> None:
+        super().__init__(monitor="loss", stopping_threshold=1e9, check_on_train_epoch_end=True)
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        if trainer.current_epoch >= 1:
+            super().on_train_epoch_end(trainer, pl_module)
+
+
+class LoggingNoisyModule(NoisyModule):
+    def training_step(self, batch, batch_idx):
+        loss = super().training_step(batch, batch_idx)
+        self.log("loss", loss, on_epoch=True, on_step=False)
+        return loss
+
+
+@pytest.mark.parametrize("stop", ["max_epochs", "early_stop"])
+def test_the_checkpoint_says_whether_training_ends_after_it(tmp_path: Path, stop: str) -> None:
+    """Lightning keeps neither ``should_stop`` nor the epoch limit in a checkpoint; the one where
+    training ends says so (``ends_fit``), the ones before it do not, and resuming from it warns."""
+    pl.seed_everything(0)
+    callbacks = [CheckpointLogSync(), RNGStateCallback()]
+    if stop == "early_stop":
+        callbacks.append(StopAfterTwoEpochs())
+    every_epoch = pl.callbacks.ModelCheckpoint(
+        dirpath=tmp_path / "checkpoints", save_last=True, save_top_k=-1, every_n_epochs=1
+    )
+    trainer = pl.Trainer(
+        max_epochs=3 if stop == "max_epochs" else 10, logger=False, callbacks=[*callbacks, every_epoch], **QUIET
+    )
+    trainer.fit(LoggingNoisyModule())
+    assert trainer.current_epoch == (3 if stop == "max_epochs" else 2)
+    epochs = {
+        read_resume_info(path)["epoch"]: read_resume_info(path)
+        for path in (tmp_path / "checkpoints").glob("epoch=*.ckpt")
+    }
+    assert sorted(epochs) == ([0, 1, 2] if stop == "max_epochs" else [0, 1])
+    last_epoch = max(epochs)
+    assert [epochs[e]["ends_fit"] for e in sorted(epochs)] == [e == last_epoch for e in sorted(epochs)]
+    if stop == "early_stop":
+        assert epochs[last_epoch]["early_stopped"] is True and epochs[0]["early_stopped"] is None
+    with pytest.warns(UserWarning, match="reached its end"):
+        resumed = pl.Trainer(
+            max_epochs=3 if stop == "max_epochs" else 10, logger=False, enable_checkpointing=False,
+            default_root_dir=tmp_path, callbacks=[CheckpointLogSync(), RNGStateCallback()], **QUIET,
+        )  # fmt: skip
+        resumed.fit(LoggingNoisyModule(), ckpt_path=str(tmp_path / "checkpoints" / "last.ckpt"))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import os
@@ -11,7 +12,7 @@ import subprocess
 import sys
 import textwrap
 import time
-from datetime import datetime
+from datetime import datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -58,24 +59,28 @@ def _calls(run_dir: Path) -> list[str]:
     return (run_dir / "calls.txt").read_text().splitlines()
 
 
-def _save_checkpoint(run_dir: Path, saved_at: float) -> None:
-    """A real last checkpoint at epoch 2, step 7, as hessian-train's callbacks fill it."""
-    checkpoint = {
-        "epoch": 2,
-        "global_step": 7,
-        "state_dict": {"w": torch.zeros(2)},
-        "callbacks": {
-            "RNGStateCallback": {"rng": {"torch": torch.get_rng_state()}},
-            "CheckpointLogSync": {"saved_at": saved_at, "log_dir": str(run_dir.resolve())},
-        },
-    }
+def _save_checkpoint(
+    run_dir: Path, saved_at: float, ends_fit: bool | None = False, stopped_epoch: int | None = None
+) -> None:
+    """A real last checkpoint at epoch 2, step 7, as hessian-train's callbacks fill it; with
+    ``ends_fit=None`` as older versions wrote it (no ``ends_fit``), with ``stopped_epoch`` an
+    ``EarlyStopping`` state."""
+    sync: dict = {"saved_at": saved_at, "log_dir": str(run_dir.resolve())}
+    if ends_fit is not None:
+        sync["ends_fit"] = ends_fit
+    callbacks = {"RNGStateCallback": {"rng": {"torch": torch.get_rng_state()}}, "CheckpointLogSync": sync}
+    if stopped_epoch is not None:
+        callbacks["EarlyStopping{'monitor': 'train/loss', 'mode': 'min'}"] = {
+            "wait_count": 0, "stopped_epoch": stopped_epoch, "best_score": torch.tensor(0.3), "patience": 3,
+        }  # fmt: skip
+    checkpoint = {"epoch": 2, "global_step": 7, "state_dict": {"w": torch.zeros(2)}, "callbacks": callbacks}
     torch.save(checkpoint, run_dir / "checkpoints" / "last.ckpt")
 
 
 def _stop_during_fit(run_dir: Path, status: str, **changes) -> dict:
     """Turn a run directory into one stopped during its fit: the record says ``status`` (with
-    ``changes``), there is no checkpoint.json, and the last checkpoint was saved 40 s after the
-    attempt started. Returns the record."""
+    ``changes``), there is no checkpoint.json, and the last checkpoint, saved 40 s after the
+    attempt started, is not the last of the fit. Returns the record."""
     record = json.loads((run_dir / "sweep.json").read_text())
     record.update(status=status, **changes)
     for key in ("ended", "returncode", "wall_seconds", "test_command", "test_seconds", "test_returncode"):
@@ -115,11 +120,13 @@ def test_a_run_stopped_from_outside_continues_its_fit_from_the_last_checkpoint(
             "epoch": 2,
             "global_step": 7,
             "checkpoint": str(last),
+            "checkpoint_saved": (datetime.fromisoformat(earlier["started"]) + timedelta(seconds=40)).isoformat(),
             "kept_seconds": 40.0,
         }
     ]
-    # the run's time is the work it kept: this attempt plus the 40 s before the checkpoint
-    assert record["wall_seconds"] == run.wall_seconds and 40.0 < run.wall_seconds < 40.0 + record["fit_seconds"] + 60
+    # the run's times are the work it kept: this attempt plus the 40 s before the checkpoint
+    assert record["wall_seconds"] == run.wall_seconds and 40.0 < record["fit_seconds"] < run.wall_seconds
+    assert datetime.fromisoformat(record["fit_ended"]) >= datetime.fromisoformat(record["started"])
     assert not (settings.sweep_dir / ATTEMPTS_DIR).exists()  # continued in place, nothing moved
     assert (
         f"resuming the {status} attempt's fit from {last} (epoch 2, step 7; 40 s of its work kept)"
@@ -131,17 +138,22 @@ def test_a_run_stopped_from_outside_continues_its_fit_from_the_last_checkpoint(
     record = _stop_during_fit(run_dir, "interrupted")
     _save_checkpoint(run_dir, datetime.fromisoformat(record["started"]).timestamp() - 5.0)
     (run,) = run_sweep(settings)
+    assert run.status == "finished"
     resumed = json.loads((run_dir / "sweep.json").read_text())["resumed"]
     assert [entry["attempt_started"] for entry in resumed] == [earlier["started"], record["started"]]
     # its checkpoint was saved before the second attempt started: that attempt kept nothing
     assert resumed[1]["kept_seconds"] == 0.0
 
 
-def test_a_run_whose_fit_had_finished_runs_only_the_test(settings: SweepSettings) -> None:
+@pytest.mark.parametrize("older_record", [False, True], ids=["record-with-fit-times", "older-record"])
+def test_a_run_whose_fit_had_finished_runs_only_the_test(settings: SweepSettings, older_record: bool) -> None:
     (run,) = run_sweep(settings, out=io.StringIO())
     run_dir = run.run_dir
     record = json.loads((run_dir / "sweep.json").read_text())
     record.update(status="running", fit_returncode=0, fit_seconds=12.5)  # killed during the test
+    if older_record:  # written before the sweep recorded the fit's times after the fit
+        for key in ("fit_seconds", "fit_ended", "fit_returncode"):
+            record.pop(key)
     (run_dir / "sweep.json").write_text(json.dumps(record))
     (run_dir / "calls.txt").unlink()
 
@@ -149,11 +161,15 @@ def test_a_run_whose_fit_had_finished_runs_only_the_test(settings: SweepSettings
     assert run.status == "finished"
     (test,) = _calls(run_dir)
     assert test.startswith("test ") and test.endswith(f"--ckpt_path={run_dir / 'checkpoints' / 'last.ckpt'}")
-    record = json.loads((run_dir / "sweep.json").read_text())
-    (entry,) = record["resumed"]
+    resumed = json.loads((run_dir / "sweep.json").read_text())
+    (entry,) = resumed["resumed"]
     assert entry["stage"] == "test" and entry["kept_seconds"] is not None
-    assert record["fit_command"] == run.fit_command  # the earlier attempt's fit, not run again
-    assert "fit_seconds" not in record and record["test_returncode"] == 0
+    assert resumed["fit_command"] == run.fit_command  # the earlier attempt's fit, not run again
+    assert (resumed["fit_returncode"], resumed["test_returncode"]) == (0, 0)
+    if older_record:  # the fit took from the attempt's start to checkpoint.json
+        assert (resumed["fit_seconds"], resumed["fit_ended"]) == (entry["kept_seconds"], entry["checkpoint_saved"])
+    else:
+        assert (resumed["fit_seconds"], resumed["fit_ended"]) == (12.5, record["fit_ended"])
 
 
 @pytest.mark.parametrize(
@@ -161,20 +177,37 @@ def test_a_run_whose_fit_had_finished_runs_only_the_test(settings: SweepSettings
     [
         ({"status": "failed"}, "it failed"),
         ({"overrides": ["model.lr=0.1"]}, "it ran with other settings"),
+        ({"config_sha256": ["0" * 64]}, r"its config files have changed since it started"),
         ({"no_checkpoint": True}, "it saved no last checkpoint in checkpoints/"),
         ({"unreadable": True}, "its last checkpoint .* cannot be read"),
+        ({"ends_fit": True}, "its last checkpoint .* was saved when training had reached its end"),
+        ({"early_stopped": True}, "its last checkpoint .* was saved when training had reached its end"),
+        ({"max_epochs": 3}, "its last checkpoint .* was saved when training had reached its end"),
         ({"restart": True}, "resuming is off"),
     ],
 )
 def test_a_run_that_cannot_continue_is_moved_aside_and_started_again(
     settings: SweepSettings, change: dict, reason: str, capsys: pytest.CaptureFixture
 ) -> None:
-    flags = {key: change.pop(key, False) for key in ("no_checkpoint", "unreadable", "restart")}
-    run_dir, _ = _stopped_attempt(settings, **change)
+    change = dict(change)
+    flags = {
+        key: change.pop(key, None)
+        for key in ("no_checkpoint", "unreadable", "ends_fit", "early_stopped", "max_epochs", "restart")
+    }
+    run_dir, record = _stopped_attempt(settings, **change)
+    saved_at = datetime.fromisoformat(record["started"]).timestamp() + 40.0
+    last = run_dir / "checkpoints" / "last.ckpt"
     if flags["no_checkpoint"]:
-        (run_dir / "checkpoints" / "last.ckpt").unlink()
+        last.unlink()
     if flags["unreadable"]:
-        (run_dir / "checkpoints" / "last.ckpt").write_bytes(b"half a zip")
+        last.write_bytes(b"half a zip")
+    if flags["ends_fit"]:  # the fit's last epoch: killed in its end-of-training analyses
+        _save_checkpoint(run_dir, saved_at, ends_fit=True)
+    if flags["early_stopped"]:  # a checkpoint of an older version: EarlyStopping stopped at its epoch
+        _save_checkpoint(run_dir, saved_at, ends_fit=None, stopped_epoch=2)
+    if flags["max_epochs"]:  # a checkpoint of an older version at the config's last epoch
+        _save_checkpoint(run_dir, saved_at, ends_fit=None)
+        (run_dir / "config.yaml").write_text(yaml.safe_dump({"trainer": {"max_epochs": flags["max_epochs"]}}))
     capsys.readouterr()
 
     (run,) = run_sweep(settings, resume=not flags["restart"])
@@ -187,6 +220,47 @@ def test_a_run_that_cannot_continue_is_moved_aside_and_started_again(
     printed = capsys.readouterr().out
     assert "moved to" in printed
     assert re.search(f"not resumed: {reason}", printed), printed
+
+
+def test_an_older_checkpoint_before_the_configs_last_epoch_continues(settings: SweepSettings) -> None:
+    """Without ``ends_fit`` (older versions) the config's limits decide: epoch 2 of 30 continues."""
+    run_dir, record = _stopped_attempt(settings)
+    _save_checkpoint(run_dir, datetime.fromisoformat(record["started"]).timestamp() + 40.0, ends_fit=None)
+    (run_dir / "config.yaml").write_text(yaml.safe_dump({"trainer": {"max_epochs": 30}}))
+    (run,) = run_sweep(settings, out=io.StringIO())
+    assert run.status == "finished" and _calls(run_dir)[0].endswith(
+        "--ckpt_path=" + str(run_dir / "checkpoints" / "last.ckpt")
+    )
+
+
+def test_without_the_test_step_an_interrupted_fit_still_continues(settings: SweepSettings) -> None:
+    run_dir, _ = _stopped_attempt(settings)
+    (run,) = run_sweep(dataclasses.replace(settings, test=False), out=io.StringIO())
+    (fit,) = _calls(run_dir)
+    assert run.status == "finished" and "--ckpt_path=" in fit
+
+
+def test_a_run_finished_by_another_sweep_meanwhile_is_skipped(
+    settings: SweepSettings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The record read before the lock said ``running``; read again under the lock it says
+    ``finished`` (another sweep finished the run meanwhile): nothing runs, nothing is touched."""
+    import lightning_hessian.sweep.runner as runner
+
+    (run,) = run_sweep(settings, out=io.StringIO())
+    finished = json.loads((run.run_dir / "sweep.json").read_text())
+    (run.run_dir / "calls.txt").unlink()
+    real_read, reads = runner.read_record, []
+
+    def stale_then_real(run_dir: Path):
+        reads.append(run_dir)
+        return {**finished, "status": "running"} if len(reads) == 1 else real_read(run_dir)
+
+    monkeypatch.setattr(runner, "read_record", stale_then_real)
+    (run,) = run_sweep(settings, out=io.StringIO())
+    assert run.status == "skipped" and len(reads) == 2
+    assert not (run.run_dir / "calls.txt").exists()
+    assert json.loads((run.run_dir / "sweep.json").read_text()) == finished
 
 
 def test_dry_run_says_what_would_resume(settings: SweepSettings, capsys: pytest.CaptureFixture) -> None:
@@ -212,6 +286,20 @@ def _gone(pid: int) -> bool:
         return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0] in ("Z", "X")
     except (OSError, IndexError):
         return True
+
+
+def _lock_free(path: Path) -> bool:
+    """Whether nobody holds the ``flock`` of ``path`` (taken and given back at once)."""
+    import fcntl
+
+    fd = os.open(path, os.O_RDWR)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return True
+    except BlockingIOError:
+        return False
+    finally:
+        os.close(fd)  # closing gives the lock back
 
 
 HOLD = '''
@@ -268,21 +356,30 @@ def test_a_sweep_killed_with_its_training_continues_and_repeats_the_uninterrupte
         env={**os.environ, "HOLD_AT_STEP": "4"}, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
     )  # fmt: skip
     run_dir = tmp_path / "sweeps" / "killed" / "bs32_seed0"
-    deadline = time.monotonic() + 240
-    while not (tmp_path / "held").exists():
-        assert sweep.poll() is None, (run_dir / "train.log").read_text()[-3000:]
-        assert time.monotonic() < deadline, "hessian-train did not reach step 4"
-        time.sleep(0.05)
-    child = json.loads((run_dir / LOCK_FILE).read_text())["child_pid"]
-    sweep.kill()  # first the sweep, so that it records nothing; then its training
-    sweep.wait(timeout=60)
+    child = None
     try:
-        os.kill(child, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-    while not _gone(child):  # SIGKILL takes effect asynchronously
-        assert time.monotonic() < deadline + 60, f"training pid {child} survived SIGKILL"
-        time.sleep(0.05)
+        deadline = time.monotonic() + 240
+        while not (tmp_path / "held").exists():
+            assert sweep.poll() is None, (run_dir / "train.log").read_text()[-3000:]
+            assert time.monotonic() < deadline, "hessian-train did not reach step 4"
+            time.sleep(0.05)
+        child = json.loads((run_dir / LOCK_FILE).read_text())["child_pid"]
+    finally:  # first the sweep, so that it records nothing; then its training (held, it ignores SIGTERM)
+        sweep.kill()
+        sweep.wait(timeout=60)
+        if child is None and (run_dir / LOCK_FILE).exists():
+            child = json.loads((run_dir / LOCK_FILE).read_text()).get("child_pid")
+        if child:
+            try:
+                os.kill(child, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            deadline = time.monotonic() + 60
+            # SIGKILL takes effect asynchronously, and a killed multi-threaded process shows as a
+            # zombie while its other threads still hold its files: wait for the lock to be free
+            while not (_gone(child) and _lock_free(run_dir / LOCK_FILE)):
+                assert time.monotonic() < deadline, f"training pid {child} survived SIGKILL"
+                time.sleep(0.05)
     assert json.loads((run_dir / "sweep.json").read_text())["status"] == "running"
 
     monkeypatch.setenv("HOLD_AT_STEP", "-1")
