@@ -18,7 +18,8 @@
 # figures, input_hessian_psd.{json,md}, wall_times.log; tracked). Resumable: hessian-sweep skips runs
 # whose sweep.json says finished and continues a run that was killed from its last checkpoint (an epoch's
 # work at most is lost), so a killed study continues where it stopped when rerun with the same arguments;
-# the post-training stages redo their (short) work.
+# the interpolate and surface stages keep what they made before (REDO=1 redoes it), psd and report
+# redo their (short) work.
 #
 # What runs (the recipe: configs/paper_fashion_mnist_NET.yaml, the authors' HessianFlow settings: SGD
 # with momentum 0.9, learning rate 0.02 at every batch size, step decay x0.2, no weight decay, no
@@ -68,7 +69,7 @@
 #   ROBUST_BATCH_SIZES shorten it), softplus ~1.5 h. c1 (one GPU, 90 epochs of CIFAR-10): not measured.
 #
 # Settings (environment): PYTHON, BATCH_SIZES, SEEDS, ROBUST_BATCH_SIZES (default: smallest and largest of
-# BATCH_SIZES), ROBUST_METHODS, EPSILON, PGD_STEPS, BETAS, CONTROL_MAX_EPOCHS, LANES, DRY_RUN=1.
+# BATCH_SIZES), ROBUST_METHODS, EPSILON, PGD_STEPS, BETAS, CONTROL_MAX_EPOCHS, LANES, DRY_RUN=1, REDO=1.
 set -u -o pipefail
 cd "$(dirname "$0")/.."
 
@@ -82,6 +83,7 @@ LANDSCAPE="$PYTHON -m lightning_hessian.cli.landscape" # hessian-landscape
 OVERLAY=configs/overlays/paper_study.yaml
 CONTROL_OVERLAY=configs/overlays/paper_study_same_loss.yaml
 DRY_RUN=${DRY_RUN:-0}
+REDO=${REDO:-0}   # 1: the interpolate and surface stages redo what they made before
 
 NET=lenet5
 case ${1:-} in
@@ -273,6 +275,10 @@ interpolate_pair() {
         echo "interpolate: skipped $out ($a or $b has no checkpoint.json; run its stage first)" >&2
         return 1
     fi
+    if [ "$DRY_RUN" != 1 ] && [ "$REDO" != 1 ] && [ -f "$out/interpolation.json" ]; then
+        echo "interpolate: $out was made before, kept (REDO=1 makes it again)"
+        return 0
+    fi
     run $LANDSCAPE interpolate --ckpt-a "$(checkpoint_of "$a")" --ckpt-b "$(checkpoint_of "$b")" --config $CONFIG \
         --alpha-min -0.5 --alpha-max 1.5 --num 21 --eigenvalue --splits train test --num-samples 2048 \
         --label-a "$label_a" --label-b "$label_b" --output-dir "$out" "$@"
@@ -305,6 +311,10 @@ surface() {
         if [ "$DRY_RUN" != 1 ] && [ ! -f "$run_dir/checkpoint.json" ]; then
             echo "surface: skipped $run_dir (no checkpoint.json; run the recipe stage first)" >&2
             failed=1
+            continue
+        fi
+        if [ "$DRY_RUN" != 1 ] && [ "$REDO" != 1 ] && [ -f "$run_dir/landscape/surface.json" ]; then
+            echo "surface: $run_dir/landscape was made before, kept (REDO=1 makes it again)"
             continue
         fi
         run $LANDSCAPE surface --ckpt "$(checkpoint_of $run_dir)" --config $CONFIG --directions eig1 eig2 \

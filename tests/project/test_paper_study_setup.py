@@ -7,6 +7,7 @@ import json
 import math
 import os
 import shlex
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -157,6 +158,63 @@ def test_study_script_commands_are_valid_and_complete() -> None:
     assert runs_dir.exists() == existed  # a dry run writes nothing
     bad = _dry_run("lenet5", "recipes")
     assert bad.returncode == 2 and "unknown stage recipes" in bad.stderr
+
+
+# A stand-in for the study's Python: `-m lightning_hessian.cli.landscape interpolate|surface ...
+# --output-dir DIR` appends its command to calls.log and writes what the real command writes last.
+FAKE_PYTHON = """#!/usr/bin/env bash
+echo "$*" >> calls.log
+out=""
+previous=""
+for argument in "$@"; do
+    [ "$previous" = --output-dir ] && out=$argument
+    previous=$argument
+done
+mkdir -p "$out"
+case "$3" in
+    interpolate) echo {} > "$out/interpolation.json" ;;
+    surface) echo {} > "$out/surface.json" ;;
+esac
+"""
+
+
+@pytest.mark.skipif(shutil.which("jq") is None, reason="the study script reads checkpoint.json with jq")
+def test_interpolate_and_surface_keep_what_they_made_before(tmp_path: Path) -> None:
+    """Rerun (a study continued after a stop), the interpolate and surface stages keep the outputs
+    they made before; REDO=1 makes them again."""
+    (tmp_path / "benchmarks").mkdir()
+    shutil.copy(SCRIPT, tmp_path / "benchmarks" / SCRIPT.name)
+    python = tmp_path / "fake_python"
+    python.write_text(FAKE_PYTHON)
+    python.chmod(0o755)
+    root = tmp_path / "runs" / "paper_study" / "lenet5"
+    for run in ("recipe/bs128_seed0", "recipe/bs16384_seed0", "fgsm/bs128_seed0"):
+        (root / run).mkdir(parents=True)
+        (root / run / "checkpoint.json").write_text(json.dumps({"checkpoint": f"{root / run}/last.ckpt"}))
+
+    def study(**environment: str) -> str:
+        env = {**os.environ, "PYTHON": str(python), "SEEDS": "0", "BATCH_SIZES": "128 16384", **environment}
+        result = subprocess.run(
+            ["bash", "benchmarks/run_paper_study.sh", "lenet5", "interpolate", "surface"],
+            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+        assert result.returncode == 0, result.stdout + result.stderr
+        return result.stdout
+
+    def calls() -> list[str]:
+        log = tmp_path / "calls.log"
+        return log.read_text().splitlines() if log.exists() else []
+
+    study()
+    assert sorted(call.split()[2] for call in calls()) == ["interpolate", "interpolate", "surface", "surface"]
+    assert (root / "interpolation" / "standard_vs_fgsm_bs128" / "seed0" / "interpolation.json").is_file()
+    assert (root / "recipe" / "bs16384_seed0" / "landscape" / "surface.json").is_file()
+    printed = study()
+    assert len(calls()) == 4 and printed.count("was made before, kept") == 2  # the surfaces
+    lanes = "".join(log.read_text() for log in root.glob("interpolate_lane*.log"))  # the interpolations
+    assert lanes.count("was made before, kept") == 2
+    study(REDO="1")
+    assert len(calls()) == 8
 
 
 def test_tiny_study_end_to_end(in_tmp_dir: Path) -> None:
