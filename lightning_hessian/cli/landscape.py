@@ -23,8 +23,9 @@ sets along
 
     theta(alpha) = (1 - alpha) * theta_A + alpha * theta_B,   alpha in [alpha_min, alpha_max],
 
-BatchNorm running statistics interpolated too (Yao et al. 2018's small-vs-large-batch and
-original-vs-robust figure; Goodfellow et al. 2015). With ``--eigenvalue`` also the top Hessian
+with BatchNorm running statistics recomputed at every alpha on the training samples
+(``--batch-norm recompute``, the default; ``interpolate`` interpolates them) (Yao et al. 2018's
+small-vs-large-batch and original-vs-robust figure; Goodfellow et al. 2015). With ``--eigenvalue`` also the top Hessian
 eigenvalue at every alpha (the curvature along the path). Writes ``interpolation.png``,
 ``interpolation.csv`` and ``interpolation.json`` into ``--output-dir``.
 
@@ -59,6 +60,7 @@ from lightning_hessian.landscape import (
     StateMismatchError,
     check_state_matches,
     eigenvector_directions,
+    has_running_statistics,
     interpolation_path,
     loss_surface,
     normalize_direction,
@@ -179,6 +181,12 @@ def _parser() -> argparse.ArgumentParser:
         help="number of evenly spaced alphas (default 21); alpha = 0 and 1 (the two models) are always added",
     )
     inter.add_argument("--eigenvalue", action="store_true", help="also the top Hessian eigenvalue at every alpha")
+    inter.add_argument(
+        "--batch-norm", choices=["recompute", "interpolate"], default="recompute",
+        help="BatchNorm running statistics at every alpha: recomputed with that point's weights on the --num-samples"
+        " training samples (default), or interpolated between A's and B's (variances clamped at 0: beyond [0, 1]"
+        " they can vanish and the loss explodes for that reason alone)",
+    )  # fmt: skip
     inter.add_argument("--eig-tol", type=float, default=1e-3, help="Lanczos tolerance for --eigenvalue")
     inter.add_argument("--splits", nargs="+", default=["train", "test"], choices=list(SPLITS))
     inter.add_argument("--num-samples", type=int, default=2048, help="samples per split (0: the whole split)")
@@ -284,6 +292,14 @@ def interpolate(args: argparse.Namespace, overrides: Sequence[str]) -> Interpola
         if abs(alphas[nearest] - end) < 1e-9:
             alphas[nearest] = end
     alphas = np.union1d(alphas, [0.0, 1.0])
+    batch_norm = args.batch_norm if has_running_statistics(model) else None
+    batch_norm_data = None
+    if batch_norm == "recompute":  # on training samples, evaluated or not
+        batch_norm_data = (
+            data["train"]
+            if "train" in data
+            else _split_batches(datamodule, ["train"], args.num_samples, args.seed, args.batch_size, device)["train"]
+        )
     start = time.perf_counter()
     # batch_loss=None: the module's hooks (hessian_loss, hessian_accuracy) as the callbacks use them
     result = interpolation_path(
@@ -296,6 +312,8 @@ def interpolate(args: argparse.Namespace, overrides: Sequence[str]) -> Interpola
         chunk_size=args.chunk_size,
         eigenvalues=args.eigenvalue,
         eigen_kwargs={"tol": args.eig_tol, "seed": args.seed},
+        batch_norm=batch_norm or "interpolate",
+        batch_norm_data=batch_norm_data,
     )
     seconds = time.perf_counter() - start
 
@@ -321,6 +339,9 @@ def interpolate(args: argparse.Namespace, overrides: Sequence[str]) -> Interpola
         "top_eigenvalue": None if result.top_eigenvalue is None else result.top_eigenvalue.tolist(),
         # the split the top eigenvalue is computed on (interpolation_path: the first split)
         "eigenvalue_split": args.splits[0] if args.eigenvalue else None,
+        # BatchNorm running statistics along the path (None: the model has none)
+        "batch_norm": batch_norm,
+        "batch_norm_samples": None if batch_norm_data is None else sum(len(b[0]) for b in batch_norm_data),
     }
     (out / "interpolation.json").write_text(json.dumps(summary, indent=2))
     print(

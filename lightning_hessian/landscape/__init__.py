@@ -8,11 +8,14 @@ Pure torch (plus numpy/matplotlib for results and figures); imports only ``curva
   forward pass (``vmap`` over ``functional_call``), curves and surfaces.
 * :mod:`~lightning_hessian.landscape.interpolation`: the path between two models, BatchNorm
   buffers included.
+* :mod:`~lightning_hessian.landscape.batch_norm`: BatchNorm running statistics recomputed for
+  weights off the training trajectory.
 * :mod:`~lightning_hessian.landscape.sharpness`: Keskar et al.'s epsilon-sharpness.
 * :mod:`~lightning_hessian.landscape.plotting` / :mod:`~lightning_hessian.landscape.export`:
   figures and raw ``.npz``/``.csv`` files.
 """
 
+from lightning_hessian.landscape.batch_norm import has_running_statistics, recompute_batch_norm_statistics
 from lightning_hessian.landscape.directions import (
     Direction,
     direction_dot,
@@ -62,6 +65,7 @@ __all__ = [
     "evaluate_stacked",
     "filter_normalize",
     "gradient_direction",
+    "has_running_statistics",
     "interpolate_state",
     "interpolation_path",
     "load_landscape",
@@ -73,6 +77,7 @@ __all__ = [
     "plot_interpolation",
     "plot_surface_3d",
     "random_direction",
+    "recompute_batch_norm_statistics",
     "save_landscape",
     "trainable_parameters",
     "unit_normalize",

@@ -3,9 +3,16 @@
 ``theta(alpha) = (1 - alpha) * theta_A + alpha * theta_B``: ``alpha = 0`` is model A, ``alpha = 1``
 model B, and ``alpha`` outside ``[0, 1]`` extrapolates. Every floating-point entry of the state
 dict is interpolated, parameters *and* buffers: BatchNorm running means and variances follow the
-path, so each point is evaluated with statistics that belong to it (interpolating the weights
-alone and keeping A's statistics makes B's end point wrong). Integer buffers (BatchNorm's
-``num_batches_tracked``) are taken from A.
+path (interpolating the weights alone and keeping A's statistics makes B's end point wrong).
+Integer buffers (BatchNorm's ``num_batches_tracked``) are taken from A.
+
+BatchNorm statistics (``batch_norm``): ``"interpolate"`` uses the interpolated running statistics
+(variances clamped at zero), exact at both end points; ``"recompute"`` gives every point the
+statistics of its own weights on data (:func:`~lightning_hessian.landscape.batch_norm.recompute_batch_norm_statistics`),
+which is what a model at ``theta(alpha)`` would be evaluated with, and the only meaningful choice
+outside ``[0, 1]``, where interpolated variances fall to zero and the loss explodes for that reason
+alone. At the end points the recomputed statistics are the models' statistics on that data, not
+the ones saved with them.
 
 All points are evaluated with :func:`~lightning_hessian.landscape.evaluation.evaluate_stacked`
 (vmap over the stacked state), optionally with the top Hessian eigenvalue at each point, the
@@ -16,18 +23,20 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
 from lightning_hessian.curvature.context import analysis_mode
+from lightning_hessian.landscape.batch_norm import has_running_statistics, recompute_batch_norm_statistics
 from lightning_hessian.landscape.evaluation import BatchLoss, EvaluationMethod, evaluate_stacked
 
 __all__ = [
+    "BatchNormStatistics",
     "InterpolationResult",
     "StateMismatchError",
     "check_state_matches",
@@ -125,6 +134,43 @@ class InterpolationResult:
         return rows
 
 
+BatchNormStatistics = Literal["interpolate", "recompute"]
+
+
+def _recomputed_statistics(
+    model: nn.Module,
+    count: int,
+    build_chunk: Callable[[int, int], dict[str, Tensor]],
+    batches: Sequence[Any],
+    loss: BatchLoss | None,
+) -> dict[str, Tensor]:
+    """BatchNorm statistics recomputed at each of the ``count`` points (``build_chunk``'s states).
+
+    Returns:
+        Per ``running_mean``/``running_var`` buffer name, its values at the points stacked along a
+        new first dimension, each recomputed on ``batches`` with that point's weights.
+    """
+    buffers = {
+        f"{prefix}.{name}" if prefix else name: tensor
+        for prefix, module in model.named_modules()
+        if isinstance(module, nn.modules.batchnorm._BatchNorm)
+        for name, tensor in module.named_buffers(recurse=False)
+        if name in ("running_mean", "running_var") and tensor is not None
+    }
+    values: dict[str, list[Tensor]] = {name: [] for name in buffers}
+    state = model.state_dict(keep_vars=True)
+    for i in range(count):
+        point = {k: v[0] for k, v in build_chunk(i, i + 1).items()}
+        with torch.no_grad():
+            for k, tensor in state.items():
+                if k in point:
+                    tensor.copy_(point[k])
+        recompute_batch_norm_statistics(model, batches, loss=loss)
+        for name, tensor in buffers.items():
+            values[name].append(tensor.detach().clone())
+    return {name: torch.stack(stacked) for name, stacked in values.items()}
+
+
 def interpolation_path(
     model: nn.Module,
     state_a: Mapping[str, Tensor],
@@ -139,6 +185,8 @@ def interpolation_path(
     eigenvalues: bool = False,
     eigen_kwargs: Mapping[str, Any] | None = None,
     eigen_split: str | None = None,
+    batch_norm: BatchNormStatistics = "interpolate",
+    batch_norm_data: Sequence[Any] | None = None,
 ) -> InterpolationResult:
     """Loss/accuracy of ``model`` with the interpolated states, on each split of ``data``.
 
@@ -153,13 +201,22 @@ def interpolation_path(
         eigenvalues: also compute the top Hessian eigenvalue at every alpha (Lanczos, on the
             first split of ``data`` or ``eigen_split``).
         eigen_kwargs: options for :func:`lightning_hessian.curvature.top_eigenvalues`.
+        batch_norm: ``"interpolate"`` or ``"recompute"`` the BatchNorm running statistics at each
+            point (module docstring); no effect on a model without running statistics.
+        batch_norm_data: the micro-batches ``"recompute"`` computes them on (default: the
+            ``"train"`` split of ``data``, else its first split).
 
     Returns:
         An :class:`InterpolationResult`: per split, the loss and accuracy at each alpha, and the
         top eigenvalues (NaN where they failed) when ``eigenvalues`` is set.
+
+    Raises:
+        ValueError: ``batch_norm`` is neither ``"interpolate"`` nor ``"recompute"``.
     """
     check_state_matches(model, state_a, source="model A")
     check_state_matches(model, state_b, source="model B")
+    if batch_norm not in ("interpolate", "recompute"):
+        raise ValueError(f"batch_norm={batch_norm!r}: use 'interpolate' or 'recompute'")
     alphas = np.asarray(alphas, dtype=np.float64)
     own = model.state_dict()
     device = next((t.device for t in own.values()), torch.device("cpu"))
@@ -167,9 +224,14 @@ def interpolation_path(
     a_stack = {k: state_a[k].detach().to(device=device, dtype=own[k].dtype) for k in names}
     b_stack = {k: state_b[k].detach().to(device=device, dtype=own[k].dtype) for k in names}
 
+    recomputed: dict[str, Tensor] = {}  # per BatchNorm buffer, its values at every alpha
+
     def build_chunk(start: int, stop: int) -> dict[str, Tensor]:
         out = {}
         for k in names:
+            if k in recomputed:
+                out[k] = recomputed[k][start:stop]
+                continue
             weights = torch.as_tensor(alphas[start:stop], dtype=own[k].dtype, device=device)
             weights = weights.reshape(-1, *([1] * own[k].dim()))
             # (1 - w) A + w B is exact at both end points (A + w (B - A) is not at w = 1)
@@ -181,6 +243,11 @@ def interpolation_path(
     losses: dict[str, np.ndarray] = {}
     accuracies: dict[str, np.ndarray] = {}
     with analysis_mode(model, tensors=True):
+        if batch_norm == "recompute" and has_running_statistics(model):
+            recomputed = _recomputed_statistics(
+                model, len(alphas), build_chunk, batch_norm_data or data.get("train") or next(iter(data.values())),
+                batch_loss,
+            )  # fmt: skip
         for split, batches in data.items():
             losses[split], accuracies[split] = evaluate_stacked(
                 model,

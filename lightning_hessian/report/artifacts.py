@@ -111,6 +111,9 @@ class Interpolation:
         loss, accuracy: per split (``train``, ``test``), one value per alpha.
         top_eigenvalue: the top Hessian eigenvalue per alpha, if computed.
         eigenvalue_split: the split it was computed on.
+        batch_norm: how BatchNorm running statistics were set along the path (``"recompute"``,
+            ``"interpolate"``; ``None``: no BatchNorm, or a file that does not say).
+        batch_norm_samples: the training samples they were recomputed on.
         run_a, run_b: the reported runs the two checkpoints belong to, when found.
     """
 
@@ -121,6 +124,8 @@ class Interpolation:
     accuracy: dict[str, np.ndarray]
     top_eigenvalue: np.ndarray | None = None
     eigenvalue_split: str | None = None
+    batch_norm: str | None = None
+    batch_norm_samples: int | None = None
     run_a: Run | None = None
     run_b: Run | None = None
     checkpoints: tuple[str, str] = ("", "")
@@ -201,6 +206,8 @@ def find_interpolations(paths: Iterable[str | Path], runs: Sequence[Run]) -> lis
                 accuracy=accuracy,
                 top_eigenvalue=None if top is None else np.asarray(top, dtype=np.float64),
                 eigenvalue_split=data.get("eigenvalue_split") or (next(iter(loss), None) if top is not None else None),
+                batch_norm=data.get("batch_norm"),
+                batch_norm_samples=data.get("batch_norm_samples"),
                 run_a=_match_run(checkpoints[0], runs, file.parent),
                 run_b=_match_run(checkpoints[1], runs, file.parent),
                 checkpoints=checkpoints,

@@ -256,10 +256,24 @@ def plot_interpolations(interpolations: Sequence[Interpolation], out_dir: Path) 
             FigureFile(
                 file_name,
                 f"Model interpolation: {title}",
-                "θ(α) = (1 − α) θ_A + α θ_B (BatchNorm statistics interpolated too) from "
+                f"θ(α) = (1 − α) θ_A + α θ_B ({_batch_norm_phrase(same)}) from "
                 "`hessian-landscape interpolate`: "
                 f"loss and accuracy on {_split_phrase(splits)}{eig_note}; mean ± std over {len(same)} pair(s) of runs "
                 "with the same seed.",
             )
         )
     return written or None
+
+
+def _batch_norm_phrase(items: Sequence[Interpolation]) -> str:
+    """How the interpolations set BatchNorm statistics along the path, for a caption."""
+    modes = {item.batch_norm for item in items}
+    if modes == {"recompute"}:
+        samples = {item.batch_norm_samples for item in items if item.batch_norm_samples}
+        on = f" on {samples.pop()} training samples" if len(samples) == 1 else " on training samples"
+        return f"BatchNorm statistics recomputed at every α{on}"
+    if modes == {None}:
+        return "BatchNorm statistics, if any, interpolated too"
+    if modes == {"interpolate"}:
+        return "BatchNorm statistics interpolated too"
+    return "BatchNorm statistics: " + ", ".join(sorted(str(mode) for mode in modes))

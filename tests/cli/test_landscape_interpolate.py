@@ -89,6 +89,8 @@ def test_interpolation_endpoints_are_the_checkpoints_own_losses(checkpoints, tmp
             str(out),
             "--device",
             "cpu",
+            "--batch-norm",  # the saved statistics along the path: the end points are the checkpoints
+            "interpolate",
         ]
     )
     assert code == 0
@@ -235,6 +237,8 @@ def test_interpolation_json_names_the_eigenvalue_split(checkpoints, tmp_path):
     summary = json.loads((out / "interpolation.json").read_text())
     assert summary["eigenvalue_split"] == "test" and len(summary["top_eigenvalue"]) == 2
     assert all(value > 0 for value in summary["top_eigenvalue"])
+    # the quickstart MLP has BatchNorm: by default its statistics are recomputed on the training samples
+    assert (summary["batch_norm"], summary["batch_norm_samples"]) == ("recompute", 64)
 
 
 def test_surface_of_a_checkpoint_along_its_top_eigenvectors(checkpoints, tmp_path):
