@@ -35,10 +35,12 @@
 #              baseline), epsilon EPSILON, at the smallest and the largest batch size, seeds 0 1 2.
 #   softplus   softplus(beta) for beta in 1 5 20 100 at the smallest batch size, seeds 0 1 2.
 #   interpolate  hessian-landscape interpolate, alpha in [-0.5, 1.5], loss and accuracy on 2048 training
-#              and 2048 test images and the top Hessian eigenvalue (training images) at every alpha:
+#              and 2048 test images and the top Hessian eigenvalue (training images) at every alpha, with
+#              BatchNorm statistics recomputed at every alpha on the training images (the default):
 #              smallest vs largest batch, and standard vs FGSM training at the smallest batch, per seed.
 #   surface    hessian-landscape surface: 21 x 21 loss surface along the top two Hessian eigenvectors (of
-#              1024 training images) on training and test images, seed 0 of the smallest and largest batch.
+#              1024 training images) on training and test images, seed 0 of the smallest and largest batch,
+#              of the recipe (equal epochs) and of the control (equal training loss).
 #   psd        benchmarks/input_hessian_psd.py: the smallest input-Hessian eigenvalue of 512 test images
 #              per run (is the ReLU input Hessian PSD?), every run (Fashion-MNIST networks only).
 #   report     hessian-report over everything into docs/results/paper_study_NET/.
@@ -61,7 +63,8 @@
 #                TRADES-5 ~1,160 / 3,120 s: ~31,000 s CPU, ~4.3 h wall.
 #   softplus     12 runs at B = 128, ~340 s each: ~4,100 s CPU, ~35 min wall.
 #   interpolate  6 interpolations, ~4 min each (21 alphas, a Lanczos run on 2048 images at each): ~12 min wall.
-#   surface      2 checkpoints x 2 splits x 441 points (and a top-2 Lanczos run): ~2 min each.
+#   surface      4 checkpoints x 2 splits x 441 points (and a top-2 Lanczos run): ~2-3 min each (two
+#                side by side: 306 s wall for the recipe's two, measured with the robust stage beside).
 #   psd          ~66 runs x ~3 s (74 s for 30 runs in the earlier study): ~3 min.
 #   report       ~2 min.
 #   lenet5 in all: ~7.5-8 h wall. m1 has 10x lenet5's multiply-adds and a 15-epoch recipe (~12 min a run at
@@ -304,26 +307,30 @@ interpolate() {
 }
 
 surface() {
-    # seed 0 of the smallest and the largest batch, into the run's landscape/ folder (the report reads it)
-    local failed=0 size run_dir pids=()
-    for size in $B_MIN $B_MAX; do
-        run_dir=$ROOT/recipe/bs${size}_seed${SEEDS%% *}
-        if [ "$DRY_RUN" != 1 ] && [ ! -f "$run_dir/checkpoint.json" ]; then
-            echo "surface: skipped $run_dir (no checkpoint.json; run the recipe stage first)" >&2
-            failed=1
-            continue
-        fi
-        if [ "$DRY_RUN" != 1 ] && [ "$REDO" != 1 ] && [ -f "$run_dir/landscape/surface.json" ]; then
-            echo "surface: $run_dir/landscape was made before, kept (REDO=1 makes it again)"
-            continue
-        fi
-        run $LANDSCAPE surface --ckpt "$(checkpoint_of $run_dir)" --config $CONFIG --directions eig1 eig2 \
-            --range 0.5 --points 21 --splits train test --num-samples 1024 --label "B=$size" \
-            --output-dir $run_dir/landscape >> $LOGS/surface_lane_$size.log 2>&1 &
-        pids+=($!)
+    # seed 0 of the smallest and the largest batch, of the recipe (equal epochs) and of the control
+    # (equal training loss), into each run's landscape/ folder (the report reads it); two side by side
+    local failed=0 sweep size run_dir pids=()
+    for sweep in recipe same_train_loss; do
+        for size in $B_MIN $B_MAX; do
+            run_dir=$ROOT/$sweep/bs${size}_seed${SEEDS%% *}
+            if [ "$DRY_RUN" != 1 ] && [ ! -f "$run_dir/checkpoint.json" ]; then
+                echo "surface: skipped $run_dir (no checkpoint.json; run the $sweep stage first)" >&2
+                failed=1
+                continue
+            fi
+            if [ "$DRY_RUN" != 1 ] && [ "$REDO" != 1 ] && [ -f "$run_dir/landscape/surface.json" ]; then
+                echo "surface: $run_dir/landscape was made before, kept (REDO=1 makes it again)"
+                continue
+            fi
+            run $LANDSCAPE surface --ckpt "$(checkpoint_of $run_dir)" --config $CONFIG --directions eig1 eig2 \
+                --range 0.5 --points 21 --splits train test --num-samples 1024 --label "B=$size" \
+                --output-dir $run_dir/landscape >> $LOGS/surface_lane_${sweep}_$size.log 2>&1 &
+            pids+=($!)
+        done
+        local pid
+        for pid in "${pids[@]}"; do wait "$pid" || failed=1; done
+        pids=()
     done
-    local pid
-    for pid in "${pids[@]}"; do wait "$pid" || failed=1; done
     [ "$DRY_RUN" = 1 ] && cat $LOGS/surface_lane_*.log && rm -f $LOGS/surface_lane_*.log
     return $failed
 }

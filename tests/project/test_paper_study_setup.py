@@ -153,6 +153,7 @@ def test_study_script_commands_are_valid_and_complete() -> None:
     surfaces = [args for args, _ in landscapes if args.command == "surface"]
     assert [Path(args.output_dir).parts[-3:] for args in surfaces] == [
         ("recipe", "bs128_seed0", "landscape"), ("recipe", "bs16384_seed0", "landscape"),
+        ("same_train_loss", "bs128_seed0", "landscape"), ("same_train_loss", "bs16384_seed0", "landscape"),
     ]  # fmt: skip
     assert any("input_hessian_psd.py" in " ".join(command) for command in others)
     assert runs_dir.exists() == existed  # a dry run writes nothing
@@ -188,7 +189,13 @@ def test_interpolate_and_surface_keep_what_they_made_before(tmp_path: Path) -> N
     python.write_text(FAKE_PYTHON)
     python.chmod(0o755)
     root = tmp_path / "runs" / "paper_study" / "lenet5"
-    for run in ("recipe/bs128_seed0", "recipe/bs16384_seed0", "fgsm/bs128_seed0"):
+    runs = (
+        "recipe/bs128_seed0",
+        "recipe/bs16384_seed0",
+        "same_train_loss/bs128_seed0",
+        "same_train_loss/bs16384_seed0",
+    )
+    for run in (*runs, "fgsm/bs128_seed0"):
         (root / run).mkdir(parents=True)
         (root / run / "checkpoint.json").write_text(json.dumps({"checkpoint": f"{root / run}/last.ckpt"}))
 
@@ -206,15 +213,15 @@ def test_interpolate_and_surface_keep_what_they_made_before(tmp_path: Path) -> N
         return log.read_text().splitlines() if log.exists() else []
 
     study()
-    assert sorted(call.split()[2] for call in calls()) == ["interpolate", "interpolate", "surface", "surface"]
+    assert sorted(call.split()[2] for call in calls()) == ["interpolate"] * 2 + ["surface"] * 4
     assert (root / "interpolation" / "standard_vs_fgsm_bs128" / "seed0" / "interpolation.json").is_file()
     assert (root / "recipe" / "bs16384_seed0" / "landscape" / "surface.json").is_file()
     printed = study()
-    assert len(calls()) == 4 and printed.count("was made before, kept") == 2  # the surfaces
+    assert len(calls()) == 6 and printed.count("was made before, kept") == 4  # the surfaces
     lanes = "".join(log.read_text() for log in root.glob("interpolate_lane*.log"))  # the interpolations
     assert lanes.count("was made before, kept") == 2
     study(REDO="1")
-    assert len(calls()) == 8
+    assert len(calls()) == 12
 
 
 def test_tiny_study_end_to_end(in_tmp_dir: Path) -> None:
