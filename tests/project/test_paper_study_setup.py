@@ -224,6 +224,38 @@ def test_interpolate_and_surface_keep_what_they_made_before(tmp_path: Path) -> N
     assert len(calls()) == 12
 
 
+def test_m1_analyses_run_in_micro_batches_of_256(tmp_path: Path) -> None:
+    """For m1 the script writes the study's overlays with micro-batches of 256 for the Hessian and
+    landscape analyses (everything else unchanged, the attacks' batch too) and trains with them."""
+    (tmp_path / "benchmarks").mkdir()
+    shutil.copy(SCRIPT, tmp_path / "benchmarks" / SCRIPT.name)
+    shutil.copytree(CONFIGS / "overlays", tmp_path / "configs" / "overlays")
+    python = tmp_path / "fake_python"
+    python.write_text(FAKE_PYTHON)
+    python.chmod(0o755)
+    env = {**os.environ, "PYTHON": str(python)}
+    result = subprocess.run(
+        ["bash", "benchmarks/run_paper_study.sh", "m1", "psd"], cwd=tmp_path, env=env, capture_output=True, text=True,
+        timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout + result.stderr
+    for name in ("paper_study.yaml", "paper_study_same_loss.yaml"):
+        original = (CONFIGS / "overlays" / name).read_text().splitlines()
+        derived = (tmp_path / "runs" / "paper_study" / "m1" / "overlays" / name).read_text().splitlines()
+        changed = [(a.strip(), b.strip()) for a, b in zip(original, derived, strict=True) if a != b]
+        assert changed and set(changed) == {("analysis_batch_size: 1024", "analysis_batch_size: 256")}, name
+        assert "analysis_batch_size: 1000" in "\n".join(derived)  # the attacks'
+    # the sweeps train with them; lenet5 keeps the overlays as they are
+    m1 = _dry_run("m1", "recipe", "control")
+    lenet5 = _dry_run("lenet5", "recipe")
+    assert m1.returncode == 0 and lenet5.returncode == 0
+    m1_configs = {line.split("--config ")[2].split()[0] for line in m1.stdout.splitlines() if line.startswith("+ ")}
+    assert {Path(config).parent.name for config in m1_configs} == {"overlays"} and all(
+        not config.startswith("configs/") for config in m1_configs
+    )
+    assert " --config configs/overlays/paper_study.yaml " in lenet5.stdout
+
+
 def test_tiny_study_end_to_end(in_tmp_dir: Path) -> None:
     """The control's overlay on the digits (quickstart config): the early stop ends each run at the
     first epoch with a training loss below 0.3; the test from the recorded checkpoint logs the
