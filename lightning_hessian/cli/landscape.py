@@ -295,11 +295,14 @@ def interpolate(args: argparse.Namespace, overrides: Sequence[str]) -> Interpola
     batch_norm = args.batch_norm if has_running_statistics(model) else None
     batch_norm_data = None
     if batch_norm == "recompute":  # on training samples, evaluated or not
-        batch_norm_data = (
+        train = (
             data["train"]
             if "train" in data
             else _split_batches(datamodule, ["train"], args.num_samples, args.seed, args.batch_size, device)["train"]
         )
+        # full micro-batches only, as training drops its last partial batch: every batch counts once in
+        # the average, and a one-sample batch has no batch variance
+        batch_norm_data = [batch for batch in train if len(batch[0]) == args.batch_size] or train[:1]
     start = time.perf_counter()
     # batch_loss=None: the module's hooks (hessian_loss, hessian_accuracy) as the callbacks use them
     result = interpolation_path(

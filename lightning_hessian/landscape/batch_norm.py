@@ -64,10 +64,13 @@ def recompute_batch_norm_statistics(model: nn.Module, batches: Iterable[Any], *,
     are. The layers' ``momentum`` and modes are restored afterwards; ``num_batches_tracked``
     counts the batches averaged.
 
+    Every batch (every virtual batch under Ghost BatchNorm) counts once in the averages, whatever
+    its size, as in BatchNorm's own cumulative average: give batches of one size (drop a partial
+    last one, as training does; a batch of one sample has no variance and BatchNorm refuses it).
+
     Args:
         model: the model, with the weights whose statistics are wanted.
-        batches: the data, e.g. training samples in micro-batches (each is one batch of the
-            average, or several virtual ones under Ghost BatchNorm).
+        batches: the data, e.g. training samples in micro-batches of one size.
         loss: how a batch goes through the model.
 
     Returns:

@@ -290,6 +290,7 @@ def write_summary_json(content: ReportContent, path: Path) -> None:
             "runs": [None if run is None else _display_path(run.path) for run in (item.run_a, item.run_b)],
             "eigenvalue_split": item.eigenvalue_split,
             "batch_norm": item.batch_norm,
+            "batch_norm_samples": item.batch_norm_samples,
             "top_eigenvalue_alpha_0": item.at(item.top_eigenvalue, 0.0),
             "top_eigenvalue_alpha_1": item.at(item.top_eigenvalue, 1.0),
         }

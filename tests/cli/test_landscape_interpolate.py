@@ -240,6 +240,16 @@ def test_interpolation_json_names_the_eigenvalue_split(checkpoints, tmp_path):
     # the quickstart MLP has BatchNorm: by default its statistics are recomputed on the training samples
     assert (summary["batch_norm"], summary["batch_norm_samples"]) == ("recompute", 64)
 
+    # 65 samples in micro-batches of 64: the last batch of one sample (no batch variance) is left out
+    out = tmp_path / "odd_batch"
+    assert main([
+        "interpolate", "--ckpt-a", str(ckpt_a), "--ckpt-b", str(ckpt_b), "--config", str(QUICKSTART), "--num", "2",
+        "--alpha-min", "0", "--alpha-max", "1", "--num-samples", "65", "--batch-size", "64", "--splits", "train",
+        "--output-dir", str(out), "--device", "cpu",
+    ]) == 0  # fmt: skip
+    summary = json.loads((out / "interpolation.json").read_text())
+    assert (summary["batch_norm_samples"], summary["num_samples"]) == (64, {"train": 65})
+
 
 def test_surface_of_a_checkpoint_along_its_top_eigenvectors(checkpoints, tmp_path):
     """``hessian-landscape surface``: the grid's centre is the checkpoint's own loss on each split,

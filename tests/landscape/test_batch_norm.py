@@ -45,21 +45,29 @@ def _statistics(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.clone() for k, v in model.state_dict().items() if k.endswith(("running_mean", "running_var"))}
 
 
+def _with_dropout(model: nn.Module) -> nn.Sequential:
+    """``model`` with a dropout layer (eval mode) in front of its BatchNorm1d."""
+    layers = list(model.children())
+    return nn.Sequential(*layers[:4], nn.Dropout(0.5), *layers[4:]).eval()
+
+
 def test_recomputed_statistics_are_pytorchs_update_bn_and_leave_the_rest_alone() -> None:
-    model = _cnn()
-    model.add_module("dropout", nn.Dropout(0.5))  # a layer that must not switch to training mode
-    model.dropout.eval()
+    model = _with_dropout(_cnn())
+    # the oracle: PyTorch's own recomputation (cumulative average, batch by batch) on the same
+    # network without the dropout, which update_bn would switch on and which must stay off here
     reference = copy.deepcopy(model)
+    reference[4] = nn.Identity()
     batches = _batches()
-    momenta = [layer.momentum for layer in (model[1], model[5])]
+    bn2d, bn1d = model[1], model[6]
+    momenta = [bn2d.momentum, bn1d.momentum]
 
     assert recompute_batch_norm_statistics(model, batches) == 2
-    update_bn([(x,) for x, _ in batches], reference)  # PyTorch's: cumulative average, batch by batch
+    update_bn([(x,) for x, _ in batches], reference)
     for name, value in _statistics(reference).items():
         torch.testing.assert_close(_statistics(model)[name], value, rtol=1e-6, atol=1e-7)
-    assert [layer.momentum for layer in (model[1], model[5])] == momenta
-    assert not model.training and not model[1].training and not model.dropout.training
-    assert int(model[1].num_batches_tracked) == len(batches)
+    assert [bn2d.momentum, bn1d.momentum] == momenta
+    assert not model.training and not bn2d.training and not model[4].training
+    assert int(bn2d.num_batches_tracked) == len(batches)
     assert has_running_statistics(model) and not has_running_statistics(nn.Sequential(nn.Linear(2, 2)))
     assert recompute_batch_norm_statistics(nn.Sequential(nn.Linear(2, 2)), batches) == 0
     with pytest.raises(ValueError, match="no batches"):
@@ -107,3 +115,28 @@ def test_interpolation_with_recomputed_statistics_is_each_points_own_model() -> 
     assert not np.allclose(result.loss["train"], interpolated.loss["train"], rtol=1e-3)
     with pytest.raises(ValueError, match="batch_norm='mean'"):
         interpolation_path(target, state_a, state_b, alphas, data, batch_norm="mean")  # type: ignore[arg-type]
+
+
+def test_the_top_eigenvalue_along_the_path_uses_the_recomputed_statistics() -> None:
+    """Beyond alpha = 1, where interpolated statistics would differ most: the path's top eigenvalue
+    is that of the point's own model (recomputed statistics, eval mode) by the engine's Lanczos."""
+    from lightning_hessian.landscape import eigenvector_directions
+
+    model_a, model_b = _cnn(0), _cnn(1)
+    state_a, state_b = model_a.state_dict(), model_b.state_dict()
+    data = {"train": _batches(seed=1)}
+    result = interpolation_path(
+        _cnn(2), state_a, state_b, [0.0, 1.0, 1.5], data, batch_norm="recompute", eigenvalues=True,
+        eigen_kwargs={"tol": 1e-8, "seed": 0},
+    )  # fmt: skip
+    interpolated = interpolation_path(
+        _cnn(2), state_a, state_b, [1.5], data, eigenvalues=True, eigen_kwargs={"tol": 1e-8, "seed": 0}
+    )
+    point = _cnn(3)
+    point.load_state_dict(interpolate_state(state_a, state_b, 1.5))
+    update_bn([(x,) for x, _ in data["train"]], point)
+    point.eval()
+    (expected,), _ = eigenvector_directions(point, data["train"], 1, tol=1e-8, seed=0)
+    assert result.top_eigenvalue is not None and interpolated.top_eigenvalue is not None
+    assert result.top_eigenvalue[2] == pytest.approx(expected, rel=1e-4)
+    assert interpolated.top_eigenvalue[0] != pytest.approx(expected, rel=1e-2)  # the other statistics
