@@ -33,7 +33,9 @@
 #              (about 15 hours a run on one core); the overlay's header has the numbers behind 0.3.
 #   robust     FGSM, PGD, TRADES (robust training) and Gaussian noise of the same size (the reviewers'
 #              baseline), epsilon EPSILON, at the smallest and the largest batch size, seeds 0 1 2.
-#   softplus   softplus(beta) for beta in 1 5 20 100 at the smallest batch size, seeds 0 1 2.
+#   softplus   softplus(beta) for beta in 1 5 20 100 at the smallest and the largest batch size, seeds 0 1 2:
+#              the reviewers' twice-differentiable activation, which approaches ReLU as beta grows; at two
+#              batch sizes so that the paper's batch-size claims are judged for it too.
 #   interpolate  hessian-landscape interpolate, alpha in [-0.5, 1.5], loss and accuracy on 2048 training
 #              and 2048 test images and the top Hessian eigenvalue (training images) at every alpha, with
 #              BatchNorm statistics recomputed at every alpha on the training images (the default):
@@ -61,18 +63,20 @@
 #   robust       24 runs; training costs x2 (FGSM), x1 (noise), x(steps + 1) (PGD), x(steps + 2) (TRADES):
 #                per seed at B = 128 / 16384 FGSM ~460 / 1,020 s, noise ~320 / 600 s, PGD-5 ~1,020 / 2,700 s,
 #                TRADES-5 ~1,160 / 3,120 s: ~31,000 s CPU, ~4.3 h wall.
-#   softplus     12 runs at B = 128, ~340 s each: ~4,100 s CPU, ~35 min wall.
+#   softplus     24 runs: 12 at B = 128, ~340 s each, 12 at B = 16384, ~600 s each: ~11,300 s CPU, ~1.6 h wall.
 #   interpolate  6 interpolations, ~4 min each (21 alphas, a Lanczos run on 2048 images at each): ~12 min wall.
 #   surface      4 checkpoints x 2 splits x 441 points (and a top-2 Lanczos run): ~2-3 min each (two
 #                side by side: 306 s wall for the recipe's two, measured with the robust stage beside).
-#   psd          ~66 runs x ~3 s (74 s for 30 runs in the earlier study): ~3 min.
+#   psd          ~78 runs x ~3 s (74 s for 30 runs in the earlier study): ~3 min.
 #   report       ~2 min.
-#   lenet5 in all: ~7.5-8 h wall. m1 has 10x lenet5's multiply-adds and a 15-epoch recipe (~12 min a run at
+#   lenet5 in all: ~8.5-9 h wall. m1 has 10x lenet5's multiply-adds and a 15-epoch recipe (~12 min a run at
 #   B = 128, 47 s an epoch): recipe ~2 h, control ~3 h, robust ~20 h of CPU (~10 h wall; ROBUST_METHODS or
-#   ROBUST_BATCH_SIZES shorten it), softplus ~1.5 h. c1 (one GPU, 90 epochs of CIFAR-10): not measured.
+#   ROBUST_BATCH_SIZES shorten it), softplus ~4 h of CPU (SOFTPLUS_BATCH_SIZES shortens it). c1 (one GPU,
+#   90 epochs of CIFAR-10): not measured.
 #
 # Settings (environment): PYTHON, BATCH_SIZES, SEEDS, ROBUST_BATCH_SIZES (default: smallest and largest of
-# BATCH_SIZES), ROBUST_METHODS, EPSILON, PGD_STEPS, BETAS, CONTROL_MAX_EPOCHS, LANES, ANALYSIS_BATCH_SIZE
+# BATCH_SIZES), ROBUST_METHODS, EPSILON, PGD_STEPS, BETAS, SOFTPLUS_BATCH_SIZES (default: smallest and
+# largest of BATCH_SIZES), CONTROL_MAX_EPOCHS, LANES, ANALYSIS_BATCH_SIZE
 # (micro-batch of the Hessian and landscape analyses; default 1024, m1 256), DRY_RUN=1, REDO=1.
 set -u -o pipefail
 cd "$(dirname "$0")/.."
@@ -114,6 +118,7 @@ ROBUST_METHODS=${ROBUST_METHODS:-fgsm gaussian_noise pgd trades}
 EPSILON=${EPSILON:-$DEFAULT_EPSILON}   # Linf radius (robust training), std of the noise baseline
 PGD_STEPS=${PGD_STEPS:-5}               # PGD and TRADES steps in training (step 2.5 eps / steps, eps / 4)
 BETAS=${BETAS:-1 5 20 100}
+SOFTPLUS_BATCH_SIZES=${SOFTPLUS_BATCH_SIZES:-$B_MIN $B_MAX}
 CONTROL_MAX_EPOCHS=${CONTROL_MAX_EPOCHS:-$DEFAULT_CAP}
 ROOT=runs/paper_study/$NET
 DOCS=docs/results/paper_study_$NET
@@ -272,7 +277,7 @@ softplus() {
     queue=$(new_queue softplus)
     for beta in $BETAS; do
         add_jobs "$queue" --config $CONFIG --config $OVERLAY --root $ROOT --name softplus_beta=$beta \
-            --set model.activation=softplus --set model.softplus_beta=$beta --batch-sizes $B_MIN --seeds $SEEDS
+            --set model.activation=softplus --set model.softplus_beta=$beta --batch-sizes $SOFTPLUS_BATCH_SIZES --seeds $SEEDS
     done
     run_queue "$queue" softplus
 }

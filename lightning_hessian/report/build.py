@@ -12,9 +12,10 @@ and writes into ``out_dir``:
 * PNG figures (:mod:`lightning_hessian.report.figures`, :mod:`~lightning_hessian.report.spectrum_figures`,
   :mod:`~lightning_hessian.report.robustness_figures`, :mod:`~lightning_hessian.report.landscape_figures`):
   training loss and accuracy, the final metrics (accuracy and curvature) and median perturbation
-  norms vs batch size, top eigenvalue vs epoch, top-k spectrum per batch size, spectral densities
-  overlaid, robust accuracy vs epsilon, loss along the top eigenvector and 2-D surfaces (smallest
-  and largest batch), model interpolations (each only when some run logged what it needs);
+  norms vs batch size, the final metrics vs the softplus sharpness β (softplus networks), top
+  eigenvalue vs epoch, top-k spectrum per batch size, spectral densities overlaid, robust accuracy
+  vs epsilon, loss along the top eigenvector and 2-D surfaces (smallest and largest batch), model
+  interpolations (each only when some run logged what it needs);
 * ``summary.json`` (the tables' unrounded numbers, the claims with their numbers, the columns and
   the interpolations) and ``runs.csv`` (final value of every tag of every run).
 
@@ -39,7 +40,12 @@ from lightning_hessian.errors import UserInputError
 from lightning_hessian.report.artifacts import find_interpolations
 from lightning_hessian.report.claims import evaluate_claims
 from lightning_hessian.report.events import find_run_dirs
-from lightning_hessian.report.figures import FigureFile, plot_metrics_vs_batch_size, plot_training_vs_batch_size
+from lightning_hessian.report.figures import (
+    FigureFile,
+    plot_metrics_vs_batch_size,
+    plot_metrics_vs_softplus_beta,
+    plot_training_vs_batch_size,
+)
 from lightning_hessian.report.landscape_figures import plot_interpolations, plot_landscapes
 from lightning_hessian.report.render import (
     ReportContent,
@@ -71,6 +77,8 @@ _FIGURES: tuple[tuple[Callable[..., _Drawn], str | None, str], ...] = (
     (plot_metrics_vs_batch_size, "columns",
      "metrics vs batch size: no run with a known batch size logged an accuracy, `hessian/*` or "
      "`landscape/sharpness`"),
+    (plot_metrics_vs_softplus_beta, "columns",
+     "metrics vs softplus β: no run with a known batch size has a softplus activation (`model.activation`)"),
     (plot_top_eigenvalue_vs_epoch, None, "top eigenvalue vs epoch: no run logged `hessian/eig_1`"),
     (plot_spectrum_vs_batch_size, None,
      "spectrum vs batch size: no run with a known batch size logged `hessian/eig_k`"),

@@ -5,7 +5,8 @@ The figures are drawn with matplotlib (no pyplot, no global state), by topic:
 * this module: :class:`FigureFile`, the shared helpers (panel grid, batch-size colours and labels,
   saving, grouping, :func:`use_log_scale`, :func:`step_to_epoch`, :func:`training_trajectory`) and
   the table's columns against batch size (:func:`plot_training_vs_batch_size`,
-  :func:`plot_metrics_vs_batch_size`);
+  :func:`plot_metrics_vs_batch_size`) and against the softplus sharpness β
+  (:func:`plot_metrics_vs_softplus_beta`);
 * :mod:`~lightning_hessian.report.spectrum_figures`: the Hessian spectrum (top eigenvalue over
   training, eigenvalues against batch size, top-k spectrum, spectral density);
 * :mod:`~lightning_hessian.report.robustness_figures`: the attacks (robust accuracy against
@@ -41,14 +42,15 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from matplotlib.ticker import NullLocator
 
-from lightning_hessian.metrics import SPLITS
+from lightning_hessian.metrics import MEDIAN_NORM_PATTERN, SPLITS, parse_split_tag
 from lightning_hessian.report.events import RunEvents, ScalarPoint
-from lightning_hessian.report.runs import Run
+from lightning_hessian.report.runs import Run, softplus_variant
 from lightning_hessian.report.tables import Column, column_value, variant_order
 
 __all__ = [
     "FigureFile",
     "plot_metrics_vs_batch_size",
+    "plot_metrics_vs_softplus_beta",
     "plot_training_vs_batch_size",
     "step_to_epoch",
     "training_trajectory",
@@ -280,4 +282,104 @@ def plot_metrics_vs_batch_size(
         runs, chosen, out_dir, "metrics_vs_batch_size.png", "Final metrics vs batch size",
         "Final values per run, mean ± std over seeds, one line per training variant; each panel names the split of "
         "the samples (train: the analyses at the end of `fit`; test: `hessian-train test` on the last checkpoint).",
+    )  # fmt: skip
+
+
+# --------------------------------------------------------------------- against the activation's sharpness
+
+
+def plot_metrics_vs_softplus_beta(
+    runs: Sequence[Run], out_dir: Path, columns: Sequence[Column] | None = None
+) -> FigureFile | None:
+    """The reviewers' smooth-activation check: the metrics of softplus networks against beta.
+
+    ``softplus_β(x) = log(1 + exp(β x)) / β`` is twice differentiable and approaches ReLU as β grows,
+    so a finding of the ReLU network that is no artefact of its zero second derivative shows the same
+    trend with batch size at every β, and its values approach the ReLU network's as β grows. A panel
+    per column (the accuracy, the shown curvature columns, the median perturbation norms), a line per
+    (training, batch size) against β, mean ± std over seeds; a dashed line at the value of the ReLU
+    network of the same training and batch size (β = ∞), where the runs have it.
+
+    Args:
+        runs: the reported runs; the softplus ones are those whose variant ends in ``softplus β=B``
+            (:func:`~lightning_hessian.report.runs.softplus_variant`).
+        out_dir: where the PNG goes.
+        columns: the report's columns (:func:`~lightning_hessian.report.tables.report_columns` of
+            ``runs`` when not given).
+
+    Returns:
+        The figure (``metrics_vs_softplus_beta.png``), or ``None`` when no run with a known batch
+        size has a softplus activation.
+    """
+    if columns is None:
+        from lightning_hessian.report.tables import report_columns
+
+        columns = report_columns(runs)
+    # (base variant, batch size) -> beta -> runs
+    lines: dict[tuple[str, int], dict[float, list[Run]]] = defaultdict(lambda: defaultdict(list))
+    for run in runs:
+        if run.batch_size is not None and (parsed := softplus_variant(run.variant)) is not None:
+            lines[(parsed[0], run.batch_size)][parsed[1]].append(run)
+    if not lines:
+        return None
+    relu: dict[tuple[str, int], list[Run]] = defaultdict(list)
+    for run in runs:
+        if run.batch_size is not None and (run.variant, run.batch_size) in lines:
+            relu[(run.variant, run.batch_size)].append(run)
+    softplus_runs = [run for by_beta in lines.values() for beta_runs in by_beta.values() for run in beta_runs]
+    chosen = [
+        c
+        for c in columns
+        if c.shown
+        and (c.section == "curvature" or c.key == "acc" or MEDIAN_NORM_PATTERN.match(parse_split_tag(c.key)[1]))
+    ]
+    panels = [column for column in chosen if _final_values(softplus_runs, column.key)]
+    if not panels:
+        return None
+    keys = sorted(lines, key=lambda key: (variant_order(key[0]), key[1]))
+    colors = _batch_size_colors([batch_size for _, batch_size in keys])
+    bases = sorted({base for base, _ in keys}, key=variant_order)
+    markers = "osD^v<>"
+    betas = sorted({beta for by_beta in lines.values() for beta in by_beta})
+    figure, axes = _grid(len(panels))
+    for ax, column in zip(axes, panels, strict=True):
+        scale = 100.0 if column.percent else 1.0
+        panel_values: list[float] = []
+        for base, batch_size in keys:
+            label = _batch_size_label(batch_size) if len(bases) == 1 else f"{base}, {_batch_size_label(batch_size)}"
+            xs, means, stds = [], [], []
+            for beta in sorted(lines[(base, batch_size)]):
+                values = [scale * v for v in _final_values(lines[(base, batch_size)][beta], column.key)]
+                if values:
+                    mean, std = _mean_std(values)
+                    xs.append(beta)
+                    means.append(mean)
+                    stds.append(std)
+            color = colors[batch_size]
+            if xs:
+                panel_values += means
+                ax.errorbar(xs, means, yerr=stds, marker=markers[bases.index(base) % len(markers)], markersize=4,
+                            capsize=3, color=color, label=f"softplus, {label}")  # fmt: skip
+            reference = [scale * v for v in _final_values(relu.get((base, batch_size), []), column.key)]
+            if reference:
+                mean = _mean_std(reference)[0]
+                panel_values.append(mean)
+                ax.axhline(mean, color=color, linestyle="--", linewidth=1, label=f"ReLU (β=∞), {label}")
+        ax.set_xscale("log")
+        ax.set_xticks(betas, [f"{beta:g}" for beta in betas])
+        ax.xaxis.set_minor_locator(NullLocator())
+        ax.set_xlabel("softplus β")
+        if use_log_scale(panel_values):
+            ax.set_yscale("log")
+        ax.set_ylabel(column.title)
+        ax.grid(alpha=0.3, which="both")
+        ax.legend(fontsize="x-small")
+    _save(figure, out_dir, "metrics_vs_softplus_beta.png")
+    trainings = ", ".join(bases)
+    return FigureFile(
+        "metrics_vs_softplus_beta.png", "Final metrics vs the softplus sharpness β",
+        f"Networks with softplus_β(x) = log(1 + exp(βx))/β in place of ReLU ({trainings} training): final values "
+        "per run, mean ± std over seeds, one line per batch size; dashed: the ReLU network of the same training and "
+        "batch size, the limit β → ∞. Each panel names the split of the samples (train: the analyses at the end of "
+        "`fit`; test: `hessian-train test` on the last checkpoint).",
     )  # fmt: skip

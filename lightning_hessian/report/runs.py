@@ -33,7 +33,15 @@ import yaml
 from lightning_hessian.report.events import RunEvents, read_events
 from lightning_hessian.sweep.records import SWEEP_FILE, read_record
 
-__all__ = ["DEFAULT_FIT_SPLITS", "Run", "describe_variant", "fit_splits", "load_run", "read_run_metadata"]
+__all__ = [
+    "DEFAULT_FIT_SPLITS",
+    "Run",
+    "describe_variant",
+    "fit_splits",
+    "load_run",
+    "read_run_metadata",
+    "softplus_variant",
+]
 
 STANDARD_VARIANT = "standard"
 #: the split each analysis group samples during ``fit`` when nothing says otherwise: the
@@ -193,6 +201,26 @@ def _describe_activation(activation: Any, softplus_beta: Any = None) -> str | No
         )
         return f"{name}({arguments})" if arguments else name
     return str(activation)
+
+
+# the label _describe_activation gives a softplus network, at the end of a variant
+_SOFTPLUS_LABEL = re.compile(r"^(?P<base>.+), softplus β=(?P<beta>[0-9.eE+-]+)$")
+
+
+def softplus_variant(variant: str) -> tuple[str, float] | None:
+    """``(base variant, beta)`` of a softplus variant: ``"standard, softplus β=5"`` -> ``("standard", 5.0)``.
+
+    Returns:
+        The variant of the same training with ReLU (what softplus approaches as beta grows) and
+        beta, or ``None`` for a variant without a softplus activation.
+    """
+    match = _SOFTPLUS_LABEL.match(variant)
+    if match is None:
+        return None
+    try:
+        return match.group("base"), float(match.group("beta"))
+    except ValueError:
+        return None
 
 
 def read_run_metadata(run_dir: Path) -> tuple[dict[str, Any], dict[str, str]]:

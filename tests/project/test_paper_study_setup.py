@@ -137,7 +137,7 @@ def test_study_script_commands_are_valid_and_complete() -> None:
     for name in ("fgsm", "gaussian_noise", "pgd", "trades"):
         assert runs[name] == {(b, s) for b in (128, 16384) for s in (0, 1, 2)}, name
     for beta in (1, 5, 20, 100):
-        assert runs[f"softplus_beta={beta}"] == {(128, s) for s in (0, 1, 2)}
+        assert runs[f"softplus_beta={beta}"] == {(b, s) for b in (128, 16384) for s in (0, 1, 2)}
     control = next(s for s in sweeps if s.sweep_name == "same_train_loss")
     assert control.variant == "standard, same train loss" and "model.lr_schedule=constant" in control.overrides
     assert control.extra_args == ("--trainer.max_epochs", "200")
