@@ -102,6 +102,9 @@ case $NET in
             DEFAULT_ANALYSIS_BATCH=1024 ;;
     # m1: Hessian-vector products in micro-batches of 256, about 1.7x faster than one of 1024 on this CPU
     # (m1's first activations outgrow the cache; benchmarks/RESULTS.md, configs/paper_fashion_mnist_m1.yaml)
+    # Control cap 100 epochs: m1 at B = 16384 with the control's constant lr 0.02 had an epoch-mean training
+    # loss of 0.474 after 10 epochs (about 55 s an epoch on one core; measured 2026-11-30), lenet5 after
+    # ~20, and lenet5 reached 0.3 after ~75, so m1 should stop after ~35-45.
     m1)     CONFIG=configs/paper_fashion_mnist_m1.yaml;     LANES=${LANES:-2}; DEFAULT_EPSILON=0.1; DEFAULT_CAP=100
             DEFAULT_ANALYSIS_BATCH=256 ;;
     c1)     CONFIG=configs/paper_cifar10_c1.yaml;           LANES=${LANES:-1}; DEFAULT_EPSILON=0.031; DEFAULT_CAP=300
