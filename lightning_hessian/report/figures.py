@@ -32,7 +32,7 @@ from __future__ import annotations
 import math
 import re
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -121,6 +121,32 @@ def _sorted_batch_sizes(batch_sizes: Sequence[int | None]) -> list[int | None]:
 def _mean_std(values: Sequence[float]) -> tuple[float, float]:
     array = np.asarray(values, dtype=np.float64)
     return float(array.mean()), float(array.std(ddof=1)) if array.size >= 2 else 0.0
+
+
+def _seed_mean_curve(
+    points: Iterable[tuple[float, Sequence[float]]], scale: float = 1.0
+) -> tuple[list[float], list[float], list[float]]:
+    """A curve of means over seeds: ``(xs, means, stds)`` from ``(x, values over seeds)`` pairs.
+
+    An x without values is left out (not drawn as 0).
+
+    Args:
+        points: ``(x, the finite values over seeds at x)`` pairs, in drawing order.
+        scale: multiplies means and standard deviations (100 for percentages).
+
+    Returns:
+        The xs that have values, the means there and the sample standard deviations (0 for one seed).
+    """
+    xs: list[float] = []
+    means: list[float] = []
+    stds: list[float] = []
+    for x, values in points:
+        if values:
+            mean, std = _mean_std(values)
+            xs.append(x)
+            means.append(scale * mean)
+            stds.append(scale * std)
+    return xs, means, stds
 
 
 def _final_values(runs: Sequence[Run], tag: str) -> list[float]:
@@ -222,14 +248,11 @@ def _plot_columns_vs_batch_size(
     for ax, column in zip(axes, panels, strict=True):
         panel_values: list[float] = []
         for position, (variant, by_batch) in enumerate(grouped.items()):
-            xs, means, stds = [], [], []
-            for batch_size in sorted(b for b in by_batch if b is not None):
-                values = [100 * v if column.percent else v for v in _final_values(by_batch[batch_size], column.key)]
-                if values:
-                    mean, std = _mean_std(values)
-                    xs.append(batch_size)
-                    means.append(mean)
-                    stds.append(std)
+            xs, means, stds = _seed_mean_curve(
+                ((batch_size, _final_values(by_batch[batch_size], column.key))
+                 for batch_size in sorted(b for b in by_batch if b is not None)),
+                scale=100.0 if column.percent else 1.0,
+            )  # fmt: skip
             if xs:
                 panel_values += means
                 ax.errorbar(
@@ -347,14 +370,10 @@ def plot_metrics_vs_softplus_beta(
         panel_values: list[float] = []
         for base, batch_size in keys:
             label = _batch_size_label(batch_size) if len(bases) == 1 else f"{base}, {_batch_size_label(batch_size)}"
-            xs, means, stds = [], [], []
-            for beta in sorted(lines[(base, batch_size)]):
-                values = [scale * v for v in _final_values(lines[(base, batch_size)][beta], column.key)]
-                if values:
-                    mean, std = _mean_std(values)
-                    xs.append(beta)
-                    means.append(mean)
-                    stds.append(std)
+            by_beta = lines[(base, batch_size)]
+            xs, means, stds = _seed_mean_curve(
+                ((beta, _final_values(by_beta[beta], column.key)) for beta in sorted(by_beta)), scale=scale
+            )
             color = colors[batch_size]
             if xs:
                 panel_values += means

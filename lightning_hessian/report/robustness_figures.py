@@ -20,8 +20,8 @@ from lightning_hessian.report.figures import (
     _final_values,
     _grid,
     _group,
-    _mean_std,
     _save,
+    _seed_mean_curve,
     _sorted_batch_sizes,
     _split_phrase,
     use_log_scale,
@@ -68,14 +68,9 @@ def plot_robust_accuracy_vs_epsilon(runs: Sequence[Run], out_dir: Path) -> Figur
         has_zero = any(eps == 0 for _, eps in tag_eps)
         series = list(tag_eps) if has_zero or clean_tag is None else [(clean_tag, 0.0), *tag_eps]
         for batch_size in _sorted_batch_sizes(list(by_batch)):
-            xs, means, stds = [], [], []
-            for tag, epsilon in series:
-                values = _final_values(by_batch[batch_size], tag)
-                if values:
-                    mean, std = _mean_std(values)
-                    xs.append(epsilon)
-                    means.append(100 * mean)
-                    stds.append(100 * std)
+            xs, means, stds = _seed_mean_curve(
+                ((epsilon, _final_values(by_batch[batch_size], tag)) for tag, epsilon in series), scale=100.0
+            )
             if xs:
                 ax.errorbar(
                     xs, means, yerr=stds, marker="o", markersize=4, capsize=3,
@@ -120,17 +115,13 @@ def plot_median_norms_vs_batch_size(runs: Sequence[Run], out_dir: Path) -> Figur
     for ax, ((attack, split), tag_of) in zip(axes, sorted(keys.items()), strict=True):
         panel_values: list[float] = []
         for position, (variant, by_batch) in enumerate(grouped.items()):
-            xs, means, stds = [], [], []
-            for batch_size in sorted(b for b in by_batch if b is not None):
-                values = [
+            xs, means, stds = _seed_mean_curve(
+                (batch_size, [
                     v for run in by_batch[batch_size]
                     if run.path in tag_of and (v := run.events.final(tag_of[run.path])) is not None and math.isfinite(v)
-                ]  # fmt: skip
-                if values:
-                    mean, std = _mean_std(values)
-                    xs.append(batch_size)
-                    means.append(mean)
-                    stds.append(std)
+                ])
+                for batch_size in sorted(b for b in by_batch if b is not None)
+            )  # fmt: skip
             if xs:
                 panel_values += means
                 ax.errorbar(

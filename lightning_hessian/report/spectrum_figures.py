@@ -35,6 +35,7 @@ from lightning_hessian.report.figures import (
     _group,
     _mean_std,
     _save,
+    _seed_mean_curve,
     _sorted_batch_sizes,
     _split_phrase,
     use_log_scale,
@@ -126,6 +127,15 @@ def _eigen_tag(run_split: str, split: str, index: int) -> str:
     return tag if split == run_split else split_tag(tag, split)  # type: ignore[arg-type]
 
 
+def _final_eigenvalues(runs: Sequence[Run], split: str, index: int) -> list[float]:
+    """The finite final index-th Hessian eigenvalues at ``split`` over ``runs`` (one per seed)."""
+    return [
+        v for run in runs
+        if (v := run.events.final(_eigen_tag(run.fit_splits.get("hessian", "train"), split, index))) is not None
+        and math.isfinite(v)
+    ]  # fmt: skip
+
+
 def plot_spectrum_vs_batch_size(runs: Sequence[Run], out_dir: Path) -> FigureFile | None:
     """Final top-k Hessian eigenvalues against batch size, one panel per (variant, split)."""
     panels = []
@@ -142,18 +152,9 @@ def plot_spectrum_vs_batch_size(runs: Sequence[Run], out_dir: Path) -> FigureFil
         colormap = colormaps["plasma"]
         panel_values: list[float] = []
         for position, index in enumerate(indices):
-            xs, means, stds = [], [], []
-            for batch_size in batch_sizes:
-                values = [
-                    v for run in by_batch[batch_size]
-                    if (v := run.events.final(_eigen_tag(run.fit_splits.get("hessian", "train"), split, index)))
-                    is not None and math.isfinite(v)
-                ]  # fmt: skip
-                if values:
-                    mean, std = _mean_std(values)
-                    xs.append(batch_size)
-                    means.append(mean)
-                    stds.append(std)
+            xs, means, stds = _seed_mean_curve(
+                (batch_size, _final_eigenvalues(by_batch[batch_size], split, index)) for batch_size in batch_sizes
+            )
             if xs:
                 panel_values += means
                 color = colormap(0.85 * position / max(len(indices) - 1, 1))
@@ -197,18 +198,9 @@ def plot_topk_spectrum(runs: Sequence[Run], out_dir: Path) -> FigureFile | None:
     all_values: list[float] = []
     for ax, (variant, split, by_batch, indices) in zip(axes, panels, strict=True):
         for batch_size in _sorted_batch_sizes(list(by_batch)):
-            xs, means, stds = [], [], []
-            for index in indices:
-                values = [
-                    v for run in by_batch[batch_size]
-                    if (v := run.events.final(_eigen_tag(run.fit_splits.get("hessian", "train"), split, index)))
-                    is not None and math.isfinite(v)
-                ]  # fmt: skip
-                if values:
-                    mean, std = _mean_std(values)
-                    xs.append(index)
-                    means.append(mean)
-                    stds.append(std)
+            xs, means, stds = _seed_mean_curve(
+                (index, _final_eigenvalues(by_batch[batch_size], split, index)) for index in indices
+            )
             if xs:
                 all_values += means
                 ax.errorbar(
