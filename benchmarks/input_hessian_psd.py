@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import re
 import sys
 import time
 from pathlib import Path
@@ -69,6 +70,12 @@ def _exact_extremes(model: torch.nn.Module, x: Tensor, y: Tensor) -> tuple[Tenso
         lows.append(eigenvalues[0])
         highs.append(eigenvalues[-1])
     return torch.stack(lows), torch.stack(highs)
+
+
+def _group_order(activation: str, training: str) -> tuple[int, float, int, str]:
+    """ReLU first, then softplus by increasing beta; within each, standard training first."""
+    beta = re.fullmatch(r"softplus\(beta=(.+)\)", activation)
+    return (0 if beta is None else 1, float(beta.group(1)) if beta else 0.0, training != "none", training)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -174,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"| activation | training | runs | samples | mean λ_max(x) | smallest λ_min(x) | "
           f"largest λ_min(x) | samples with λ_min < -{args.rel_tol:g} mean λ_max |")  # fmt: skip
     print("| --- | --- | --- | --- | --- | --- | --- | --- |")
-    for (activation, training), members in groups.items():
+    for (activation, training), members in sorted(groups.items(), key=lambda item: _group_order(*item[0])):
         samples = sum(m["num_samples"] for m in members)
         negative = sum(m["fraction_negative"] * m["num_samples"] for m in members)
         mean_max = sum(m["mean_lambda_max"] * m["num_samples"] for m in members) / samples
@@ -186,7 +193,7 @@ def main(argv: list[str] | None = None) -> int:
     settings = {"num_samples": args.num_samples, "max_steps": args.max_steps, "rel_tol": args.rel_tol,
                 "dtype": "float64", "split": "test", "sample_seed": 0}  # fmt: skip
     out.write_text(json.dumps({"settings": settings, "runs": rows}, indent=2) + "\n")
-    print(f"wrote {out}")
+    print(f"wrote {out}", file=sys.stderr)  # stderr: stdout is the Markdown table the study script keeps
     return 0
 
 
