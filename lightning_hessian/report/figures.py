@@ -38,6 +38,7 @@ from pathlib import Path
 
 import numpy as np
 from matplotlib import colormaps
+from matplotlib.artist import Artist
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from matplotlib.ticker import NullLocator
@@ -100,6 +101,23 @@ def _batch_size_colors(batch_sizes: Sequence[int | None]) -> dict[int | None, tu
 
 def _batch_size_label(batch_size: int | None) -> str:
     return "B=?" if batch_size is None else f"B={batch_size}"
+
+
+def _figure_legend(figure: Figure, axes: Sequence[Axes]) -> None:
+    """One legend for all panels, right of them: the union of the panels' labelled lines.
+
+    For figures whose lines keep one colour per label in every panel (a variant, a batch size): a
+    legend in each panel repeats the same entries and, with ten variants, hides the data.
+    """
+    handles: dict[str, Artist] = {}
+    for ax in axes:
+        for handle, label in zip(*ax.get_legend_handles_labels(), strict=True):
+            handles.setdefault(label, handle)
+    if handles:
+        # widen the figure by about the legend's width, so that the panels keep theirs (7 pt per
+        # character of "small" text, plus the marker)
+        figure.set_figwidth(figure.get_figwidth() + (7 * max(map(len, handles)) + 40) / 72)
+        figure.legend(list(handles.values()), list(handles), loc="outside right upper", fontsize="small")
 
 
 def _save(figure: Figure, out_dir: Path, file_name: str) -> None:
@@ -263,7 +281,7 @@ def _plot_columns_vs_batch_size(
             ax.set_yscale("log")
         ax.set_ylabel(column.title)
         ax.grid(alpha=0.3, which="both")
-        ax.legend(fontsize="x-small")
+    _figure_legend(figure, axes)
     _save(figure, out_dir, file_name)
     return FigureFile(file_name, title, caption)
 
@@ -392,7 +410,7 @@ def plot_metrics_vs_softplus_beta(
             ax.set_yscale("log")
         ax.set_ylabel(column.title)
         ax.grid(alpha=0.3, which="both")
-        ax.legend(fontsize="x-small")
+    _figure_legend(figure, axes)
     _save(figure, out_dir, "metrics_vs_softplus_beta.png")
     trainings = ", ".join(bases)
     return FigureFile(

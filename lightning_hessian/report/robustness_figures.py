@@ -17,6 +17,7 @@ from lightning_hessian.report.figures import (
     _batch_axis,
     _batch_size_colors,
     _batch_size_label,
+    _figure_legend,
     _final_values,
     _grid,
     _group,
@@ -133,7 +134,7 @@ def plot_median_norms_vs_batch_size(runs: Sequence[Run], out_dir: Path) -> Figur
         ax.set_title(f"{attack}, {split} samples")
         ax.set_ylabel("median minimal ‖δ‖₂")
         ax.grid(alpha=0.3, which="both")
-        ax.legend(fontsize="x-small")
+    _figure_legend(figure, axes)
     file_name = "median_norms_vs_batch_size.png"
     _save(figure, out_dir, file_name)
     return FigureFile(

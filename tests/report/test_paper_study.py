@@ -423,3 +423,34 @@ def test_softplus_networks_against_beta_next_to_relu(tmp_path: Path, monkeypatch
     for beta in ("1", "10"):
         (top,) = _claims(summary, "Large batches converge to points of larger curvature: top", f"softplus β={beta},")
         assert top["verdict"] == HOLDS
+
+
+def test_variant_figures_draw_one_legend_beside_the_panels(
+    study: tuple[Path, dict], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A legend of every variant in each panel hides the data (ten variants in the lenet5 study):
+    figures whose lines are coloured by variant draw one legend, right of the panels, each variant once."""
+    from lightning_hessian.report import figures, robustness_figures
+    from lightning_hessian.report.build import load_runs
+    from lightning_hessian.report.tables import report_columns
+
+    drawn = []
+    save = figures._save
+
+    def keep(figure, out_dir: Path, name: str) -> None:
+        drawn.append(figure)
+        save(figure, out_dir, name)
+
+    monkeypatch.setattr(figures, "_save", keep)
+    monkeypatch.setattr(robustness_figures, "_save", keep)
+    runs, _ = load_runs([study[0]])
+    assert figures.plot_training_vs_batch_size(runs, tmp_path, report_columns(runs)) is not None
+    assert robustness_figures.plot_median_norms_vs_batch_size(runs, tmp_path) is not None
+    for figure in drawn:
+        panels = [ax for ax in figure.axes if ax.get_visible()]
+        assert panels and all(ax.get_legend() is None for ax in panels)
+        (legend,) = figure.legends
+        labels = [text.get_text() for text in legend.get_texts()]
+        assert labels == ["standard", "fgsm ε=0.1", "gaussian_noise ε=0.1"]
+        # the panels keep their width: the figure grew by the legend's
+        assert figure.get_figwidth() > 4.8 * min(len(panels), 3)
