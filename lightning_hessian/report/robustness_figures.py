@@ -38,6 +38,8 @@ CLEAN_ACCURACY_TAG = CLEAN_ACC
 def plot_robust_accuracy_vs_epsilon(runs: Sequence[Run], out_dir: Path) -> FigureFile | None:
     """Robust accuracy against epsilon: a panel per (variant, attack, split), a curve per batch size.
 
+    A row per variant, a column per (attack, split).
+
     The clean accuracy (``robust/clean_acc`` at the same split) is drawn at epsilon 0 when the
     attack has no ``eps_0`` tag of its own. All panels share the y axis (0-100 %).
 
@@ -63,7 +65,15 @@ def plot_robust_accuracy_vs_epsilon(runs: Sequence[Run], out_dir: Path) -> Figur
             panels.append((variant, attack, label, by_batch, sorted(tag_eps, key=lambda t: t[1]), clean.get(label)))
     if not panels:
         return None
-    figure, axes = _grid(len(panels), sharey=True)
+    # a row per variant and a column per (attack, split), so that a column compares one attack across
+    # trainings; a cell is left empty where a variant lacks that attack
+    variants = list(dict.fromkeys(panel[0] for panel in panels))
+    attacks = sorted({(panel[1], panel[2]) for panel in panels})
+    figure, grid = _grid(len(variants) * len(attacks), sharey=True, max_columns=len(attacks))
+    cells = [variants.index(panel[0]) * len(attacks) + attacks.index((panel[1], panel[2])) for panel in panels]
+    for index, ax in enumerate(grid):
+        ax.set_visible(index in cells)
+    axes = [grid[cell] for cell in cells]
     colors = _batch_size_colors([b for panel in panels for b in panel[3]])
     for ax, (variant, attack, label, by_batch, tag_eps, clean_tag) in zip(axes, panels, strict=True):
         has_zero = any(eps == 0 for _, eps in tag_eps)
@@ -77,12 +87,12 @@ def plot_robust_accuracy_vs_epsilon(runs: Sequence[Run], out_dir: Path) -> Figur
                     xs, means, yerr=stds, marker="o", markersize=4, capsize=3,
                     color=colors[batch_size], label=_batch_size_label(batch_size),
                 )  # fmt: skip
-        ax.set_title(f"{variant} training, {attack}, {label} samples")
+        ax.set_title(f"{variant} training\n{attack}, {label} samples")
         ax.set_xlabel("ε")
         ax.set_ylabel("robust accuracy (%)")
         ax.set_ylim(-2, 102)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize="small")
+    _figure_legend(figure, axes)
     file_name = "robust_accuracy_vs_epsilon.png"
     _save(figure, out_dir, file_name)
     return FigureFile(

@@ -13,6 +13,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
@@ -454,3 +455,33 @@ def test_variant_figures_draw_one_legend_beside_the_panels(
         assert labels == ["standard", "fgsm ε=0.1", "gaussian_noise ε=0.1"]
         # the panels keep their width: the figure grew by the legend's
         assert figure.get_figwidth() > 4.8 * min(len(panels), 3)
+
+
+def test_robust_accuracy_panels_are_a_variant_by_attack_grid(
+    study: tuple[Path, dict], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A row per training variant, a column per attack: a column compares one attack across trainings,
+    and the batch sizes' legend is drawn once, beside the grid."""
+    from lightning_hessian.report import robustness_figures
+    from lightning_hessian.report.build import load_runs
+
+    drawn = []
+    monkeypatch.setattr(robustness_figures, "_save", lambda figure, out_dir, name: drawn.append(figure))
+    runs, _ = load_runs([study[0]])
+    assert robustness_figures.plot_robust_accuracy_vs_epsilon(runs, tmp_path) is not None
+    (figure,) = drawn
+    panels = [ax for ax in figure.axes if ax.get_visible()]
+    variant_of_row: dict[int, set[str]] = defaultdict(set)
+    attack_of_column: dict[int, set[str]] = defaultdict(set)
+    for ax in panels:
+        variant, attack = ax.get_title().split("\n")
+        spec = ax.get_subplotspec()
+        variant_of_row[spec.rowspan.start].add(variant)
+        attack_of_column[spec.colspan.start].add(attack)
+        assert ax.get_legend() is None
+    assert [variants for _, variants in sorted(variant_of_row.items())] == [
+        {"standard training"}, {"fgsm ε=0.1 training"}, {"gaussian_noise ε=0.1 training"}
+    ]  # fmt: skip
+    assert len(attack_of_column) >= 2 and all(len(attacks) == 1 for attacks in attack_of_column.values())
+    (legend,) = figure.legends
+    assert [text.get_text() for text in legend.get_texts()] == [f"B={b}" for b in BATCH_SIZES]
