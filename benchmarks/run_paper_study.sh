@@ -64,6 +64,8 @@
 #                per seed at B = 128 / 16384 FGSM ~460 / 1,020 s, noise ~320 / 600 s, PGD-5 ~1,020 / 2,700 s,
 #                TRADES-5 ~1,160 / 3,120 s: ~31,000 s CPU, ~4.3 h wall.
 #   softplus     24 runs: 12 at B = 128, ~340 s each, 12 at B = 16384, ~600 s each: ~11,300 s CPU, ~1.6 h wall.
+#                Measured (2026-11-30, lenet5, two sessions, up to three processes side by side): 514-903 s a
+#                run at B = 128, 561-1,348 s at B = 16384 (sweep.json), 17,101 s in all.
 #   interpolate  6 interpolations, ~4 min each (21 alphas, a Lanczos run on 2048 images at each): ~12 min wall.
 #   surface      4 checkpoints x 2 splits x 441 points (and a top-2 Lanczos run): ~2-3 min each (two
 #                side by side: 306 s wall for the recipe's two, measured with the robust stage beside).
