@@ -24,7 +24,8 @@ standard deviations. A claim *holds* when the difference of the means has the di
 predicts and is larger than the sum of the two standard deviations; it is *contradicted* when it
 is that large in the opposite direction; otherwise it is *not decided* (within the seed spread, or
 a side with fewer than two seeds). Correlations and ratios follow the same rule against their
-threshold (0 and :data:`SADDLE_RATIO`). The verdicts are computed, never typed.
+threshold (0 and :data:`SADDLE_RATIO`), which has no spread: the mean must be beyond it by more
+than its one standard deviation. The verdicts are computed, never typed.
 """
 
 from __future__ import annotations
@@ -78,7 +79,11 @@ __all__ = [
 HOLDS = "holds"
 CONTRADICTED = "contradicted"
 NOT_DECIDED = "not decided"
-#: the smallest eigenvalue of a point that is not a saddle: ``λ_min / λ₁`` above this
+#: the smallest eigenvalue of a point that is not a saddle: ``λ_min / λ₁`` above this. A convention:
+#: the Hessian of a finite sample (and of a ReLU network, whose kinks it does not see) has small
+#: negative eigenvalues even at a minimum; a saddle that matters to descent has a negative curvature
+#: of the order of the positive ones, so a most negative curvature under a tenth of the largest is
+#: counted as none.
 SADDLE_RATIO = -0.1
 #: robust training methods (the paper's), and the noise baselines (the reviewers')
 ROBUST_METHODS = ("fgsm", "fgsm_rs", "pgd", "trades")
@@ -87,7 +92,8 @@ RULE = (
     "Each line compares two means over seeds (± their sample standard deviations, n = number of seeds). "
     "**holds**: the difference has the direction the paper predicts and is larger than the sum of the two "
     "standard deviations; **contradicted**: as large in the opposite direction; **not decided**: within the seed "
-    "spread, or fewer than two seeds on a side. A ratio or correlation is compared with its threshold the same way "
+    "spread, or fewer than two seeds on a side. A ratio or correlation is compared with its threshold the same way; "
+    "the threshold has no spread, so the mean must be beyond it by more than its one standard deviation "
     f"(λ_min/λ₁ against {SADDLE_RATIO:g}; a correlation against 0)."
 )
 

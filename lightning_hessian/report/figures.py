@@ -20,11 +20,12 @@ PNGs into ``out_dir`` and returns their :class:`FigureFile` (a list where it dra
 Conventions, for a reviewer comparing panels:
 
 * every caption names the split of the samples behind each curve (``train``, ``test``, ``val``);
-* curves over seeds are the mean with a band (or error bars) of one sample standard deviation;
+* curves over seeds are the mean with a band (or error bars) of one sample standard deviation,
+  or, on the model interpolations' log axes, the mean over each seed's thin line;
 * a y axis is logarithmic where the values of a panel are positive and span a decade or more
   (:func:`use_log_scale`), the batch-size axis always (base 2);
-* panels that are compared share their axes, and 2-D surfaces that are compared share one colour
-  scale and one colour bar.
+* panels that are compared share their axes (one quantity at two splits: :func:`_scale_panels`),
+  and 2-D surfaces that are compared share one colour scale and one colour bar.
 """
 
 from __future__ import annotations
@@ -188,6 +189,29 @@ def use_log_scale(values: Sequence[float] | np.ndarray) -> bool:
     return bool(array.size >= 2 and array.min() > 0 and array.max() / array.min() >= 10)
 
 
+def _quantity(column: Column) -> str:
+    """A column's quantity without its split (``"λ₁(θ), test"`` -> ``"λ₁(θ)"``)."""
+    suffix = f", {column.split}"
+    return column.title[: -len(suffix)] if column.split and column.title.endswith(suffix) else column.title
+
+
+def _scale_panels(panels: Sequence[tuple[str, Axes, Sequence[float]]]) -> None:
+    """Set the y scale of each ``(quantity, axes, plotted means)`` panel: logarithmic by
+    :func:`use_log_scale` of its quantity's values over all its panels, which share their y limits,
+    so that a quantity at two splits (train and test) is read on one axis."""
+    by_quantity: dict[str, list[tuple[Axes, Sequence[float]]]] = defaultdict(list)
+    for quantity, ax, values in panels:
+        by_quantity[quantity].append((ax, values))
+    for members in by_quantity.values():
+        if use_log_scale([v for _, values in members for v in values]):
+            for ax, _ in members:
+                ax.set_yscale("log")
+        if len(members) > 1:
+            lows, highs = zip(*(ax.get_ylim() for ax, _ in members), strict=True)
+            for ax, _ in members:
+                ax.set_ylim(min(lows), max(highs))
+
+
 def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9]+", "_", text).strip("_")
 
@@ -263,6 +287,7 @@ def _plot_columns_vs_batch_size(
         return None
     figure, axes = _grid(len(panels))
     grouped = _group(known)
+    scaled: list[tuple[str, Axes, list[float]]] = []
     for ax, column in zip(axes, panels, strict=True):
         panel_values: list[float] = []
         for position, (variant, by_batch) in enumerate(grouped.items()):
@@ -277,10 +302,10 @@ def _plot_columns_vs_batch_size(
                     xs, means, yerr=stds, marker="o", markersize=4, capsize=3, color=f"C{position % 10}", label=variant
                 )
         _batch_axis(ax, [run.batch_size for run in known])
-        if use_log_scale(panel_values):
-            ax.set_yscale("log")
+        scaled.append((_quantity(column), ax, panel_values))
         ax.set_ylabel(column.title)
         ax.grid(alpha=0.3, which="both")
+    _scale_panels(scaled)
     _figure_legend(figure, axes)
     _save(figure, out_dir, file_name)
     return FigureFile(file_name, title, caption)
@@ -322,7 +347,8 @@ def plot_metrics_vs_batch_size(
     return _plot_columns_vs_batch_size(
         runs, chosen, out_dir, "metrics_vs_batch_size.png", "Final metrics vs batch size",
         "Final values per run, mean ± std over seeds, one line per training variant; each panel names the split of "
-        "the samples (train: the analyses at the end of `fit`; test: `hessian-train test` on the last checkpoint).",
+        "the samples (train: the analyses at the end of `fit`; test: `hessian-train test` on the last checkpoint); a "
+        "quantity's panels at the two splits share their y axis.",
     )  # fmt: skip
 
 
@@ -383,6 +409,7 @@ def plot_metrics_vs_softplus_beta(
     markers = "osD^v<>"
     betas = sorted({beta for by_beta in lines.values() for beta in by_beta})
     figure, axes = _grid(len(panels))
+    scaled: list[tuple[str, Axes, list[float]]] = []
     for ax, column in zip(axes, panels, strict=True):
         scale = 100.0 if column.percent else 1.0
         panel_values: list[float] = []
@@ -406,10 +433,10 @@ def plot_metrics_vs_softplus_beta(
         ax.set_xticks(betas, [f"{beta:g}" for beta in betas])
         ax.xaxis.set_minor_locator(NullLocator())
         ax.set_xlabel("softplus β")
-        if use_log_scale(panel_values):
-            ax.set_yscale("log")
+        scaled.append((_quantity(column), ax, panel_values))
         ax.set_ylabel(column.title)
         ax.grid(alpha=0.3, which="both")
+    _scale_panels(scaled)
     _figure_legend(figure, axes)
     _save(figure, out_dir, "metrics_vs_softplus_beta.png")
     trainings = ", ".join(bases)
@@ -418,5 +445,6 @@ def plot_metrics_vs_softplus_beta(
         f"Networks with softplus_β(x) = log(1 + exp(βx))/β in place of ReLU ({trainings} training): final values "
         "per run, mean ± std over seeds, one line per batch size; dashed: the ReLU network of the same training and "
         "batch size, the limit β → ∞. Each panel names the split of the samples (train: the analyses at the end of "
-        "`fit`; test: `hessian-train test` on the last checkpoint).",
+        "`fit`; test: `hessian-train test` on the last checkpoint); a quantity's panels at the two splits share their "
+        "y axis.",
     )  # fmt: skip

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from matplotlib.axes import Axes
 from matplotlib.colors import LogNorm, Normalize
 
 from lightning_hessian.landscape.evaluation import LossCurve, LossSurface
@@ -88,8 +89,8 @@ def plot_landscapes(runs: Sequence[Run], out_dir: Path) -> list[FigureFile] | No
       (mean ± std over the seeds that share the grid); panels share the y axis, logarithmic when the
       losses span a decade.
     * 2-D: per variant, surface and split, the smallest and the largest batch size side by side
-      (the first seed that has one), on one colour scale (logarithmic when the losses span two
-      decades) with one colour bar.
+      (the first seed that has one), on one colour scale (logarithmic when the losses span a
+      decade) with one colour bar.
 
     Returns:
         The figures (``landscape_curves_*.png``, ``landscape_surface_*.png``), or ``None`` when no
@@ -152,7 +153,7 @@ def plot_landscapes(runs: Sequence[Run], out_dir: Path) -> list[FigureFile] | No
             finite = losses[np.isfinite(losses)]
             if finite.size == 0:
                 continue
-            log = finite.min() > 0 and finite.max() / finite.min() > 100
+            log = use_log_scale(finite)
             norm = LogNorm(finite.min(), finite.max()) if log else Normalize(finite.min(), finite.max())
             levels = (
                 np.geomspace(finite.min(), finite.max(), 21) if log else np.linspace(finite.min(), finite.max(), 21)
@@ -168,8 +169,8 @@ def plot_landscapes(runs: Sequence[Run], out_dir: Path) -> list[FigureFile] | No
                 )  # fmt: skip
                 ax.plot([0], [0], marker="*", color="white", markersize=10)
                 ax.set_title(f"{_batch_size_label(batch_size)}: {name}, {split} samples")
-                ax.set_xlabel(surface.names[0])
-                ax.set_ylabel(surface.names[1])
+                ax.set_xlabel(f"a: step along {surface.names[0]}")
+                ax.set_ylabel(f"b: step along {surface.names[1]}")
             if contour is not None:
                 figure.colorbar(contour, ax=axes, label=f"loss ({split} samples)", format="%.3g")
             file_name = f"landscape_surface_{slug}_{_slug(name)}_{split}.png"
@@ -196,8 +197,9 @@ def plot_interpolations(interpolations: Sequence[Interpolation], out_dir: Path) 
     ``theta(alpha) = (1 - alpha) theta_A + alpha theta_B``, one figure per pair of models.
 
     The seeds of one pair (:func:`~lightning_hessian.report.artifacts.interpolation_title`) give
-    the mean ± std; one line per split of the samples; the loss and eigenvalue axes are
-    logarithmic when they span a decade.
+    the mean (thick) and each seed's curve (thin; a ± std band would be clipped on a log axis
+    where it reaches below 0); one colour per split of the samples; the loss and eigenvalue axes
+    are logarithmic when they span a decade.
 
     Returns:
         One figure per pair (``interpolation_<i>_<title>.png``), or ``None`` when there are no
@@ -216,26 +218,22 @@ def plot_interpolations(interpolations: Sequence[Interpolation], out_dir: Path) 
             values: list[float] = []
             for position, split in enumerate(splits):
                 stack = np.vstack([getattr(item, quantity)[split] for item in same if split in getattr(item, quantity)])
-                mean = stack.mean(axis=0) * (100 if quantity == "accuracy" else 1)
-                std = (stack.std(axis=0, ddof=1) if len(stack) >= 2 else np.zeros_like(mean)) * (
-                    100 if quantity == "accuracy" else 1
-                )
-                values += mean[np.isfinite(mean)].tolist()
-                ax.plot(alphas, mean, linestyle=styles.get(split, ":"), color=f"C{position}", label=f"{split} samples")
-                if len(stack) >= 2:
-                    ax.fill_between(alphas, mean - std, mean + std, color=f"C{position}", alpha=0.2, linewidth=0)
+                stack = stack * (100 if quantity == "accuracy" else 1)
+                mean = stack.mean(axis=0)
+                values += stack[np.isfinite(stack)].tolist()
+                _seed_lines(ax, alphas, stack, color=f"C{position}", linestyle=styles.get(split, ":"))
+                ax.plot(alphas, mean, linestyle=styles.get(split, ":"), color=f"C{position}", linewidth=2,
+                        label=f"{split} samples")  # fmt: skip
             if quantity == "loss" and use_log_scale(values):
                 ax.set_yscale("log")
             ax.set_ylabel("loss" if quantity == "loss" else "accuracy (%)")
         if has_eig:
             stack = np.vstack([item.top_eigenvalue for item in same if item.top_eigenvalue is not None])
             mean = np.nanmean(stack, axis=0)
-            std = np.nanstd(stack, axis=0, ddof=1) if len(stack) >= 2 else np.zeros_like(mean)
             eig_split = next((item.eigenvalue_split for item in same if item.eigenvalue_split), "?")
-            axes[2].plot(alphas, mean, color="C3", marker="o", markersize=3, label=f"{eig_split} samples")
-            if len(stack) >= 2:
-                axes[2].fill_between(alphas, mean - std, mean + std, color="C3", alpha=0.2, linewidth=0)
-            if use_log_scale(mean):
+            _seed_lines(axes[2], alphas, stack, color="C3", linestyle="-")
+            axes[2].plot(alphas, mean, color="C3", marker="o", markersize=3, linewidth=2, label=f"{eig_split} samples")
+            if use_log_scale(stack):
                 axes[2].set_yscale("log")
             axes[2].set_ylabel("top Hessian eigenvalue λ₁(θ(α))")
         for ax in axes:
@@ -258,11 +256,18 @@ def plot_interpolations(interpolations: Sequence[Interpolation], out_dir: Path) 
                 f"Model interpolation: {title}",
                 f"θ(α) = (1 − α) θ_A + α θ_B ({_batch_norm_phrase(same)}) from "
                 "`hessian-landscape interpolate`: "
-                f"loss and accuracy on {_split_phrase(splits)}{eig_note}; mean ± std over {len(same)} pair(s) of runs "
-                "with the same seed.",
+                f"loss and accuracy on {_split_phrase(splits)}{eig_note}; the mean (thick) and each of the {len(same)} "
+                "pair(s) of runs with the same seed (thin).",
             )
         )
     return written or None
+
+
+def _seed_lines(ax: Axes, alphas: np.ndarray, stack: np.ndarray, *, color: str, linestyle: str) -> None:
+    """One thin line per seed (a row of ``stack``), under the mean's thick one; none for one seed."""
+    if len(stack) >= 2:
+        for row in stack:
+            ax.plot(alphas, row, color=color, linestyle=linestyle, linewidth=0.8, alpha=0.45)
 
 
 def _batch_norm_phrase(items: Sequence[Interpolation]) -> str:

@@ -11,6 +11,7 @@ from collections import defaultdict
 from collections.abc import Sequence
 from pathlib import Path
 
+from lightning_hessian.attacks.specs import ATTACKS
 from lightning_hessian.metrics import CLEAN_ACC, MEDIAN_NORM_PATTERN, ROBUST_ACCURACY_PATTERN, parse_split_tag
 from lightning_hessian.report.figures import (
     FigureFile,
@@ -33,6 +34,14 @@ from lightning_hessian.report.tables import epsilon_value
 __all__ = ["plot_median_norms_vs_batch_size", "plot_robust_accuracy_vs_epsilon"]
 
 CLEAN_ACCURACY_TAG = CLEAN_ACC
+# the norm symbol of each attack's epsilon and perturbation
+_NORM_SYMBOL = {"linf": "‖δ‖∞", "l2": "‖δ‖₂"}
+
+
+def _norm_of(attack: str) -> str:
+    """``‖δ‖∞`` or ``‖δ‖₂`` for a known attack, ``‖δ‖`` for one this version does not know."""
+    info = ATTACKS.get(attack)
+    return "‖δ‖" if info is None else _NORM_SYMBOL[info.norm]
 
 
 def plot_robust_accuracy_vs_epsilon(runs: Sequence[Run], out_dir: Path) -> FigureFile | None:
@@ -88,7 +97,7 @@ def plot_robust_accuracy_vs_epsilon(runs: Sequence[Run], out_dir: Path) -> Figur
                     color=colors[batch_size], label=_batch_size_label(batch_size),
                 )  # fmt: skip
         ax.set_title(f"{variant} training\n{attack}, {label} samples")
-        ax.set_xlabel("ε")
+        ax.set_xlabel(f"ε  ({_norm_of(attack)} ≤ ε)")
         ax.set_ylabel("robust accuracy (%)")
         ax.set_ylim(-2, 102)
         ax.grid(alpha=0.3)
@@ -100,7 +109,8 @@ def plot_robust_accuracy_vs_epsilon(runs: Sequence[Run], out_dir: Path) -> Figur
         "Robust accuracy vs ε",
         f"Final `robust/[SPLIT/]ATTACK/eps_E` on {_split_phrase([p[2] for p in panels])} (and the clean accuracy of "
         "the attacked samples at ε=0), mean ± std over seeds; each panel names the split of the attacked samples "
-        "(test: `hessian-train test` on the last checkpoint).",
+        "(test: `hessian-train test` on the last checkpoint) and its x axis the norm ε bounds (L∞ for FGSM and "
+        "`linf_*`, L2 for `l2_*`) in the units of the model's input (pixels in [0, 1] for this project's datasets).",
     )
 
 
@@ -142,7 +152,7 @@ def plot_median_norms_vs_batch_size(runs: Sequence[Run], out_dir: Path) -> Figur
         if use_log_scale(panel_values):
             ax.set_yscale("log")
         ax.set_title(f"{attack}, {split} samples")
-        ax.set_ylabel("median minimal ‖δ‖₂")
+        ax.set_ylabel(f"median minimal {_norm_of(attack)}")
         ax.grid(alpha=0.3, which="both")
     _figure_legend(figure, axes)
     file_name = "median_norms_vs_batch_size.png"
@@ -152,5 +162,7 @@ def plot_median_norms_vs_batch_size(runs: Sequence[Run], out_dir: Path) -> Figur
         "Median minimal adversarial perturbation vs batch size",
         f"Final `robust/[SPLIT/]ATTACK/median_norm` on {_split_phrase([split for _, split in keys])} (DeepFool, "
         "Carlini-Wagner: the median over the attacked samples of the smallest perturbation found, 0 for "
-        "misclassified samples), mean ± std over seeds; larger is more robust; each panel names its split.",
+        "misclassified samples), in the attack's norm (L2 for `l2_*`, L∞ for `linf_*`) and the units of the model's "
+        "input (pixels in [0, 1] for this project's datasets), mean ± std over seeds; larger is more robust; each "
+        "panel names its split.",
     )

@@ -11,6 +11,7 @@ chosen so that each claim has a known verdict.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import math
 from collections import defaultdict
@@ -485,3 +486,55 @@ def test_robust_accuracy_panels_are_a_variant_by_attack_grid(
     assert len(attack_of_column) >= 2 and all(len(attacks) == 1 for attacks in attack_of_column.values())
     (legend,) = figure.legends
     assert [text.get_text() for text in legend.get_texts()] == [f"B={b}" for b in BATCH_SIZES]
+
+
+def test_figures_share_a_quantitys_axis_and_name_the_attack_norm(
+    study: tuple[Path, dict], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What a reviewer compares is drawn on one scale: a quantity at the train and the test split on
+    one y axis, the 2-D surfaces on a log colour scale once the loss spans a decade; the spectral
+    density with one legend and every panel's tick labels; each robust-accuracy
+    panel says which norm ε bounds; an interpolation shows each seed, not a band a log axis clips."""
+    from lightning_hessian.report import figures, landscape_figures, robustness_figures, spectrum_figures
+    from lightning_hessian.report.artifacts import find_interpolations
+    from lightning_hessian.report.build import load_runs
+    from lightning_hessian.report.tables import report_columns
+
+    drawn: dict[str, object] = {}
+    for module in (figures, landscape_figures, robustness_figures, spectrum_figures):
+        monkeypatch.setattr(module, "_save", lambda figure, out_dir, name: drawn.__setitem__(name, figure))
+    runs, _ = load_runs([study[0]])
+    assert figures.plot_metrics_vs_batch_size(runs, tmp_path, report_columns(runs)) is not None
+    panels = {ax.get_ylabel(): ax for ax in drawn["metrics_vs_batch_size.png"].axes if ax.get_visible()}
+    train, test = panels["λ₁(θ), train"], panels["λ₁(θ), test"]
+    assert train.get_ylim() == test.get_ylim() and train.get_yscale() == test.get_yscale()
+    # the test λ₁ is 1.5 x the train one in these runs: apart, each panel would have its own range
+    assert max(line.get_ydata().max() for line in test.lines) > train.get_ylim()[0] * 1.5
+
+    assert robustness_figures.plot_robust_accuracy_vs_epsilon(runs, tmp_path) is not None
+    for ax in (ax for ax in drawn["robust_accuracy_vs_epsilon.png"].axes if ax.get_visible()):
+        attack = ax.get_title().split("\n")[1].split(",")[0]
+        assert ("‖δ‖∞ ≤ ε" if attack in ("fgsm", "linf_pgd") else "‖δ‖₂ ≤ ε") in ax.get_xlabel()
+
+    # four variants: a 2 x 3 grid with two empty cells, above which matplotlib hides shared tick labels
+    extra = [dataclasses.replace(run, variant="softplus") for run in runs if run.variant == "standard"]
+    assert spectrum_figures.plot_spectral_density([*runs, *extra], tmp_path) is not None
+    density = drawn["spectral_density.png"]
+    density_panels = [ax for ax in density.axes if ax.get_visible()]
+    assert all(tick.label1.get_visible() for ax in density_panels for tick in ax.xaxis.get_major_ticks())
+    assert len(density.legends) == 1 and all(ax.get_legend() is None for ax in density_panels)
+
+    assert landscape_figures.plot_landscapes(runs, tmp_path) is not None
+    (surface_name,) = [name for name in drawn if name.startswith("landscape_surface_")]
+    surface_panels = [ax for ax in drawn[surface_name].axes if ax.get_title().startswith("B=")]
+    # the synthetic losses span 0.1 to 3.85 at B = 128: more than a decade, less than two
+    assert surface_panels and all(
+        type(ax.collections[0].norm).__name__ == "LogNorm" and ax.get_xlabel() == "a: step along eig1"
+        for ax in surface_panels
+    )
+
+    assert landscape_figures.plot_interpolations(find_interpolations([study[0]], runs), tmp_path) is not None
+    interpolation = drawn[next(name for name in drawn if name.startswith("interpolation_0"))]
+    eigenvalue_panel = next(ax for ax in interpolation.axes if ax.get_ylabel().startswith("top Hessian"))
+    assert len(eigenvalue_panel.lines) == len(SEEDS) + 1 + 2  # each seed, the mean, and the lines at α = 0, 1
+    assert not eigenvalue_panel.collections  # no ± std band
