@@ -318,6 +318,8 @@ def plot_training_vs_batch_size(runs: Sequence[Run], out_dir: Path, columns: Seq
         runs, chosen, out_dir, "training_vs_batch_size.png", "Training and test accuracy, training loss vs batch size",
         "Final values per run, mean ± std over seeds, one line per training variant. `train loss`/`train acc`: "
         "epoch means over the last epoch's training batches (train mode; perturbed batches under robust training); "
+        "`loss in eval mode`: the loss at the final weights on the landscape analysis's samples, BatchNorm with its "
+        "running statistics; "
         "accuracy: the test split (`test/acc`, else the validation split); epochs and optimizer steps of the saved "
         "model; ‖θ‖₂: the norm of all trainable parameters.",
     )  # fmt: skip

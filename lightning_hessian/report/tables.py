@@ -177,13 +177,16 @@ _CURVATURE = (
     (INPUT_GRAD_NORM, "‖∇ₓJ‖", False, True),
     (SHARPNESS, "ε-sharpness (%)", False, True),
     (curvature_tag("eig1"), "L'' along v₁", False, False),
-    (LANDSCAPE_LOSS, "loss on the landscape sample", False, False),
 )
-#: (key, title, percent, shown) of the training section
+#: (key, title, percent, shown) of the training section. ``train loss`` is the epoch mean over the
+#: last epoch's training batches in train mode (BatchNorm batch statistics, perturbed batches under
+#: robust training); the landscape callback's loss at θ is the end-of-training loss in eval mode on
+#: its fixed samples, the same measurement at every batch size.
 _TRAINING = (
     (EPOCHS_KEY, "epochs", False, True),
     (STEPS_KEY, "steps", False, True),
     (TRAIN_LOSS, "train loss", False, True),
+    (LANDSCAPE_LOSS, "loss in eval mode", False, True),
     (TRAIN_ACC, "train acc (%)", True, True),
     (WEIGHT_NORM, "‖θ‖₂", False, True),
 )
@@ -318,15 +321,25 @@ def report_columns(runs: Sequence[Run]) -> list[Column]:
         splits named in qualified tags), then robustness.
     """
     tags = sorted({tag for run in runs for tag in run.events.scalars})
-    columns: list[Column] = []
-    for key, title, percent, shown in _TRAINING:
-        if _present(runs, key):
-            split = "train" if key in (TRAIN_LOSS, TRAIN_ACC) else None
-            columns.append(Column(key, title, percent, "training", shown, split))
-
     qualified_splits = sorted(
-        {split for tag in tags if (split := parse_split_tag(tag)[0]) is not None}, key=SPLITS.index
+        {named for tag in tags if (named := parse_split_tag(tag)[0]) is not None}, key=SPLITS.index
     )
+    columns: list[Column] = []
+    split: str | None  # of the column being made, in each section below
+    for key, title, percent, shown in _TRAINING:
+        if key == LANDSCAPE_LOSS:
+            # at the landscape callback's split, shown; at the splits of `hessian-train test`, in summary.json
+            fit_split = _fit_split(runs, "landscape")
+            if _present(runs, key):
+                columns.append(Column(key, f"{title}, {fit_split}", percent, "training", shown, fit_split))
+            for other in qualified_splits:
+                if _present(runs, qualified := _qualified(key, other)):
+                    columns.append(Column(qualified, f"{title}, {other}", percent, "training", False, other))
+        elif _present(runs, key):
+            columns.append(
+                Column(key, title, percent, "training", shown, "train" if key in (TRAIN_LOSS, TRAIN_ACC) else None)
+            )
+
     eigen_indices = sorted(
         {int(m.group(1)) for tag in tags if (m := EIGENVALUE_PATTERN.match(parse_split_tag(tag)[1]))}
     )

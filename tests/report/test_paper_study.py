@@ -77,6 +77,7 @@ def _values(batch_size: int, seed: int, method: str, beta: float | None = None) 
         metrics.INPUT_GRAD_NORM: 0.5 + 0.1 * level + 0.01 * seed,
         metrics.SHARPNESS: 1.0 + level,
         metrics.TRAIN_LOSS: 0.05 + 0.05 * level + 0.001 * seed,
+        metrics.LANDSCAPE_LOSS: 0.06 + 0.05 * level + 0.001 * seed,
         metrics.TRAIN_ACC: 0.98 - 0.02 * level,
         metrics.WEIGHT_NORM: 30.0 + level,
         metrics.TEST_ACC: 0.90 - 0.001 * level + 0.02 * (seed - 1),
@@ -217,6 +218,8 @@ def test_every_element_of_the_paper_is_a_column_naming_its_split(report) -> None
         "hessian/test/input_grad_norm": "‖∇ₓJ‖, test",
         "hessian/test/eig_1": "λ₁(θ), test",
         "train/loss": "train loss",
+        # the end-of-training loss in eval mode on the landscape callback's samples, beside the epoch mean
+        "landscape/loss": "loss in eval mode, train",
         "train/acc": "train acc (%)",
         "model/weight_norm": "‖θ‖₂",
         "run/epochs": "epochs",
@@ -229,6 +232,8 @@ def test_every_element_of_the_paper_is_a_column_naming_its_split(report) -> None
         assert titles[key] == title, key
     shown = {column["key"] for column in summary["columns"] if column["shown"]}
     assert "hessian/eig_10" in shown and "hessian/eig_5" not in shown  # λ₂..λ₉ in summary.json only
+    sections = {column["key"]: column["section"] for column in summary["columns"]}
+    assert sections["landscape/loss"] == "training" and "landscape/loss" in shown
     standard = next(table for table in summary["tables"] if table["variant"] == "standard")
     row = next(r for r in standard["rows"] if r["batch_size"] == 16384)
     assert row["metrics"]["hessian/eig_5"]["n"] == 3
