@@ -19,6 +19,11 @@ it needs:
    large-batch model the large-batch end has the larger top eigenvalue; from a standard to a
    robustly trained model the robust end the smaller.
 
+Under each variant's claims, context lines compared by no rule (:data:`_CONTEXT`): the training
+loss reached (equal losses separate batch size from under-training) and ``λ₁(θ)`` over the
+optimizer's stability limit at the last step (near 1, the learning rate holds ``λ₁(θ)`` at the edge
+of stability, whatever the batch size).
+
 **The rule** (:data:`RULE`): the two numbers compared are means over seeds with their sample
 standard deviations. A claim *holds* when the difference of the means has the direction the paper
 predicts and is larger than the sum of the two standard deviations; it is *contradicted* when it
@@ -44,6 +49,7 @@ from lightning_hessian.metrics import (
     INPUT_GRAD_NORM,
     MEDIAN_NORM_PATTERN,
     ROBUST_ACCURACY_PATTERN,
+    STABILITY,
     TOP_EIGENVALUE,
     TRACE,
     TRAIN_LOSS,
@@ -278,6 +284,39 @@ def _spearman(x: Sequence[float], y: Sequence[float]) -> float | None:
     return float(np.corrcoef(rx, ry)[0, 1])
 
 
+#: (unqualified tag, words) of the context lines under each variant's claims: what a reader needs to
+#: weigh the comparison, compared by no rule
+_CONTEXT = (
+    (TRAIN_LOSS, "the training loss reached: equal losses separate batch size from under-training"),
+    (
+        STABILITY,
+        "λ₁(θ) over the optimizer's stability limit at the last step: near 1 or above, the learning rate holds "
+        "λ₁(θ) at the edge of stability",
+    ),
+)
+
+
+def _context_claims(table: VariantTable, columns: Sequence[Column]) -> list[Claim]:
+    """The :data:`_CONTEXT` lines of one variant: smallest against largest batch, verdict ``"context"``."""
+    claims = []
+    for base, words in _CONTEXT:
+        column = _column(columns, base, ("train", "val", "test"))
+        if column is None or (ends := _ends(table, column.key)) is None:
+            continue
+        low, high = ends
+        a, b = _values(low, column.key), _values(high, column.key)
+        claims.append(
+            Claim(
+                f"(Context, not a claim of the paper) {words}",
+                f"{table.variant}, {column.split} samples",
+                f"B={low.batch_size}: {_fmt(a)} vs B={high.batch_size}: {_fmt(b)}",
+                "context",
+                {"key": column.key, "a": a, "b": b},
+            )
+        )
+    return claims
+
+
 def batch_size_claims(table: VariantTable, columns: Sequence[Column]) -> list[Claim]:
     """Claims 1-4 in one variant: its largest batch size against its smallest.
 
@@ -411,20 +450,8 @@ def batch_size_claims(table: VariantTable, columns: Sequence[Column]) -> list[Cl
                 )
             )
 
-    train_loss = next((c for c in columns if c.key == TRAIN_LOSS), None)
-    if train_loss is not None and (ends := _ends(table, TRAIN_LOSS)) is not None and claims:
-        low, high = ends
-        claims.append(
-            Claim(
-                "(Context, not a claim of the paper) the training loss reached: equal losses separate batch size "
-                "from under-training",
-                f"{variant}, train samples",
-                f"B={low.batch_size}: {_fmt(_values(low, TRAIN_LOSS))}"
-                f" vs B={high.batch_size}: {_fmt(_values(high, TRAIN_LOSS))}",
-                "context",
-                {"key": TRAIN_LOSS, "a": _values(low, TRAIN_LOSS), "b": _values(high, TRAIN_LOSS)},
-            )
-        )
+    if claims:
+        claims += _context_claims(table, columns)
     return claims
 
 

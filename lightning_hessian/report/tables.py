@@ -9,8 +9,9 @@ and names the split of the samples it was computed on. Columns are grouped in th
   on, in train mode), ``model/weight_norm``;
 * ``curvature``: ``hessian/eig_1`` ... ``hessian/eig_k`` (the table shows the first and the
   last; all are in ``summary.json``), ``hessian/eig_min`` and the ratio ``eig_min / eig_1`` (a
-  saddle point has a negative ratio of order one), ``hessian/trace``, the input-space
-  ``hessian/input_eig_1`` and ``hessian/input_grad_norm``, ``landscape/sharpness``;
+  saddle point has a negative ratio of order one), ``hessian/stability`` (λ₁ over the optimizer's
+  stability limit at the last step, 2(1 + momentum)/lr for SGD: at 1 the edge of stability),
+  ``hessian/trace``, the input-space ``hessian/input_eig_1`` and ``hessian/input_grad_norm``, ``landscape/sharpness``;
 * ``robustness``: the accuracy (``test/acc``, else ``val/acc``), ``robust/ATTACK/eps_E`` and
   ``robust/ATTACK/median_norm`` (DeepFool, CW).
 
@@ -47,6 +48,7 @@ from lightning_hessian.metrics import (
     ROBUST_ACCURACY_PATTERN,
     SHARPNESS,
     SPLITS,
+    STABILITY,
     TEST_ACC,
     TOP_EIGENVALUE,
     TRACE,
@@ -172,6 +174,7 @@ _CURVATURE = (
     (TOP_EIGENVALUE, "λ₁(θ)", False, True),
     (EIG_MIN, "λ_min(θ)", False, True),
     (ratio_key(EIG_MIN, TOP_EIGENVALUE), "λ_min/λ₁", False, True),
+    (STABILITY, "λ₁/stability limit", False, True),
     (TRACE, "trace", False, True),
     (INPUT_EIG_1, "λ₁(x)", False, True),
     (INPUT_GRAD_NORM, "‖∇ₓJ‖", False, True),

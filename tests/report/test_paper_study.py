@@ -76,6 +76,7 @@ def _values(batch_size: int, seed: int, method: str, beta: float | None = None) 
         metrics.INPUT_EIG_1: 1.0 + level + 0.1 * seed,
         metrics.INPUT_GRAD_NORM: 0.5 + 0.1 * level + 0.01 * seed,
         metrics.SHARPNESS: 1.0 + level,
+        metrics.STABILITY: top * 0.02 / 3.8,  # lr 0.02, momentum 0.9
         metrics.TRAIN_LOSS: 0.05 + 0.05 * level + 0.001 * seed,
         metrics.LANDSCAPE_LOSS: 0.06 + 0.05 * level + 0.001 * seed,
         metrics.TRAIN_ACC: 0.98 - 0.02 * level,
@@ -213,6 +214,7 @@ def test_every_element_of_the_paper_is_a_column_naming_its_split(report) -> None
         "hessian/eig_min": "λ_min(θ), train",
         "ratio:hessian/eig_min:hessian/eig_1": "λ_min/λ₁, train",
         "hessian/trace": "trace, train",
+        "hessian/stability": "λ₁/stability limit, train",
         "hessian/input_eig_1": "λ₁(x), train",
         "hessian/test/input_eig_1": "λ₁(x), test",
         "hessian/test/input_grad_norm": "‖∇ₓJ‖, test",
@@ -287,6 +289,15 @@ def test_claims_are_judged_by_the_stated_rule(report, study) -> None:
         [finals[("fgsm ε=0.1", 128, s)]["hessian/eig_1"] for s in SEEDS]
     )
     assert summary["claims_rule"].startswith("Each line compares two means over seeds")
+
+    # context lines under each variant's claims: the training loss and the stability ratio, both ends
+    for key in (metrics.TRAIN_LOSS, metrics.STABILITY):
+        (context,) = [
+            c for c in summary["claims"] if c["numbers"].get("key") == key and "standard, train" in c["setting"]
+        ]
+        assert context["verdict"] == "context" and context["claim"].startswith("(Context, not a claim of the paper)")
+        assert context["numbers"]["a"] == pytest.approx([finals[("standard", 128, s)][key] for s in SEEDS], rel=1e-6)
+        assert context["numbers"]["b"] == pytest.approx([finals[("standard", 16384, s)][key] for s in SEEDS], rel=1e-6)
 
 
 def test_figures_and_files_for_a_reviewer(report) -> None:
