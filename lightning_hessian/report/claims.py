@@ -65,6 +65,7 @@ from lightning_hessian.report.tables import (
     column_value,
     epsilon_value,
     ratio_key,
+    unqualified_key,
 )
 
 __all__ = [
@@ -192,17 +193,9 @@ def _values(row: TableRow, key: str) -> list[float]:
     return [v for run in row.runs if (v := column_value(run, key)) is not None and math.isfinite(v)]
 
 
-def _base(key: str) -> str:
-    """A column key without its split qualifier (for a ratio, both tags unqualified)."""
-    if key.startswith("ratio:"):
-        numerator, denominator = key[len("ratio:") :].split(":", 1)
-        return ratio_key(parse_split_tag(numerator)[1], parse_split_tag(denominator)[1])
-    return parse_split_tag(key)[1]
-
-
 def _column(columns: Sequence[Column], base: str, prefer: Sequence[str]) -> Column | None:
     """The column of an unqualified tag (or ratio key) at the first available split of ``prefer``."""
-    candidates = [column for column in columns if _base(column.key) == base]
+    candidates = [column for column in columns if unqualified_key(column.key) == base]
     for split in prefer:
         for column in candidates:
             if column.split == split:
@@ -256,7 +249,7 @@ def _chosen_epsilon(
     if not options:
         return None
     # the clean accuracy of the same attacked samples, else the model's accuracy
-    clean_key = next((c.key for c in columns if c.split == split and _base(c.key) == CLEAN_ACC), ACCURACY_KEY)
+    clean_key = next((c.key for c in columns if c.split == split and unqualified_key(c.key) == CLEAN_ACC), ACCURACY_KEY)
     clean_values = _values(low, clean_key)
     clean = float(np.mean(clean_values)) if clean_values else 1.0
     return min(options, key=lambda item: (abs(item[1] - clean / 2), item[2]))[0]

@@ -44,10 +44,11 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from matplotlib.ticker import NullLocator
 
-from lightning_hessian.metrics import MEDIAN_NORM_PATTERN, SPLITS, parse_split_tag
+from lightning_hessian.metrics import EIG_MIN, MEDIAN_NORM_PATTERN, SPLITS, STABILITY, TOP_EIGENVALUE, parse_split_tag
+from lightning_hessian.report.claims import SADDLE_RATIO
 from lightning_hessian.report.events import RunEvents, ScalarPoint
 from lightning_hessian.report.runs import Run, softplus_variant
-from lightning_hessian.report.tables import Column, column_value, variant_order
+from lightning_hessian.report.tables import Column, column_value, ratio_key, unqualified_key, variant_order
 
 __all__ = [
     "FigureFile",
@@ -277,6 +278,11 @@ def _curve(run: Run, tag: str) -> tuple[list[float], list[float], bool]:
 # ------------------------------------------------------------------------------- against batch size
 
 
+#: quantity -> the threshold a reader compares it with, drawn as a dotted line: the saddle
+#: convention of the claims, and the optimizer's stability limit (above 1, the edge of stability)
+REFERENCE_LINES: dict[str, float] = {ratio_key(EIG_MIN, TOP_EIGENVALUE): SADDLE_RATIO, STABILITY: 1.0}
+
+
 def _plot_columns_vs_batch_size(
     runs: Sequence[Run], columns: Sequence[Column], out_dir: Path, file_name: str, title: str, caption: str
 ) -> FigureFile | None:
@@ -301,6 +307,9 @@ def _plot_columns_vs_batch_size(
                 ax.errorbar(
                     xs, means, yerr=stds, marker="o", markersize=4, capsize=3, color=f"C{position % 10}", label=variant
                 )
+        if panel_values and (reference := REFERENCE_LINES.get(unqualified_key(column.key))) is not None:
+            ax.axhline(reference, color="0.35", linestyle=":", linewidth=1.2)
+            panel_values.append(reference)
         _batch_axis(ax, [run.batch_size for run in known])
         scaled.append((_quantity(column), ax, panel_values))
         ax.set_ylabel(column.title)
@@ -350,7 +359,9 @@ def plot_metrics_vs_batch_size(
         runs, chosen, out_dir, "metrics_vs_batch_size.png", "Final metrics vs batch size",
         "Final values per run, mean ± std over seeds, one line per training variant; each panel names the split of "
         "the samples (train: the analyses at the end of `fit`; test: `hessian-train test` on the last checkpoint); a "
-        "quantity's panels at the two splits share their y axis.",
+        "quantity's panels at the two splits share their y axis; dotted: the thresholds the claims and the reader "
+        f"compare with (λ_min/λ₁ = {SADDLE_RATIO:g}, the saddle-point convention; λ₁/stability limit = 1, the edge of "
+        "stability).",
     )  # fmt: skip
 
 

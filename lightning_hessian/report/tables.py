@@ -80,6 +80,7 @@ __all__ = [
     "run_accuracy",
     "summarize_runs",
     "tag_split",
+    "unqualified_key",
     "variant_order",
 ]
 
@@ -295,6 +296,19 @@ def column_value(run: Run, key: str) -> float | None:
             return None
         return top / bottom
     return run.events.final(key)
+
+
+def unqualified_key(key: str) -> str:
+    """A column key without its split qualifier: the quantity the column shows at one split.
+
+    Returns:
+        ``key`` with its split removed (``hessian/test/eig_1`` -> ``hessian/eig_1``; for a
+        :func:`ratio_key`, from both tags).
+    """
+    if key.startswith(_RATIO_PREFIX):
+        numerator, denominator = key[len(_RATIO_PREFIX) :].split(":", 1)
+        return ratio_key(parse_split_tag(numerator)[1], parse_split_tag(denominator)[1])
+    return parse_split_tag(key)[1]
 
 
 def _qualified(tag: str, split: str) -> str:

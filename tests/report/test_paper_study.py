@@ -510,7 +510,8 @@ def test_figures_share_a_quantitys_axis_and_name_the_attack_norm(
     """What a reviewer compares is drawn on one scale: a quantity at the train and the test split on
     one y axis, the 2-D surfaces on a log colour scale once the loss spans a decade; the spectral
     density with one legend and every panel's tick labels; each robust-accuracy
-    panel says which norm ε bounds; an interpolation shows each seed, not a band a log axis clips."""
+    panel says which norm ε bounds; an interpolation shows each seed, not a band a log axis clips; the
+    thresholds of λ_min/λ₁ and of the stability ratio are drawn in their panels."""
     from lightning_hessian.report import figures, landscape_figures, robustness_figures, spectrum_figures
     from lightning_hessian.report.artifacts import find_interpolations
     from lightning_hessian.report.build import load_runs
@@ -526,6 +527,11 @@ def test_figures_share_a_quantitys_axis_and_name_the_attack_norm(
     assert train.get_ylim() == test.get_ylim() and train.get_yscale() == test.get_yscale()
     # the test λ₁ is 1.5 x the train one in these runs: apart, each panel would have its own range
     assert max(line.get_ydata().max() for line in test.lines) > train.get_ylim()[0] * 1.5
+    # the thresholds a reader compares with, dotted: the saddle convention and the edge of stability
+    for title, threshold in (("λ_min/λ₁, train", -0.1), ("λ₁/stability limit, train", 1.0)):
+        dotted = [line for line in panels[title].lines if line.get_linestyle() == ":"]
+        assert [tuple(line.get_ydata()) for line in dotted] == [(threshold, threshold)], title
+        assert panels[title].get_ylim()[0] < threshold < panels[title].get_ylim()[1]
 
     assert robustness_figures.plot_robust_accuracy_vs_epsilon(runs, tmp_path) is not None
     for ax in (ax for ax in drawn["robust_accuracy_vs_epsilon.png"].axes if ax.get_visible()):
