@@ -37,3 +37,18 @@ def test_the_wall_times_are_the_logged_ones() -> None:
     assert quoted, "the Results section quotes no stage wall times"
     for stage, seconds in quoted:
         assert int(seconds.replace(",", "")) in logged.get(stage, set()), (stage, seconds, logged)
+
+
+def test_every_table_of_the_results_section_has_its_header() -> None:
+    """A block of table rows without a header and a ``| --- |`` line renders as plain text."""
+    blocks: list[list[str]] = [[]]
+    for line in _results_section().splitlines():
+        if line.startswith("|"):
+            blocks[-1].append(line)
+        elif blocks[-1]:
+            blocks.append([])
+    tables = [block for block in blocks if block]
+    assert tables
+    for block in tables:
+        assert len(block) >= 3 and set(block[1].replace("|", "").split()) == {"---"}, block[0]
+        assert block[1].count("|") == block[0].count("|"), block[0]
