@@ -17,6 +17,11 @@ Hessian (``torch.autograd.functional.hessian``, float64) and compares its extrem
 prints a Markdown table and writes the numbers as JSON. A sample counts as "negative" when its
 smallest eigenvalue is below ``-rel_tol`` times the run's mean largest eigenvalue (float64 Lanczos
 on an exactly PSD matrix returns round-off of about 1e-15).
+
+Incremental: a run already in ``--out`` (measured with the same settings) keeps its row and needs no
+checkpoint, so a study continued on another machine, whose earlier runs were restored without their
+checkpoints, measures only its new runs (``--redo`` measures every run with a checkpoint again). A run
+with neither a row nor a checkpoint is named on stderr and the exit status is 1.
 """
 
 from __future__ import annotations
@@ -49,11 +54,22 @@ def _runs(root: Path, all_seeds: bool) -> list[tuple[Path, dict]]:
     return found
 
 
-def _checkpoint(run_dir: Path) -> Path:
+def _checkpoint(run_dir: Path) -> Path | None:
+    """The run's last checkpoint, or None when it has none (a run restored from the study's records)."""
     checkpoints = sorted((run_dir / "checkpoints").glob("*.ckpt"), key=lambda p: (p.stat().st_mtime, p.name))
-    if not checkpoints:
-        raise FileNotFoundError(f"no checkpoint in {run_dir / 'checkpoints'}")
-    return checkpoints[-1]
+    return checkpoints[-1] if checkpoints else None
+
+
+def _previous_rows(out: Path, settings: dict) -> dict[str, dict]:
+    """The rows of an earlier ``--out`` measured with ``settings``, by run directory; none otherwise."""
+    if not out.is_file():
+        return {}
+    previous = json.loads(out.read_text())
+    if previous.get("settings") != settings:
+        print(f"{out}: measured with other settings {previous.get('settings')}; every run is measured again",
+              file=sys.stderr)  # fmt: skip
+        return {}
+    return {row["run"]: row for row in previous.get("runs", [])}
 
 
 def _exact_extremes(model: torch.nn.Module, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
@@ -70,6 +86,83 @@ def _exact_extremes(model: torch.nn.Module, x: Tensor, y: Tensor) -> tuple[Tenso
         lows.append(eigenvalues[0])
         highs.append(eigenvalues[-1])
     return torch.stack(lows), torch.stack(highs)
+
+
+def _test_samples(data_dir: str, num_samples: int) -> tuple[Tensor, Tensor]:
+    """``num_samples`` Fashion-MNIST test images and labels, the same ones for every run (seed 0)."""
+    data = FashionMNIST(data_dir=data_dir, batch_size=num_samples, augment=False)
+    data.setup("test")
+    assert data.test_dataset is not None
+    indices = torch.randperm(len(data.test_dataset), generator=torch.Generator().manual_seed(0))[:num_samples]
+    return data.test_dataset.batch(indices)
+
+
+def _measure(run_dir: Path, record: dict, checkpoint: Path, x: Tensor, y: Tensor, args: argparse.Namespace) -> dict:
+    """The row of one run: the extreme input-Hessian eigenvalues of its model on ``x``."""
+    hparams = yaml.safe_load((run_dir / "hparams.yaml").read_text())
+    model = ImageClassifier.load_from_checkpoint(checkpoint, map_location="cpu")
+    start = time.perf_counter()
+    curvature = input_curvature(
+        model, F.cross_entropy, x, y, smallest=True, batch_size=len(x), tol=1e-6,
+        max_steps=args.max_steps, dtype=torch.float64,
+    )  # fmt: skip
+    seconds = time.perf_counter() - start
+    assert curvature.smallest is not None
+    largest = curvature.largest.eigenvalues
+    smallest = curvature.smallest.eigenvalues
+    # relative to the run's mean largest eigenvalue: a very confident sample has an input
+    # Hessian of about 0 whose float64 round-off (~1e-15) is not a negative curvature
+    negative = smallest < -args.rel_tol * float(largest.abs().mean())
+    activation = hparams["activation"]
+    if activation == "softplus":
+        activation = f"softplus(beta={hparams['softplus_beta']:g})"
+    adversarial = hparams.get("adversarial") or {}
+    training = adversarial.get("method", "none")
+    if training != "none":
+        training = f"{training} eps={adversarial.get('epsilon'):g}"
+    row = {
+        "run": str(run_dir),
+        "activation": activation,
+        "training": training,
+        "batch_size": record["batch_size"],
+        "seed": record["seed"],
+        "num_samples": len(smallest),
+        "mean_lambda_max": float(largest.mean()),
+        "mean_lambda_min": float(smallest.mean()),
+        "min_lambda_min": float(smallest.min()),
+        "max_lambda_min": float(smallest.max()),
+        "fraction_negative": float(negative.double().mean()),
+        "converged_smallest": float(curvature.smallest.converged.double().mean()),
+        "converged_largest": float(curvature.largest.converged.double().mean()),
+        "seconds": seconds,
+    }
+    if args.exact_check > 0:
+        k = min(args.exact_check, len(smallest))
+        exact_low, exact_high = _exact_extremes(model, x[:k], y[:k])
+        scale = exact_high.abs().clamp_min(1e-12)
+        row["exact_check"] = {
+            "samples": k,
+            "exact_lambda_min": exact_low.tolist(),
+            "exact_lambda_max": exact_high.tolist(),
+            "max_rel_error_min": float(((smallest[:k] - exact_low).abs() / scale).max()),
+            "max_rel_error_max": float(((largest[:k] - exact_high).abs() / scale).max()),
+        }
+    return row
+
+
+def _table_row(row: dict, run_dir: Path) -> str:
+    """The Markdown line of one run."""
+    exact = row.get("exact_check")
+    return (
+        f"| {run_dir.parent.name}/{run_dir.name} | {row['activation']} | {row['training']} | {row['batch_size']} | "
+        f"{row['mean_lambda_max']:.4g} | {row['mean_lambda_min']:.3g} | {row['min_lambda_min']:.3g} | "
+        f"{100 * row['fraction_negative']:.1f}% | {row['seconds']:.1f} |"
+        + (
+            f" {exact['max_rel_error_min']:.1e}, {exact['max_rel_error_max']:.1e} ({exact['samples']} samples) |"
+            if exact
+            else " - |"
+        )
+    )
 
 
 def _group_order(activation: str, training: str) -> tuple[int, float, int, str]:
@@ -93,86 +186,41 @@ def main(argv: list[str] | None = None) -> int:
         help="also form the exact float64 input Hessian of this many samples per run and compare (default: 2)",
     )  # fmt: skip
     parser.add_argument("--data-dir", default="data")
+    parser.add_argument(
+        "--redo", action="store_true", help="measure every run with a checkpoint again, also those already in --out"
+    )
     args = parser.parse_args(argv)
 
     runs = _runs(Path(args.root), args.all_seeds)
     if not runs:
         print(f"no finished sweep runs below {args.root}", file=sys.stderr)
         return 1
-    data = FashionMNIST(data_dir=args.data_dir, batch_size=args.num_samples, augment=False)
-    data.setup("test")
-    assert data.test_dataset is not None
-    indices = torch.randperm(len(data.test_dataset), generator=torch.Generator().manual_seed(0))[: args.num_samples]
-    x, y = data.test_dataset.batch(indices)
+    out = Path(args.out)
+    settings = {"num_samples": args.num_samples, "max_steps": args.max_steps, "rel_tol": args.rel_tol,
+                "dtype": "float64", "split": "test", "sample_seed": 0}  # fmt: skip
+    previous = _previous_rows(out, settings)
+    samples: tuple[Tensor, Tensor] | None = None  # the test images, loaded when a run needs measuring
 
-    rows = []
+    rows, missing = [], []
     print(
         "| run | activation | training | batch | mean λ_max(x) | mean λ_min(x) | min λ_min(x) | "
         f"samples with λ_min < -{args.rel_tol:g} mean λ_max | seconds | exact check: rel. error of λ_min, λ_max |"
     )
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for run_dir, record in runs:
-        hparams = yaml.safe_load((run_dir / "hparams.yaml").read_text())
-        model = ImageClassifier.load_from_checkpoint(_checkpoint(run_dir), map_location="cpu")
-        start = time.perf_counter()
-        curvature = input_curvature(
-            model, F.cross_entropy, x, y, smallest=True, batch_size=args.num_samples, tol=1e-6,
-            max_steps=args.max_steps, dtype=torch.float64,
-        )  # fmt: skip
-        seconds = time.perf_counter() - start
-        assert curvature.smallest is not None
-        largest = curvature.largest.eigenvalues
-        smallest = curvature.smallest.eigenvalues
-        # relative to the run's mean largest eigenvalue: a very confident sample has an input
-        # Hessian of about 0 whose float64 round-off (~1e-15) is not a negative curvature
-        negative = smallest < -args.rel_tol * float(largest.abs().mean())
-        activation = hparams["activation"]
-        if activation == "softplus":
-            activation = f"softplus(beta={hparams['softplus_beta']:g})"
-        adversarial = hparams.get("adversarial") or {}
-        training = adversarial.get("method", "none")
-        if training != "none":
-            training = f"{training} eps={adversarial.get('epsilon'):g}"
-        row = {
-            "run": str(run_dir),
-            "activation": activation,
-            "training": training,
-            "batch_size": record["batch_size"],
-            "seed": record["seed"],
-            "num_samples": len(smallest),
-            "mean_lambda_max": float(largest.mean()),
-            "mean_lambda_min": float(smallest.mean()),
-            "min_lambda_min": float(smallest.min()),
-            "max_lambda_min": float(smallest.max()),
-            "fraction_negative": float(negative.double().mean()),
-            "converged_smallest": float(curvature.smallest.converged.double().mean()),
-            "converged_largest": float(curvature.largest.converged.double().mean()),
-            "seconds": seconds,
-        }
-        if args.exact_check > 0:
-            k = min(args.exact_check, len(smallest))
-            exact_low, exact_high = _exact_extremes(model, x[:k], y[:k])
-            scale = exact_high.abs().clamp_min(1e-12)
-            row["exact_check"] = {
-                "samples": k,
-                "exact_lambda_min": exact_low.tolist(),
-                "exact_lambda_max": exact_high.tolist(),
-                "max_rel_error_min": float(((smallest[:k] - exact_low).abs() / scale).max()),
-                "max_rel_error_max": float(((largest[:k] - exact_high).abs() / scale).max()),
-            }
+        row = previous.get(str(run_dir))
+        checkpoint = _checkpoint(run_dir) if row is None or args.redo else None
+        if checkpoint is not None:
+            if samples is None:
+                samples = _test_samples(args.data_dir, args.num_samples)
+            row = _measure(run_dir, record, checkpoint, *samples, args)
+        elif row is None:
+            missing.append(run_dir)
+            continue
+        elif args.redo:
+            print(f"{run_dir}: no checkpoint to measure again, its row in {out} is kept", file=sys.stderr)
         rows.append(row)
-        print(
-            f"| {run_dir.parent.name}/{run_dir.name} | {activation} | {training} | {record['batch_size']} | "
-            f"{row['mean_lambda_max']:.4g} | {row['mean_lambda_min']:.3g} | {row['min_lambda_min']:.3g} | "
-            f"{100 * row['fraction_negative']:.1f}% | {seconds:.1f} |"
-            + (
-                f" {row['exact_check']['max_rel_error_min']:.1e}, {row['exact_check']['max_rel_error_max']:.1e}"
-                f" ({row['exact_check']['samples']} samples) |"
-                if "exact_check" in row
-                else " - |"
-            ),
-            flush=True,
-        )
+        print(_table_row(row, run_dir), flush=True)
     # one line per activation and training: is any sample's input Hessian indefinite?
     groups: dict[tuple[str, str], list[dict]] = {}
     for row in rows:
@@ -188,13 +236,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"| {activation} | {training} | {len(members)} | {samples} | {mean_max:.3g} | "
               f"{min(m['min_lambda_min'] for m in members):.3g} | {max(m['max_lambda_min'] for m in members):.3g} | "
               f"{100 * negative / samples:.1f}% |")  # fmt: skip
-    out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    settings = {"num_samples": args.num_samples, "max_steps": args.max_steps, "rel_tol": args.rel_tol,
-                "dtype": "float64", "split": "test", "sample_seed": 0}  # fmt: skip
     out.write_text(json.dumps({"settings": settings, "runs": rows}, indent=2) + "\n")
     print(f"wrote {out}", file=sys.stderr)  # stderr: stdout is the Markdown table the study script keeps
-    return 0
+    for run_dir in missing:
+        print(f"{run_dir}: not measured, no checkpoint in {run_dir / 'checkpoints'} and no row in {out}; delete "
+              f"{run_dir} and rerun its sweep to train it again", file=sys.stderr)  # fmt: skip
+    return 1 if missing else 0
 
 
 if __name__ == "__main__":

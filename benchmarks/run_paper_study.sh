@@ -15,11 +15,19 @@
 #
 # Outputs: runs/paper_study/NET/ (TensorBoard runs, one folder per sweep, lane logs, interpolations,
 # report; not tracked) and docs/results/paper_study_NET/ (report.md, summary.json, runs.csv, the PNG
-# figures, input_hessian_psd.{json,md}, wall_times.log; tracked). Resumable: hessian-sweep skips runs
-# whose sweep.json says finished and continues a run that was killed from its last checkpoint (an epoch's
-# work at most is lost), so a killed study continues where it stopped when rerun with the same arguments;
-# the interpolate and surface stages keep what they made before (REDO=1 redoes it), psd and report
-# redo their (short) work.
+# figures, input_hessian_psd.{json,md}, wall_times.log, records/; tracked). Resumable: hessian-sweep skips
+# runs whose sweep.json says finished and continues a run that was killed from its last checkpoint (an
+# epoch's work at most is lost), so a killed study continues where it stopped when rerun with the same
+# arguments; the interpolate and surface stages keep what they made before (REDO=1 redoes it), psd
+# measures only runs it has not measured, report redoes its (short) work.
+#
+# A study outlives the machine: records/ holds every finished run without its checkpoints (event files,
+# sweep.json, config, landscapes) and the interpolations, and is copied back into runs/ when the script
+# starts, so that a study continued on another machine (after committing records/) skips what finished
+# and reports it. What needs a run's checkpoint is done as soon as it exists, in the lane after every
+# run: the input-Hessian PSD check of the new run, and the interpolations and surfaces whose
+# checkpoints are all there. A pair whose checkpoint was lost with the machine needs that run trained
+# again (delete its folder in runs/ and in records/, rerun its stage).
 #
 # What runs (the recipe: configs/paper_fashion_mnist_NET.yaml, the authors' HessianFlow settings: SGD
 # with momentum 0.9, learning rate 0.02 at every batch size, step decay x0.2, no weight decay, no
@@ -129,6 +137,7 @@ SOFTPLUS_BATCH_SIZES=${SOFTPLUS_BATCH_SIZES:-$B_MIN $B_MAX}
 CONTROL_MAX_EPOCHS=${CONTROL_MAX_EPOCHS:-$DEFAULT_CAP}
 ROOT=runs/paper_study/$NET
 DOCS=docs/results/paper_study_$NET
+RECORDS=$DOCS/records
 STAGES=${*:-recipe control robust softplus interpolate surface psd report}
 if [ "$DRY_RUN" = 1 ]; then
     LOGS=$(mktemp -d)   # queues and lane logs of a dry run: nothing is written into runs/ or docs/
@@ -207,6 +216,7 @@ lane() {
         [ -z "$job" ] && break
         echo "== $(date -u +%FT%TZ) hessian-sweep$job" >> "$log"
         eval "$SWEEP $job" >> "$log" 2>&1 || failed=1
+        after_run >> "$log" 2>&1
     done
     return $failed
 }
@@ -243,6 +253,71 @@ checkpoint_of() {
     # checkpoint_of RUN_DIR: the checkpoint the fit recorded (checkpoint.json), as hessian-sweep tests it.
     if [ "$DRY_RUN" = 1 ]; then echo "$1/checkpoints/last.ckpt"; return; fi
     jq -r .checkpoint "$1/checkpoint.json"
+}
+
+checkpoint_missing() {
+    # checkpoint_missing RUN_DIR: why the run's checkpoint cannot be used (prints it), or fails if it can.
+    [ "$DRY_RUN" = 1 ] && return 1
+    if [ ! -f "$1/checkpoint.json" ]; then
+        echo "$1 has no checkpoint.json; run its stage first"
+    elif [ ! -f "$(checkpoint_of "$1")" ]; then
+        echo "$1 was restored from $RECORDS without its checkpoint; delete it there and in $ROOT and rerun its stage to train it again"
+    else
+        return 1
+    fi
+}
+
+# ------------------------------------------------------------------------------------------- records
+
+finished_runs() {
+    # finished_runs DIR: the run folders DIR/SWEEP/bsB_seedS whose sweep.json says finished.
+    local record
+    for record in "$1"/*/bs*_seed*/sweep.json; do
+        [ -f "$record" ] && [ "$(jq -r .status "$record")" = finished ] && dirname "$record"
+    done
+    return 0
+}
+
+keep_records() {
+    # Copies the finished runs of ROOT, without checkpoints, and the interpolations into RECORDS.
+    (
+        flock 9
+        local runs=() run
+        for run in $(finished_runs "$ROOT"); do runs+=("${run#"$ROOT"/}"); done
+        [ -d "$ROOT/interpolation" ] && runs+=(interpolation)
+        [ ${#runs[@]} = 0 ] && exit 0
+        mkdir -p "$RECORDS"
+        tar -C "$ROOT" --exclude=checkpoints --exclude='*.ckpt' --exclude='*.lock' -cf - "${runs[@]}" | tar -C "$RECORDS" -xf -
+    ) 9> "$LOGS/.records.lock"
+}
+
+restore_records() {
+    # Copies the runs and interpolations of RECORDS that ROOT lacks (or has unfinished) into ROOT.
+    [ -d "$RECORDS" ] || return 0
+    local run relative made
+    for run in $(finished_runs "$RECORDS"); do
+        relative=${run#"$RECORDS"/}
+        if [ -f "$ROOT/$relative/sweep.json" ] && [ "$(jq -r .status "$ROOT/$relative/sweep.json")" = finished ]; then
+            continue
+        fi
+        rm -rf "${ROOT:?}/$relative" && mkdir -p "$ROOT/$relative" && cp -a "$run/." "$ROOT/$relative/"
+        echo "restored $ROOT/$relative from $RECORDS (without its checkpoint)"
+    done
+    if [ -d "$RECORDS/interpolation" ]; then
+        while IFS= read -r made; do
+            relative=$(dirname "${made#"$RECORDS"/}")
+            [ -f "$ROOT/$relative/interpolation.json" ] && continue
+            mkdir -p "$ROOT/$relative" && cp -a "$(dirname "$made")/." "$ROOT/$relative/"
+        done < <(find "$RECORDS/interpolation" -name interpolation.json)
+    fi
+}
+
+after_run() {
+    # In a lane after each run: what needs the new checkpoints (PSD check, interpolations and
+    # surfaces whose checkpoints are all there), then the records. Failures are the stages' to report.
+    psd || true
+    ready_landscapes
+    keep_records
 }
 
 # ------------------------------------------------------------------------------------------- stages
@@ -289,72 +364,114 @@ softplus() {
     run_queue "$queue" softplus
 }
 
+interpolations() {
+    # One line per model interpolation, RUN_A RUN_B LABEL_A LABEL_B OUT: per seed, smallest vs largest
+    # batch (recipe), standard vs FGSM training at the smallest batch.
+    local seed
+    for seed in $SEEDS; do
+        echo "$ROOT/recipe/bs${B_MIN}_seed$seed $ROOT/recipe/bs${B_MAX}_seed$seed B=$B_MIN B=$B_MAX $ROOT/interpolation/bs${B_MIN}_vs_bs${B_MAX}/seed$seed"
+        echo "$ROOT/recipe/bs${B_MIN}_seed$seed $ROOT/fgsm/bs${B_MIN}_seed$seed standard FGSM $ROOT/interpolation/standard_vs_fgsm_bs${B_MIN}/seed$seed"
+    done
+}
+
+surfaces() {
+    # One line per loss surface, RUN_DIR BATCH_SIZE: seed 0 of the smallest and the largest batch, of
+    # the recipe (equal epochs) and of the control (equal training loss).
+    local sweep size
+    for sweep in recipe same_train_loss; do
+        for size in $B_MIN $B_MAX; do
+            echo "$ROOT/$sweep/bs${size}_seed${SEEDS%% *} $size"
+        done
+    done
+}
+
 interpolate_pair() {
-    # interpolate_pair RUN_A RUN_B LABEL_A LABEL_B OUT [OVERRIDE...]
-    local a=$1 b=$2 label_a=$3 label_b=$4 out=$5
-    shift 5
-    if [ "$DRY_RUN" != 1 ] && { [ ! -f "$a/checkpoint.json" ] || [ ! -f "$b/checkpoint.json" ]; }; then
-        echo "interpolate: skipped $out ($a or $b has no checkpoint.json; run its stage first)" >&2
-        return 1
-    fi
+    # interpolate_pair RUN_A RUN_B LABEL_A LABEL_B OUT
+    local a=$1 b=$2 label_a=$3 label_b=$4 out=$5 why
     if [ "$DRY_RUN" != 1 ] && [ "$REDO" != 1 ] && [ -f "$out/interpolation.json" ]; then
         echo "interpolate: $out was made before, kept (REDO=1 makes it again)"
         return 0
     fi
+    for run_dir in "$a" "$b"; do
+        if why=$(checkpoint_missing "$run_dir"); then
+            echo "interpolate: skipped $out ($why)" >&2
+            return 1
+        fi
+    done
     run $LANDSCAPE interpolate --ckpt-a "$(checkpoint_of "$a")" --ckpt-b "$(checkpoint_of "$b")" --config $CONFIG \
         --alpha-min -0.5 --alpha-max 1.5 --num 21 --eigenvalue --splits train test --num-samples 2048 \
-        --label-a "$label_a" --label-b "$label_b" --output-dir "$out" "$@"
+        --label-a "$label_a" --label-b "$label_b" --output-dir "$out"
+}
+
+surface_of() {
+    # surface_of RUN_DIR BATCH_SIZE: the loss surface into the run's landscape/ folder (the report reads it)
+    local run_dir=$1 size=$2 why
+    if [ "$DRY_RUN" != 1 ] && [ "$REDO" != 1 ] && [ -f "$run_dir/landscape/surface.json" ]; then
+        echo "surface: $run_dir/landscape was made before, kept (REDO=1 makes it again)"
+        return 0
+    fi
+    if why=$(checkpoint_missing "$run_dir"); then
+        echo "surface: skipped $run_dir ($why)" >&2
+        return 1
+    fi
+    run $LANDSCAPE surface --ckpt "$(checkpoint_of "$run_dir")" --config $CONFIG --directions eig1 eig2 \
+        --range 0.5 --points 21 --splits train test --num-samples 1024 --label "B=$size" \
+        --output-dir "$run_dir/landscape"
+}
+
+two_at_a_time() {
+    # two_at_a_time NAME FUNCTION < LINES: FUNCTION with each line's words, two side by side, logged to
+    # LOGS/NAME_lane{0,1}.log; fails if one failed.
+    local name=$1 function=$2 failed=0 pids=() line i=0 pid
+    local -a words
+    if [ "$DRY_RUN" = 1 ]; then  # print the commands in order
+        while IFS= read -r line; do
+            read -r -a words <<< "$line"
+            "$function" "${words[@]}"
+        done
+        return 0
+    fi
+    while IFS= read -r line; do
+        read -r -a words <<< "$line"
+        "$function" "${words[@]}" >> "$LOGS/${name}_lane$((i % 2)).log" 2>&1 &
+        pids+=($!)
+        i=$((i + 1))
+        if [ ${#pids[@]} = 2 ]; then
+            for pid in "${pids[@]}"; do wait "$pid" || failed=1; done
+            pids=()
+        fi
+    done
+    for pid in "${pids[@]}"; do wait "$pid" || failed=1; done
+    return $failed
 }
 
 interpolate() {
-    # per seed: smallest vs largest batch (recipe), standard vs FGSM training at the smallest batch;
-    # two lanes side by side
-    local failed=0 seed pids=()
-    for seed in $SEEDS; do
-        interpolate_pair $ROOT/recipe/bs${B_MIN}_seed$seed $ROOT/recipe/bs${B_MAX}_seed$seed "B=$B_MIN" "B=$B_MAX" \
-            $ROOT/interpolation/bs${B_MIN}_vs_bs${B_MAX}/seed$seed >> $LOGS/interpolate_lane0.log 2>&1 &
-        pids+=($!)
-        interpolate_pair $ROOT/recipe/bs${B_MIN}_seed$seed $ROOT/fgsm/bs${B_MIN}_seed$seed "standard" "FGSM" \
-            $ROOT/interpolation/standard_vs_fgsm_bs${B_MIN}/seed$seed >> $LOGS/interpolate_lane1.log 2>&1 &
-        pids+=($!)
-        local pid
-        for pid in "${pids[@]}"; do wait "$pid" || failed=1; done
-        pids=()
-    done
-    [ "$DRY_RUN" = 1 ] && cat $LOGS/interpolate_lane0.log $LOGS/interpolate_lane1.log && rm -f $LOGS/interpolate_lane*.log
-    return $failed
+    interpolations | two_at_a_time interpolate interpolate_pair
 }
 
 surface() {
-    # seed 0 of the smallest and the largest batch, of the recipe (equal epochs) and of the control
-    # (equal training loss), into each run's landscape/ folder (the report reads it); two side by side
-    local failed=0 sweep size run_dir pids=()
-    for sweep in recipe same_train_loss; do
-        for size in $B_MIN $B_MAX; do
-            run_dir=$ROOT/$sweep/bs${size}_seed${SEEDS%% *}
-            if [ "$DRY_RUN" != 1 ] && [ ! -f "$run_dir/checkpoint.json" ]; then
-                echo "surface: skipped $run_dir (no checkpoint.json; run the $sweep stage first)" >&2
-                failed=1
-                continue
-            fi
-            if [ "$DRY_RUN" != 1 ] && [ "$REDO" != 1 ] && [ -f "$run_dir/landscape/surface.json" ]; then
-                echo "surface: $run_dir/landscape was made before, kept (REDO=1 makes it again)"
-                continue
-            fi
-            run $LANDSCAPE surface --ckpt "$(checkpoint_of $run_dir)" --config $CONFIG --directions eig1 eig2 \
-                --range 0.5 --points 21 --splits train test --num-samples 1024 --label "B=$size" \
-                --output-dir $run_dir/landscape >> $LOGS/surface_lane_${sweep}_$size.log 2>&1 &
-            pids+=($!)
-        done
-        local pid
-        for pid in "${pids[@]}"; do wait "$pid" || failed=1; done
-        pids=()
-    done
-    [ "$DRY_RUN" = 1 ] && cat $LOGS/surface_lane_*.log && rm -f $LOGS/surface_lane_*.log
-    return $failed
+    surfaces | two_at_a_time surface surface_of
+}
+
+ready_landscapes() {
+    # The interpolations and surfaces whose checkpoints are all there and that were not made, one after
+    # the other; one that another lane is making is left to it.
+    local a b label_a label_b out run_dir size
+    while read -r a b label_a label_b out; do
+        [ -f "$out/interpolation.json" ] && continue
+        checkpoint_missing "$a" > /dev/null || checkpoint_missing "$b" > /dev/null && continue
+        (flock -n 9 || exit 0; interpolate_pair "$a" "$b" "$label_a" "$label_b" "$out" < /dev/null) 9> "$LOGS/.landscape_${out//\//_}.lock"
+    done < <(interpolations)
+    while read -r run_dir size; do
+        [ -f "$run_dir/landscape/surface.json" ] && continue
+        checkpoint_missing "$run_dir" > /dev/null && continue
+        (flock -n 9 || exit 0; surface_of "$run_dir" "$size" < /dev/null) 9> "$LOGS/.landscape_${run_dir//\//_}.lock"
+    done < <(surfaces)
+    return 0
 }
 
 psd() {
+    # The smallest input-Hessian eigenvalue of every run not measured before (one PSD check at a time).
     if [ "$NET" = c1 ]; then
         echo "psd: benchmarks/input_hessian_psd.py reads Fashion-MNIST test images; skipped for $NET" >&2
         return 0
@@ -363,8 +480,15 @@ psd() {
         run $PYTHON benchmarks/input_hessian_psd.py --root $ROOT --out $DOCS/input_hessian_psd.json --num-samples 512 --all-seeds
         return 0
     fi
-    $PYTHON benchmarks/input_hessian_psd.py --root $ROOT --out $DOCS/input_hessian_psd.json \
-        --num-samples 512 --all-seeds | tee $DOCS/input_hessian_psd.md
+    (
+        flock 9
+        status=0
+        $PYTHON benchmarks/input_hessian_psd.py --root $ROOT --out $DOCS/input_hessian_psd.json \
+            --num-samples 512 --all-seeds < /dev/null > "$LOGS/.psd.md" || status=$?
+        # the table of every measured run, kept unless nothing was measured
+        if grep -q '^| run ' "$LOGS/.psd.md"; then mv "$LOGS/.psd.md" "$DOCS/input_hessian_psd.md"; fi
+        exit $status
+    ) 9> "$LOGS/.psd.lock"
 }
 
 report() {
@@ -405,10 +529,12 @@ for stage in $STAGES; do
     esac
 done
 derive_overlays
+[ "$DRY_RUN" = 1 ] || restore_records
 for stage in $STAGES; do
     start=$(date +%s)
     echo "== $NET $stage: started $(date -u +%FT%TZ)"
     $stage || status=1
+    [ "$DRY_RUN" = 1 ] || keep_records
     line="== $NET $stage: done in $(( $(date +%s) - start )) s ($(date -u +%FT%TZ))"
     echo "$line"
     [ "$DRY_RUN" = 1 ] || echo "$line" >> "$DOCS/wall_times.log"

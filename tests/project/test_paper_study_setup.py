@@ -161,33 +161,66 @@ def test_study_script_commands_are_valid_and_complete() -> None:
     assert bad.returncode == 2 and "unknown stage recipes" in bad.stderr
 
 
-# A stand-in for the study's Python: `-m lightning_hessian.cli.landscape interpolate|surface ...
-# --output-dir DIR` appends its command to calls.log and writes what the real command writes last.
-FAKE_PYTHON = """#!/usr/bin/env bash
+# A stand-in for the study's Python, which appends each command to calls.log and writes what the real
+# command writes last: `-m lightning_hessian.cli.sweep ... --root R --name N --batch-sizes B --seeds S`
+# a finished run R/N/bsB_seedS with its checkpoint and an event file; `-m lightning_hessian.cli.landscape
+# interpolate|surface ... --output-dir DIR` interpolation.json or surface.json in DIR;
+# `benchmarks/input_hessian_psd.py ... --out FILE` FILE and the table's header.
+FAKE_PYTHON = r"""#!/usr/bin/env bash
 echo "$*" >> calls.log
-out=""
+declare -A option
 previous=""
 for argument in "$@"; do
-    [ "$previous" = --output-dir ] && out=$argument
+    case $previous in --*) option[$previous]=$argument ;; esac
     previous=$argument
 done
-mkdir -p "$out"
-case "$3" in
-    interpolate) echo {} > "$out/interpolation.json" ;;
-    surface) echo {} > "$out/surface.json" ;;
+case "$2 $3" in
+    "lightning_hessian.cli.sweep "*)
+        run="${option[--root]}/${option[--name]}/bs${option[--batch-sizes]}_seed${option[--seeds]}"
+        mkdir -p "$run/checkpoints"
+        echo weights > "$run/checkpoints/last.ckpt"
+        echo events > "$run/events.out.tfevents.1"
+        echo "{\"checkpoint\": \"$run/checkpoints/last.ckpt\", \"status\": \"finished\"}" > "$run/checkpoint.json"
+        echo '{"status": "finished"}' > "$run/sweep.json" ;;
+    "lightning_hessian.cli.landscape interpolate")
+        mkdir -p "${option[--output-dir]}" && echo {} > "${option[--output-dir]}/interpolation.json" ;;
+    "lightning_hessian.cli.landscape surface")
+        mkdir -p "${option[--output-dir]}" && echo {} > "${option[--output-dir]}/surface.json" ;;
 esac
+if [ "$1" = benchmarks/input_hessian_psd.py ]; then
+    echo "| run | activation |"
+    echo {} > "${option[--out]}"
+fi
 """
 
 
-@pytest.mark.skipif(shutil.which("jq") is None, reason="the study script reads checkpoint.json with jq")
-def test_interpolate_and_surface_keep_what_they_made_before(tmp_path: Path) -> None:
-    """Rerun (a study continued after a stop), the interpolate and surface stages keep the outputs
-    they made before; REDO=1 makes them again."""
+def _fake_study(tmp_path: Path) -> Path:
+    """A copy of the study script in ``tmp_path`` and the stand-in for its Python."""
     (tmp_path / "benchmarks").mkdir()
     shutil.copy(SCRIPT, tmp_path / "benchmarks" / SCRIPT.name)
     python = tmp_path / "fake_python"
     python.write_text(FAKE_PYTHON)
     python.chmod(0o755)
+    return python
+
+
+def _calls(tmp_path: Path, command: str | None = None) -> list[str]:
+    """The commands the stand-in ran (those of one sweep, landscape or script command)."""
+    log = tmp_path / "calls.log"
+    calls = log.read_text().splitlines() if log.exists() else []
+    if command is None:
+        return calls
+    return [call for call in calls if command in call.split()[:3]]
+
+
+needs_jq = pytest.mark.skipif(shutil.which("jq") is None, reason="the study script reads sweep.json with jq")
+
+
+@needs_jq
+def test_interpolate_and_surface_keep_what_they_made_before(tmp_path: Path) -> None:
+    """Rerun (a study continued after a stop), the interpolate and surface stages keep the outputs
+    they made before; REDO=1 makes them again."""
+    python = _fake_study(tmp_path)
     root = tmp_path / "runs" / "paper_study" / "lenet5"
     runs = (
         "recipe/bs128_seed0",
@@ -196,8 +229,9 @@ def test_interpolate_and_surface_keep_what_they_made_before(tmp_path: Path) -> N
         "same_train_loss/bs16384_seed0",
     )
     for run in (*runs, "fgsm/bs128_seed0"):
-        (root / run).mkdir(parents=True)
-        (root / run / "checkpoint.json").write_text(json.dumps({"checkpoint": f"{root / run}/last.ckpt"}))
+        (root / run / "checkpoints").mkdir(parents=True)
+        (root / run / "checkpoints" / "last.ckpt").write_text("weights")
+        (root / run / "checkpoint.json").write_text(json.dumps({"checkpoint": f"{root / run}/checkpoints/last.ckpt"}))
 
     def study(**environment: str) -> str:
         env = {**os.environ, "PYTHON": str(python), "SEEDS": "0", "BATCH_SIZES": "128 16384", **environment}
@@ -208,31 +242,92 @@ def test_interpolate_and_surface_keep_what_they_made_before(tmp_path: Path) -> N
         assert result.returncode == 0, result.stdout + result.stderr
         return result.stdout
 
-    def calls() -> list[str]:
-        log = tmp_path / "calls.log"
-        return log.read_text().splitlines() if log.exists() else []
-
     study()
-    assert sorted(call.split()[2] for call in calls()) == ["interpolate"] * 2 + ["surface"] * 4
+    assert sorted(call.split()[2] for call in _calls(tmp_path)) == ["interpolate"] * 2 + ["surface"] * 4
     assert (root / "interpolation" / "standard_vs_fgsm_bs128" / "seed0" / "interpolation.json").is_file()
     assert (root / "recipe" / "bs16384_seed0" / "landscape" / "surface.json").is_file()
-    printed = study()
-    assert len(calls()) == 6 and printed.count("was made before, kept") == 4  # the surfaces
-    lanes = "".join(log.read_text() for log in root.glob("interpolate_lane*.log"))  # the interpolations
-    assert lanes.count("was made before, kept") == 2
+    study()
+    assert len(_calls(tmp_path)) == 6
+    lanes = "".join(log.read_text() for log in root.glob("*_lane*.log"))
+    assert lanes.count("was made before, kept") == 6
     study(REDO="1")
-    assert len(calls()) == 12
+    assert len(_calls(tmp_path)) == 12
+
+
+@needs_jq
+def test_each_run_is_followed_by_what_needs_its_checkpoint(tmp_path: Path) -> None:
+    """In the lanes, after each run: the PSD check, and every interpolation and surface whose
+    checkpoints are all there, once; then the run is kept in records/ without its checkpoint."""
+    python = _fake_study(tmp_path)
+    env = {**os.environ, "PYTHON": str(python), "SEEDS": "0", "BATCH_SIZES": "128 16384", "ROBUST_METHODS": "fgsm"}
+    result = subprocess.run(
+        ["bash", "benchmarks/run_paper_study.sh", "lenet5", "recipe", "robust"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert len(_calls(tmp_path, "lightning_hessian.cli.sweep")) == 4
+    assert len(_calls(tmp_path, "benchmarks/input_hessian_psd.py")) == 4  # after each run
+    # B=128 vs B=16384 after the recipe, standard vs FGSM after the robust stage; the recipe's two
+    # surfaces, not the control's (not run)
+    interpolations = _calls(tmp_path, "interpolate")
+    assert len(interpolations) == 2 and "recipe/bs16384_seed0" in interpolations[0]
+    assert "fgsm/bs128_seed0" in interpolations[1]
+    surfaces = _calls(tmp_path, "surface")
+    assert len(surfaces) == 2 and all("/recipe/" in call for call in surfaces)
+    records = tmp_path / "docs" / "results" / "paper_study_lenet5" / "records"
+    kept = {str(path.relative_to(records)) for path in records.rglob("*") if path.is_file()}
+    assert {
+        "recipe/bs128_seed0/sweep.json",
+        "recipe/bs128_seed0/events.out.tfevents.1",
+        "recipe/bs16384_seed0/landscape/surface.json",
+        "fgsm/bs16384_seed0/checkpoint.json",
+        "interpolation/standard_vs_fgsm_bs128/seed0/interpolation.json",
+    } <= kept
+    assert not any("checkpoints" in path or path.endswith(".ckpt") for path in kept)
+    assert (tmp_path / "docs" / "results" / "paper_study_lenet5" / "input_hessian_psd.md").is_file()
+
+
+@needs_jq
+def test_records_continue_a_study_on_another_machine(tmp_path: Path) -> None:
+    """With runs/ gone (another machine) and records/ kept, the finished runs are restored: the sweeps
+    skip them, the interpolations made before are kept, and a surface that needs a checkpoint lost with
+    the machine fails naming the run and how to train it again."""
+    python = _fake_study(tmp_path)
+    env = {**os.environ, "PYTHON": str(python), "SEEDS": "0", "BATCH_SIZES": "128 16384", "ROBUST_METHODS": "fgsm"}
+
+    def study(*stages: str) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            ["bash", "benchmarks/run_paper_study.sh", "lenet5", *stages],
+            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+
+    assert study("recipe", "robust").returncode == 0
+    root = tmp_path / "runs" / "paper_study" / "lenet5"
+    shutil.rmtree(root)
+    (tmp_path / "calls.log").unlink()
+    result = study("interpolate")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "restored runs/paper_study/lenet5/recipe/bs128_seed0" in result.stdout
+    assert json.loads((root / "fgsm" / "bs128_seed0" / "sweep.json").read_text())["status"] == "finished"
+    assert not (root / "fgsm" / "bs128_seed0" / "checkpoints").exists()
+    assert (root / "interpolation" / "bs128_vs_bs16384" / "seed0" / "interpolation.json").is_file()
+    assert _calls(tmp_path) == []  # both interpolations kept
+    control = study("control")  # new runs train, as on the first machine
+    assert control.returncode == 0 and len(_calls(tmp_path, "lightning_hessian.cli.sweep")) == 2
+    shutil.rmtree(root / "recipe" / "bs16384_seed0" / "landscape")
+    records = tmp_path / "docs" / "results" / "paper_study_lenet5" / "records"
+    shutil.rmtree(records / "recipe" / "bs16384_seed0" / "landscape")
+    surface = study("surface")
+    assert surface.returncode == 1
+    lanes = "".join(log.read_text() for log in root.glob("surface_lane*.log"))
+    assert "runs/paper_study/lenet5/recipe/bs16384_seed0 was restored from" in lanes and "rerun its stage" in lanes
 
 
 def test_m1_analyses_run_in_micro_batches_of_256(tmp_path: Path) -> None:
     """For m1 the script writes the study's overlays with micro-batches of 256 for the Hessian and
     landscape analyses (everything else unchanged, the attacks' batch too) and trains with them."""
-    (tmp_path / "benchmarks").mkdir()
-    shutil.copy(SCRIPT, tmp_path / "benchmarks" / SCRIPT.name)
+    python = _fake_study(tmp_path)
     shutil.copytree(CONFIGS / "overlays", tmp_path / "configs" / "overlays")
-    python = tmp_path / "fake_python"
-    python.write_text(FAKE_PYTHON)
-    python.chmod(0o755)
     env = {**os.environ, "PYTHON": str(python)}
     result = subprocess.run(
         ["bash", "benchmarks/run_paper_study.sh", "m1", "psd"], cwd=tmp_path, env=env, capture_output=True, text=True,
