@@ -18,10 +18,11 @@ prints a Markdown table and writes the numbers as JSON. A sample counts as "nega
 smallest eigenvalue is below ``-rel_tol`` times the run's mean largest eigenvalue (float64 Lanczos
 on an exactly PSD matrix returns round-off of about 1e-15).
 
-Incremental: a run already in ``--out`` (measured with the same settings) keeps its row and needs no
-checkpoint, so a study continued on another machine, whose earlier runs were restored without their
-checkpoints, measures only its new runs (``--redo`` measures every run with a checkpoint again). A run
-with neither a row nor a checkpoint is named on stderr and the exit status is 1.
+Incremental: each run's row is also written into the run's folder (``input_hessian_psd.json``, with
+the settings), where a later call finds it, so a run is measured once and needs no checkpoint after
+that: a study continued on another machine, whose earlier runs were restored without their
+checkpoints, measures only its new runs (``--redo`` measures every run with a checkpoint again). A
+run with neither a row nor a checkpoint is named on stderr and the exit status is 1.
 """
 
 from __future__ import annotations
@@ -60,16 +61,16 @@ def _checkpoint(run_dir: Path) -> Path | None:
     return checkpoints[-1] if checkpoints else None
 
 
-def _previous_rows(out: Path, settings: dict) -> dict[str, dict]:
-    """The rows of an earlier ``--out`` measured with ``settings``, by run directory; none otherwise."""
-    if not out.is_file():
-        return {}
-    previous = json.loads(out.read_text())
-    if previous.get("settings") != settings:
-        print(f"{out}: measured with other settings {previous.get('settings')}; every run is measured again",
-              file=sys.stderr)  # fmt: skip
-        return {}
-    return {row["run"]: row for row in previous.get("runs", [])}
+RUN_FILE = "input_hessian_psd.json"  # a run's own row, in its folder
+
+
+def _kept_row(run_dir: Path, settings: dict) -> dict | None:
+    """The row measured before for ``run_dir`` with ``settings``, if any."""
+    path = run_dir / RUN_FILE
+    if not path.is_file():
+        return None
+    kept = json.loads(path.read_text())
+    return kept["row"] if kept.get("settings") == settings else None
 
 
 def _exact_extremes(model: torch.nn.Module, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
@@ -187,7 +188,7 @@ def main(argv: list[str] | None = None) -> int:
     )  # fmt: skip
     parser.add_argument("--data-dir", default="data")
     parser.add_argument(
-        "--redo", action="store_true", help="measure every run with a checkpoint again, also those already in --out"
+        "--redo", action="store_true", help="measure every run with a checkpoint again, also those measured before"
     )
     args = parser.parse_args(argv)
 
@@ -198,7 +199,6 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     settings = {"num_samples": args.num_samples, "max_steps": args.max_steps, "rel_tol": args.rel_tol,
                 "dtype": "float64", "split": "test", "sample_seed": 0}  # fmt: skip
-    previous = _previous_rows(out, settings)
     samples: tuple[Tensor, Tensor] | None = None  # the test images, loaded when a run needs measuring
 
     rows, missing = [], []
@@ -208,17 +208,19 @@ def main(argv: list[str] | None = None) -> int:
     )
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for run_dir, record in runs:
-        row = previous.get(str(run_dir))
+        row = _kept_row(run_dir, settings)
         checkpoint = _checkpoint(run_dir) if row is None or args.redo else None
         if checkpoint is not None:
             if samples is None:
                 samples = _test_samples(args.data_dir, args.num_samples)
             row = _measure(run_dir, record, checkpoint, *samples, args)
+            (run_dir / RUN_FILE).write_text(json.dumps({"settings": settings, "row": row}, indent=2) + "\n")
         elif row is None:
             missing.append(run_dir)
             continue
         elif args.redo:
-            print(f"{run_dir}: no checkpoint to measure again, its row in {out} is kept", file=sys.stderr)
+            print(f"{run_dir}: no checkpoint to measure again, its row in {run_dir / RUN_FILE} is kept",
+                  file=sys.stderr)  # fmt: skip
         rows.append(row)
         print(_table_row(row, run_dir), flush=True)
     # one line per activation and training: is any sample's input Hessian indefinite?
@@ -240,7 +242,7 @@ def main(argv: list[str] | None = None) -> int:
     out.write_text(json.dumps({"settings": settings, "runs": rows}, indent=2) + "\n")
     print(f"wrote {out}", file=sys.stderr)  # stderr: stdout is the Markdown table the study script keeps
     for run_dir in missing:
-        print(f"{run_dir}: not measured, no checkpoint in {run_dir / 'checkpoints'} and no row in {out}; delete "
+        print(f"{run_dir}: not measured, no checkpoint in {run_dir / 'checkpoints'} and no {RUN_FILE}; delete "
               f"{run_dir} and rerun its sweep to train it again", file=sys.stderr)  # fmt: skip
     return 1 if missing else 0
 

@@ -1,5 +1,6 @@
 """benchmarks/input_hessian_psd.py: the PSD check of the ReLU input Hessian, measured against the exact
-float64 Hessian, and incremental (a run already measured keeps its row and needs no checkpoint)."""
+float64 Hessian, and incremental (a run measured before keeps its row, in its folder, and needs no
+checkpoint)."""
 
 from __future__ import annotations
 
@@ -64,6 +65,7 @@ def test_measured_runs_keep_their_rows_without_checkpoints(tmp_path: Path) -> No
         assert row["exact_check"]["max_rel_error_max"] < 1e-6 and row["exact_check"]["max_rel_error_min"] < 1e-6
         assert row["fraction_negative"] == 0.0 and row["mean_lambda_max"] > 0
     assert result.stdout.count("| recipe/bs128_seed") == 2
+    assert json.loads((first / "input_hessian_psd.json").read_text())["row"] == rows[str(first)]
 
     # the checkpoints gone (another machine), a new run without one: the rows stay as they were, the
     # new run is named with the fix, and the exit status says something is missing
@@ -76,6 +78,9 @@ def test_measured_runs_keep_their_rows_without_checkpoints(tmp_path: Path) -> No
     assert result.returncode == 1
     assert f"{third}: not measured, no checkpoint" in result.stderr and "rerun its sweep" in result.stderr
     assert {row["run"]: row for row in json.loads(out.read_text())["runs"]} == rows
+    # the rows are the runs': a new --out file gets them too
+    assert _psd(root, tmp_path / "elsewhere.json").returncode == 1
+    assert json.loads((tmp_path / "elsewhere.json").read_text())["runs"] == json.loads(out.read_text())["runs"]
     assert result.stdout.count("| recipe/bs128_seed") == 2
 
     # --redo measures again what has a checkpoint (another model in the second run) and keeps the rest
