@@ -80,8 +80,10 @@
 #   psd          ~78 runs x ~3 s (74 s for 30 runs in the earlier study): ~3 min.
 #   report       ~2 min.
 #   lenet5 in all: ~8.5-9 h wall. m1 has 10x lenet5's multiply-adds and a 15-epoch recipe (~12 min a run at
-#   B = 128, 47 s an epoch): recipe ~2 h, control ~3 h, robust ~20 h of CPU (~10 h wall; ROBUST_METHODS or
-#   ROBUST_BATCH_SIZES shorten it), softplus ~4 h of CPU (SOFTPLUS_BATCH_SIZES shortens it). Measured
+#   B = 128, 47 s an epoch): recipe ~2 h, control ~3 h, robust ~40 h of CPU (~20 h wall; ROBUST_METHODS or
+#   ROBUST_BATCH_SIZES shorten it: one training step of PGD-5 / TRADES-5 at B = 16384 took 164 / 198 s
+#   with the process's start, beside two study processes, so such a run trains ~2.5 h; TRADES peaks at
+#   8.6 GB there, PGD 4.9 GB), softplus ~4 h of CPU (SOFTPLUS_BATCH_SIZES shortens it). Measured
 #   (2026-11-30, m1 recipe, two sessions, two processes side by side and other work beside): 857-1,953 s a
 #   run with its analyses and test (sweep.json), 18,746 s in all. c1 (one GPU, 90 epochs of CIFAR-10): not
 #   measured.
