@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import html
 import json
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -133,6 +134,23 @@ def _wall_time_line(content: ReportContent) -> str | None:
     )
 
 
+def _machines_line(content: ReportContent) -> str | None:
+    # which machines made the runs: bit for bit, a run depends on the CPU's instructions, the thread
+    # count and the torch build as well as on its config and seeds
+    counts = Counter(" then ".join(run.machines) for run in content.runs if run.machines)
+    if not counts:
+        return None
+    made = "; ".join(f"{count} run{'s' if count > 1 else ''} on {machines}" for machines, count in counts.most_common())
+    unknown = sum(1 for run in content.runs if not run.machines)
+    line = f"Machines (`sweep.json`): {made}" + (f"; {unknown} without a record" if unknown else "") + "."
+    if len(counts) > 1 or unknown:
+        line += (
+            " Runs made on machines with other CPU instructions, thread counts or torch builds round "
+            "differently, so a rerun elsewhere is another sample of the same seed, not the same run."
+        )
+    return line
+
+
 _METHOD_NOTE = (
     "Each value is the last value logged under its tag in the run, and every column names the split of the "
     "samples it was computed on: *train* for the analyses at the end of `fit` (the paper's Hessian is that of "
@@ -150,6 +168,8 @@ def render_markdown(content: ReportContent) -> str:
     lines = [f"# {content.title}", "", f"Made by `{content.command}` from {len(content.runs)} runs.", ""]
     if (wall := _wall_time_line(content)) is not None:
         lines += [wall, ""]
+    if (machines := _machines_line(content)) is not None:
+        lines += [machines, ""]
     if content.claims:
         lines += ["## Which of the paper's claims hold here", "", RULE, ""]
         lines += _markdown_table(*_claim_rows(content))
@@ -208,6 +228,8 @@ def render_html(content: ReportContent) -> str:
     ]
     if (wall := _wall_time_line(content)) is not None:
         parts.append(f"<p>{escape(wall)}</p>")
+    if (machines := _machines_line(content)) is not None:
+        parts.append(f"<p>{escape(machines.replace('`', ''))}</p>")
     if content.claims:
         parts.append("<h2>Which of the paper's claims hold here</h2>")
         parts.append(f'<p class="note">{escape(RULE)}</p>')
@@ -315,12 +337,13 @@ def _json_default(value: object) -> object:
 
 
 def write_runs_csv(runs: Sequence[Run], path: Path) -> None:
-    """One row per run: metadata (epochs and steps of the saved model, wall time) and the final
-    value of every scalar tag."""
+    """One row per run: metadata (epochs and steps of the saved model, wall time, the machines that
+    made it) and the final value of every scalar tag."""
     tags = sorted({tag for run in runs for tag in run.events.scalars})
     with path.open("w", newline="") as file:
         writer = csv.writer(file)
-        writer.writerow(["run", "variant", "batch_size", "seed", "epochs", "steps", "wall_seconds", *tags])
+        header = ["run", "variant", "batch_size", "seed", "epochs", "steps", "wall_seconds", "machine", *tags]
+        writer.writerow(header)
         for run in runs:
             finals = run.events.final_scalars()
             writer.writerow(
@@ -332,6 +355,7 @@ def write_runs_csv(runs: Sequence[Run], path: Path) -> None:
                     "" if run.epochs is None else run.epochs,
                     "" if run.global_step is None else run.global_step,
                     "" if run.wall_seconds is None else repr(run.wall_seconds),
+                    " then ".join(run.machines),
                     *(repr(finals[tag]) if tag in finals else "" for tag in tags),
                 ]
             )

@@ -78,6 +78,9 @@ class Run:
     global_step: int | None = None
     #: wall time of the run's fit and test (``sweep.json``), if known
     wall_seconds: float | None = None
+    #: the machines that made it (``sweep.json``; earlier kept attempts first), as
+    #: :func:`describe_machine_record` writes them; empty when not recorded
+    machines: tuple[str, ...] = ()
 
     @property
     def name(self) -> str:
@@ -318,6 +321,39 @@ def _checkpoint_counts(run_dir: Path) -> tuple[int | None, int | None]:
     return _as_int(record.get("epoch")), _as_int(record.get("global_step"))
 
 
+def describe_machine_record(machine: Any) -> str | None:
+    """One line for a ``machine`` entry of ``sweep.json``
+    (:func:`lightning_hessian.sweep.machine.describe_machine`).
+
+    Returns:
+        ``host (CPU, vector extension, GPUs, torch version, kernel/thread variables)``, or ``None``
+        when ``machine`` is not an entry (older records have none).
+    """
+    if not isinstance(machine, Mapping):
+        return None
+    parts = [str(machine.get("cpu") or "unknown CPU")]
+    if machine.get("cpu_vector"):
+        parts.append(str(machine["cpu_vector"]))
+    gpus = machine.get("gpus") or []
+    parts += [f"{gpus.count(model)}x {model}" for model in sorted(set(gpus))]
+    if machine.get("torch"):
+        parts.append(f"torch {machine['torch']}")
+    environment = machine.get("environment") or {}
+    parts += [f"{name}={value}" for name, value in sorted(environment.items())]
+    return f"{machine.get('host') or 'unknown host'} ({', '.join(parts)})"
+
+
+def _run_machines(record: Mapping[str, Any]) -> tuple[str, ...]:
+    """The machines of a run's attempts whose work it kept, in order, each once."""
+    attempts = [
+        entry.get("machine")
+        for entry in record.get("resumed") or []
+        if isinstance(entry, Mapping) and entry.get("kept_seconds") != 0  # an attempt that kept nothing
+    ]
+    described = [describe_machine_record(machine) for machine in [*attempts, record.get("machine")]]
+    return tuple(dict.fromkeys(line for line in described if line is not None))
+
+
 def load_run(run_dir: str | Path, *, read: bool = True) -> Run:
     """The :class:`Run` in ``run_dir``, with its events unless ``read=False``."""
     path = Path(run_dir)
@@ -337,4 +373,5 @@ def load_run(run_dir: str | Path, *, read: bool = True) -> Run:
         epochs=epochs,
         global_step=global_step,
         wall_seconds=float(wall) if isinstance(wall, (int, float)) and not isinstance(wall, bool) else None,
+        machines=_run_machines(record),
     )

@@ -13,7 +13,8 @@ Each combination runs as its own process, one after the other, into ``ROOT/NAME/
 * :mod:`~lightning_hessian.sweep.settings`: what runs (:class:`SweepSettings`, :func:`plan_sweep`);
 * :mod:`~lightning_hessian.sweep.runner`: running them (:func:`run_sweep`: processes, signals, records);
 * :mod:`~lightning_hessian.sweep.records`: the files of a run directory (``sweep.json``, ``train.log``);
-* :mod:`~lightning_hessian.sweep.lock`: one writer per run directory (:class:`RunLock`).
+* :mod:`~lightning_hessian.sweep.lock`: one writer per run directory (:class:`RunLock`);
+* :mod:`~lightning_hessian.sweep.machine`: what machine made a run (its CPU, torch, threads).
 
 A sweep is a subprocess runner, not part of the report; the report only reads what it writes
 (``sweep.json``, :data:`SWEEP_FILE`).

@@ -1,8 +1,9 @@
 """The files a sweep keeps in each run directory, and the record of what happened to the run.
 
 * ``sweep.json`` (:data:`SWEEP_FILE`): config, batch size, seed, overrides, commands, status
-  (``running``, ``finished``, ``failed``, ``interrupted``), wall times, and for a run continued after
-  an interruption the earlier attempts (``resumed``). ``hessian-report`` reads the batch size, seed,
+  (``running``, ``finished``, ``failed``, ``interrupted``), wall times, the machine
+  (:func:`~lightning_hessian.sweep.machine.describe_machine`), and for a run continued after an
+  interruption the earlier attempts (``resumed``, each with its machine). ``hessian-report`` reads the batch size, seed,
   variant, status and ``wall_seconds`` from it (:mod:`lightning_hessian.report.runs`).
 * ``train.log`` (:data:`LOG_FILE`): the output of the run's ``hessian-train`` commands.
 * ``sweep.lock``: the claim of the directory (:mod:`lightning_hessian.sweep.lock`).

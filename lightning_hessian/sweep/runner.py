@@ -27,7 +27,6 @@ import json
 import os
 import shlex
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -42,6 +41,7 @@ import yaml
 from lightning_hessian.checkpoint_io import CHECKPOINT_RECORD, recorded_checkpoint
 from lightning_hessian.resume import last_checkpoint_in, read_resume_info
 from lightning_hessian.sweep.lock import RunBusyError, RunLock
+from lightning_hessian.sweep.machine import describe_machine
 from lightning_hessian.sweep.records import LOG_FILE, move_aside, read_record, utc_now, write_record
 from lightning_hessian.sweep.settings import SweepRun, SweepSettings, plan_sweep, train_arguments
 
@@ -90,10 +90,11 @@ class ResumePoint:
             --ckpt_path``); ``"test"``: the fit had finished, only what follows it (``test`` on
             ``checkpoint``) is left.
         checkpoint: the checkpoint it continues from.
-        kept: the entry for the record's ``resumed`` list: the earlier attempt's ``started`` and
-            ``status``, ``stage``, ``checkpoint``, its ``epoch`` and ``global_step`` and
-            ``kept_seconds``, the earlier attempt's wall time up to the checkpoint (the work that
-            is not lost; ``None`` when the checkpoint has no save time).
+        kept: the entry for the record's ``resumed`` list: the earlier attempt's ``started``,
+            ``status`` and ``machine`` (it may have run elsewhere), ``stage``, ``checkpoint``, its
+            ``epoch`` and ``global_step`` and ``kept_seconds``, the earlier attempt's wall time up
+            to the checkpoint (the work that is not lost; ``None`` when the checkpoint has no save
+            time).
     """
 
     stage: str
@@ -227,6 +228,7 @@ def _kept(record: dict[str, Any], checkpoint: Path, entry: dict[str, Any], start
     return {
         "attempt_started": record.get("started"),
         "status": record.get("status"),
+        "machine": record.get("machine"),
         **entry,
         "checkpoint": str(checkpoint),
         "checkpoint_saved": saved,
@@ -408,7 +410,7 @@ def _execute(
         "config_sha256": _config_digests(settings),
         "status": "running",
         "started": utc_now(),
-        "host": socket.gethostname(),
+        "machine": describe_machine(),
         "fit_command": run.fit_command,
         "log": LOG_FILE,
     }

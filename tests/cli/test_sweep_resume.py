@@ -23,6 +23,7 @@ from helpers import QUICKSTART
 from lightning_hessian.cli.sweep import main
 from lightning_hessian.report.events import read_events
 from lightning_hessian.sweep import ATTEMPTS_DIR, LOCK_FILE, SweepSettings, find_resume_point, run_sweep
+from lightning_hessian.sweep.machine import describe_machine
 
 # A stand-in for hessian-train: appends its command line to calls.txt in the run directory; fit
 # writes a checkpoint and names it in checkpoint.json (status finished), as hessian-train does.
@@ -102,7 +103,9 @@ def _stopped_attempt(settings: SweepSettings, status: str = "running", **changes
 def test_a_run_stopped_from_outside_continues_its_fit_from_the_last_checkpoint(
     settings: SweepSettings, status: str, capsys: pytest.CaptureFixture
 ) -> None:
-    run_dir, earlier = _stopped_attempt(settings, status)
+    # the first attempt ran on another machine (the study continued elsewhere from its checkpoint)
+    elsewhere = {"host": "elsewhere", "cpu": "another CPU", "cpu_vector": "avx2", "torch": "2.14.1"}
+    run_dir, earlier = _stopped_attempt(settings, status, machine=elsewhere)
     last = run_dir / "checkpoints" / "last.ckpt"
 
     (run,) = run_sweep(settings)
@@ -116,6 +119,7 @@ def test_a_run_stopped_from_outside_continues_its_fit_from_the_last_checkpoint(
         {
             "attempt_started": earlier["started"],
             "status": status,
+            "machine": elsewhere,
             "stage": "fit",
             "epoch": 2,
             "global_step": 7,
@@ -124,6 +128,7 @@ def test_a_run_stopped_from_outside_continues_its_fit_from_the_last_checkpoint(
             "kept_seconds": 40.0,
         }
     ]
+    assert record["machine"] == describe_machine()  # this attempt's machine
     # the run's times are the work it kept: this attempt plus the 40 s before the checkpoint
     assert record["wall_seconds"] == run.wall_seconds and 40.0 < record["fit_seconds"] < run.wall_seconds
     assert datetime.fromisoformat(record["fit_ended"]) >= datetime.fromisoformat(record["started"])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import math
 import re
@@ -531,3 +532,41 @@ def test_the_report_reads_the_tags_the_callbacks_write() -> None:
     assert tables.epsilon_value("0.0313725") == pytest.approx(8 / 255, rel=1e-5)
     assert spectrum_figures.EIGENVALUE_TAG.match(metrics.eigenvalue_tag(12)).group(1) == "12"
     assert metrics.MEDIAN_NORM_PATTERN.match(metrics.median_norm_tag("l2_cw")).group("attack") == "l2_cw"
+
+
+def test_the_report_says_which_machines_made_the_runs(tmp_path: Path) -> None:
+    """A study continued on another machine: the report names both machines, counts their runs, and
+    a run resumed across machines is listed under both (runs.csv has each run's machines)."""
+    here = {"host": "vm", "cpu": "Xeon", "cpu_vector": "avx512f", "gpus": [], "torch": "2.14.1",
+            "environment": {"OMP_NUM_THREADS": "1"}}  # fmt: skip
+    there = {**here, "cpu": "EPYC", "cpu_vector": "avx2"}
+    nothing_kept = {**here, "host": "node-7"}
+    resumed = [
+        {"machine": there, "stage": "fit", "kept_seconds": 40.0},
+        {"machine": nothing_kept, "stage": "fit", "kept_seconds": 0.0},  # stopped before a checkpoint
+    ]
+    for seed, record in enumerate([{"machine": here}, {"machine": here}, {"machine": here, "resumed": resumed}, {}]):
+        sweep = {"batch_size": 64, "seed": seed, "variant": "standard", "status": "finished", **record}
+        _write_run(tmp_path / "sweep" / f"bs64_seed{seed}", batch_size=64, seed=seed, sweep=sweep)
+    main([str(tmp_path / "sweep"), "--out", str(tmp_path / "report")])
+
+    markdown = (tmp_path / "report" / "report.md").read_text()
+    this = "vm (Xeon, avx512f, torch 2.14.1, OMP_NUM_THREADS=1)"
+    that = "vm (EPYC, avx2, torch 2.14.1, OMP_NUM_THREADS=1)"
+    assert f"Machines (`sweep.json`): 2 runs on {this}; 1 run on {that} then {this}; 1 without a record." in markdown
+    assert "round differently" in markdown and "node-7" not in markdown
+    rows = {row["seed"]: row["machine"] for row in csv.DictReader((tmp_path / "report" / "runs.csv").open())}
+    assert rows == {"0": this, "1": this, "2": f"{that} then {this}", "3": ""}
+
+
+def test_one_machine_is_named_without_a_warning(tmp_path: Path) -> None:
+    machine = {"host": "gpu-node", "cpu": "Xeon", "gpus": ["NVIDIA H200", "NVIDIA H200"], "torch": "2.14.1"}
+    for seed in (0, 1):
+        sweep = {"batch_size": 64, "seed": seed, "variant": "standard", "status": "finished", "machine": machine}
+        _write_run(tmp_path / "sweep" / f"bs64_seed{seed}", batch_size=64, seed=seed, sweep=sweep)
+    main([str(tmp_path / "sweep"), "--out", str(tmp_path / "report")])
+    markdown = (tmp_path / "report" / "report.md").read_text()
+    assert "Machines (`sweep.json`): 2 runs on gpu-node (Xeon, 2x NVIDIA H200, torch 2.14.1)." in markdown
+    assert "round differently" not in markdown
+    html = (tmp_path / "report" / "report.html").read_text()
+    assert "2 runs on gpu-node (Xeon, 2x NVIDIA H200, torch 2.14.1)." in html
