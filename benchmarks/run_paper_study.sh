@@ -82,7 +82,8 @@
 #   lenet5 in all: ~8.5-9 h wall. m1 has 10x lenet5's multiply-adds and a 15-epoch recipe (~12 min a run at
 #   B = 128, 47 s an epoch): recipe ~2 h, control ~3 h, robust ~40 h of CPU (~20 h wall; ROBUST_METHODS or
 #   ROBUST_BATCH_SIZES shorten it: one training step of PGD-5 / TRADES-5 at B = 16384 took 164 / 198 s
-#   with the process's start, beside two study processes, so such a run trains ~2.5 h; TRADES peaks at
+#   with the process's start, beside two study processes, attacking the whole batch (slices of 256, the
+#   m1 default, make a PGD-5 step 1.28x faster), so such a run trains ~2-2.5 h; TRADES peaks at
 #   8.6 GB there, PGD 4.9 GB), softplus ~4 h of CPU (SOFTPLUS_BATCH_SIZES shortens it). Measured
 #   (2026-11-30, m1 recipe, two sessions, two processes side by side and other work beside): 857-1,953 s a
 #   run with its analyses and test (sweep.json), 18,746 s in all. c1 (one GPU, 90 epochs of CIFAR-10): not
@@ -91,7 +92,8 @@
 # Settings (environment): PYTHON, BATCH_SIZES, SEEDS, ROBUST_BATCH_SIZES (default: smallest and largest of
 # BATCH_SIZES), ROBUST_METHODS, EPSILON, PGD_STEPS, BETAS, SOFTPLUS_BATCH_SIZES (default: smallest and
 # largest of BATCH_SIZES), CONTROL_MAX_EPOCHS, LANES, ANALYSIS_BATCH_SIZE
-# (micro-batch of the Hessian and landscape analyses; default 1024, m1 256), DRY_RUN=1, REDO=1.
+# (micro-batch of the Hessian and landscape analyses; default 1024, m1 256), ATTACK_BATCH_SIZE (slices of
+# robust training's attacks; default none: whole batches, m1 256), DRY_RUN=1, REDO=1.
 set -u -o pipefail
 cd "$(dirname "$0")/.."
 
@@ -113,18 +115,21 @@ case ${1:-} in
 esac
 case $NET in
     lenet5) CONFIG=configs/paper_fashion_mnist_lenet5.yaml; LANES=${LANES:-2}; DEFAULT_EPSILON=0.1; DEFAULT_CAP=200
-            DEFAULT_ANALYSIS_BATCH=1024 ;;
+            DEFAULT_ANALYSIS_BATCH=1024; DEFAULT_ATTACK_BATCH= ;;
     # m1: Hessian-vector products in micro-batches of 256, about 1.7x faster than one of 1024 on this CPU
     # (m1's first activations outgrow the cache; benchmarks/RESULTS.md, configs/paper_fashion_mnist_m1.yaml)
     # Control cap 100 epochs: m1 at B = 16384 with the control's constant lr 0.02 had an epoch-mean training
     # loss of 0.474 after 10 epochs (about 55 s an epoch on one core; measured 2026-11-30), lenet5 after
     # ~20, and lenet5 reached 0.3 after ~75, so m1 should stop after ~35-45.
+    # Robust training's attacks in slices of 256 (model.adversarial.attack_batch_size): the same perturbations,
+    # a PGD-5 step at B = 16384 1.28x faster on one core (benchmarks/robust_training_step.py, RESULTS.md).
     m1)     CONFIG=configs/paper_fashion_mnist_m1.yaml;     LANES=${LANES:-2}; DEFAULT_EPSILON=0.1; DEFAULT_CAP=100
-            DEFAULT_ANALYSIS_BATCH=256 ;;
+            DEFAULT_ANALYSIS_BATCH=256; DEFAULT_ATTACK_BATCH=256 ;;
     c1)     CONFIG=configs/paper_cifar10_c1.yaml;           LANES=${LANES:-1}; DEFAULT_EPSILON=0.031; DEFAULT_CAP=300
-            DEFAULT_ANALYSIS_BATCH=1024 ;;
+            DEFAULT_ANALYSIS_BATCH=1024; DEFAULT_ATTACK_BATCH= ;;
 esac
 ANALYSIS_BATCH_SIZE=${ANALYSIS_BATCH_SIZE:-$DEFAULT_ANALYSIS_BATCH}
+ATTACK_BATCH_SIZE=${ATTACK_BATCH_SIZE-$DEFAULT_ATTACK_BATCH}   # empty: attack whole batches
 BATCH_SIZES=${BATCH_SIZES:-128 512 2048 8192 16384}
 SEEDS=${SEEDS:-0 1 2}
 read -r -a _SIZES <<< "$BATCH_SIZES"
@@ -348,6 +353,10 @@ robust() {
         extra=()
         case $method in
             pgd|trades) extra=(--set model.adversarial.steps=$PGD_STEPS) ;;
+        esac
+        case $method in
+            gaussian_noise|uniform_noise) ;;   # no attack to slice
+            *) [ -n "$ATTACK_BATCH_SIZE" ] && extra+=(--set model.adversarial.attack_batch_size=$ATTACK_BATCH_SIZE) ;;
         esac
         add_jobs "$queue" --config $CONFIG --config $OVERLAY --root $ROOT --name $method \
             --set model.adversarial.method=$method --set model.adversarial.epsilon=$EPSILON "${extra[@]}" \

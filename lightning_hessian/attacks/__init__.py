@@ -5,7 +5,14 @@ Pure torch (plus foolbox for evaluation); imports only :mod:`lightning_hessian.c
 
 from lightning_hessian.attacks.evaluation import check_logits, evaluate_attack, run_native_attack
 from lightning_hessian.attacks.foolbox_adapter import AttackOutcome, run_foolbox_attack
-from lightning_hessian.attacks.native import fgsm, input_gradient, perturbation_norms, pgd, random_start
+from lightning_hessian.attacks.native import (
+    fgsm,
+    forward_in_micro_batches,
+    input_gradient,
+    perturbation_norms,
+    pgd,
+    random_start,
+)
 from lightning_hessian.attacks.specs import ATTACKS, AttackInfo, AttackSpec
 from lightning_hessian.attacks.training import ADVERSARIAL_TRAINING_METHODS, AdversarialTraining, TrainingLoss
 
@@ -20,6 +27,7 @@ __all__ = [
     "check_logits",
     "evaluate_attack",
     "fgsm",
+    "forward_in_micro_batches",
     "input_gradient",
     "perturbation_norms",
     "pgd",

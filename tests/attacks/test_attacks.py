@@ -10,7 +10,15 @@ import torch
 from helpers import digits_tensors
 from torch import nn
 
-from lightning_hessian.attacks import AttackSpec, evaluate_attack, fgsm, pgd, run_foolbox_attack
+from lightning_hessian.attacks import (
+    AttackSpec,
+    evaluate_attack,
+    fgsm,
+    forward_in_micro_batches,
+    input_gradient,
+    pgd,
+    run_foolbox_attack,
+)
 from lightning_hessian.attacks.evaluation import check_logits
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -179,3 +187,31 @@ def test_check_logits_rejects_probabilities():
     check_logits(torch.log_softmax(logits, 1), "l2_cw")  # log-probabilities keep logit differences
     with pytest.raises(ValueError, match="l2_cw needs logits"):
         check_logits(torch.softmax(logits, 1), "l2_cw")
+
+
+def test_input_gradient_in_micro_batches_is_the_whole_batch_gradient():
+    """The objective sees the logits of the whole batch (here one that couples the samples), so
+    slicing the forward pass changes nothing but speed, in eval mode."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(64, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 10))
+    model = model.double().eval()
+    x = torch.rand(20, 1, 8, 8, dtype=torch.float64)
+
+    def coupled(logits: torch.Tensor) -> torch.Tensor:
+        return torch.logsumexp(logits.flatten(), 0) * logits[0].sum()
+
+    expected = input_gradient(model, x, coupled)
+    for size in (1, 3, 20, 64):
+        torch.testing.assert_close(input_gradient(model, x, coupled, micro_batch_size=size), expected)
+
+
+def test_micro_batches_are_refused_for_batch_norm_in_training_mode():
+    model = nn.Sequential(nn.Flatten(), nn.Linear(64, 16), nn.BatchNorm1d(16), nn.Linear(16, 10)).train()
+    x = torch.rand(8, 1, 8, 8)
+    with pytest.raises(ValueError, match=r"training mode \(2\); use eval_mode\(model\) or micro_batch_size=None"):
+        forward_in_micro_batches(model, x, 4)
+    with pytest.raises(ValueError, match="micro_batch_size must be >= 1 or None, got 0"):
+        forward_in_micro_batches(model.eval(), x, 0)
+    # one forward (no slices) is the model's own call, in any mode
+    model.train()
+    assert forward_in_micro_batches(model, x, 8).shape == (8, 10)

@@ -47,6 +47,11 @@ def test_options_are_validated_with_the_valid_names():
     ):
         with pytest.raises(ValueError):
             AdversarialTraining(method="pgd", **bad)
+    for bad_size in (0, -256, 2.5, True):
+        with pytest.raises(
+            UserInputError, match=rf"attack_batch_size must be a whole number >= 1 or null .* {bad_size!r}"
+        ):
+            AdversarialTraining(method="pgd", attack_batch_size=bad_size)  # type: ignore[arg-type]
     with pytest.raises(AttributeError):  # frozen
         AdversarialTraining().method = "pgd"  # type: ignore[misc]
     assert AdversarialTraining(method="pgd", epsilon=0.1, steps=4).effective_step_size == pytest.approx(2.5 * 0.1 / 4)
@@ -163,3 +168,27 @@ def test_robust_training_raises_robust_accuracy_on_digits():
     (clean_std, robust_std), (clean_adv, robust_adv) = results["none"], results["pgd"]
     assert clean_std > 0.9 and clean_adv > 0.8  # both models learned the task
     assert robust_adv > robust_std + 0.2, results
+
+
+@pytest.mark.parametrize("method", ["fgsm", "fgsm_rs", "pgd", "trades"])
+def test_attack_batch_size_slices_the_attack_and_keeps_the_perturbations(method):
+    """attack_batch_size is a speed knob: the attack's passes run on slices of 7 samples (the last
+    one shorter), and the perturbation is the one of the whole batch at once (float64, so that
+    rounding cannot flip the sign of a gradient entry)."""
+    model = _bn_model().double()
+    x, y = _batch()
+    x = x.double()
+    whole = AdversarialTraining(method=method, epsilon=0.1, steps=3)
+    sliced = AdversarialTraining(method=method, epsilon=0.1, steps=3, attack_batch_size=7)
+    seen: list[int] = []
+    hook = model[1].register_forward_hook(lambda module, inputs, output: seen.append(len(inputs[0])))
+    torch.manual_seed(3)
+    expected = whole.perturb(model, x, y)
+    assert set(seen) == {32}
+    seen.clear()
+    torch.manual_seed(3)
+    actual = sliced.perturb(model, x, y)
+    hook.remove()
+    assert seen and set(seen) == {7, 4} and sum(seen) % 32 == 0
+    torch.testing.assert_close(actual, expected)
+    assert model.training and model[2].training  # modes restored, as without slices

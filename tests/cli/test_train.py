@@ -99,9 +99,27 @@ def test_robust_training_from_the_command_line(in_tmp_dir: Path) -> None:
     main([
         "fit", "--config", str(QUICKSTART), *QUIET_CLI, "--trainer.max_epochs=1", "--trainer.limit_train_batches=3",
         "--trainer.limit_val_batches=1", "--model.adversarial.method=fgsm", "--model.adversarial.epsilon=0.05",
+        "--model.adversarial.attack_batch_size=16",
     ])  # fmt: skip
     hparams = yaml.safe_load((in_tmp_dir / "runs" / "quickstart" / "version_0" / "hparams.yaml").read_text())
     assert hparams["adversarial"]["method"] == "fgsm" and hparams["adversarial"]["epsilon"] == 0.05
+    assert hparams["adversarial"]["attack_batch_size"] == 16
+
+
+def test_bad_attack_batch_size_fails_before_training(in_tmp_dir: Path, capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(SystemExit) as info:
+        main(
+            [
+                "fit",
+                "--config",
+                str(QUICKSTART),
+                "--model.adversarial.method=pgd",
+                "--model.adversarial.attack_batch_size=0",
+            ]
+        )
+    assert info.value.code == 2
+    assert "attack_batch_size must be a whole number >= 1 or null (the whole batch), got 0" in capsys.readouterr().err
+    assert not (in_tmp_dir / "runs").exists()
 
 
 @pytest.mark.parametrize(

@@ -227,6 +227,7 @@ def test_hparams_are_plain_yaml_with_adversarial_settings(tmp_path) -> None:
         "step_size": None,
         "ratio": 1.0,
         "beta": 6.0,
+        "attack_batch_size": None,
     }
     # a checkpoint's hparams rebuild the same module, adversarial settings included
     rebuilt = ImageClassifier(**{k: v for k, v in loaded.items() if not k.startswith("_")})

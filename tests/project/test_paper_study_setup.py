@@ -99,8 +99,9 @@ def test_same_loss_overlay_is_the_study_overlay_plus_the_early_stop(capsys: pyte
     assert control[:-1] == study
 
 
-def _dry_run(*arguments: str) -> subprocess.CompletedProcess:
-    environment = {**os.environ, "DRY_RUN": "1", "PYTHON": sys.executable}
+def _dry_run(*arguments: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    inherited = {key: value for key, value in os.environ.items() if key != "ATTACK_BATCH_SIZE"}
+    environment = {**inherited, "DRY_RUN": "1", "PYTHON": sys.executable, **(env or {})}
     return subprocess.run(["bash", str(SCRIPT), *arguments], capture_output=True, text=True, timeout=120,
                           env=environment, cwd=REPO_ROOT)  # fmt: skip
 
@@ -145,6 +146,8 @@ def test_study_script_commands_are_valid_and_complete() -> None:
     assert {"model.adversarial.method=pgd", "model.adversarial.epsilon=0.1", "model.adversarial.steps=5"} <= set(
         pgd.overrides
     )
+    # lenet5's robust runs attack whole batches, as its recorded runs did
+    assert not any("attack_batch_size" in override for settings in sweeps for override in settings.overrides)
     interpolations = [args for args, _ in landscapes if args.command == "interpolate"]
     assert len(interpolations) == 6 and all(
         args.eigenvalue and args.splits == ["train", "test"] for args in interpolations
@@ -349,6 +352,32 @@ def test_m1_analyses_run_in_micro_batches_of_256(tmp_path: Path) -> None:
         not config.startswith("configs/") for config in m1_configs
     )
     assert " --config configs/overlays/paper_study.yaml " in lenet5.stdout
+
+
+def test_m1_robust_training_attacks_in_slices_of_256() -> None:
+    """m1's FGSM, PGD and TRADES runs attack in slices of 256 (ATTACK_BATCH_SIZE overrides it, empty
+    for whole batches); the noise baseline has no attack to slice."""
+
+    def slices(result: subprocess.CompletedProcess) -> dict[str, set[str]]:
+        assert result.returncode == 0, result.stderr
+        found: dict[str, set[str]] = {}
+        for line in result.stdout.splitlines():
+            if line.startswith("+ ") and "lightning_hessian.cli.sweep" in line:
+                command = shlex.split(line[2:])
+                name = command[command.index("--name") + 1]
+                found.setdefault(name, set()).update(a for a in command if "attack_batch_size" in a)
+        return found
+
+    assert slices(_dry_run("m1", "robust")) == {
+        "fgsm": {"model.adversarial.attack_batch_size=256"},
+        "gaussian_noise": set(),
+        "pgd": {"model.adversarial.attack_batch_size=256"},
+        "trades": {"model.adversarial.attack_batch_size=256"},
+    }
+    assert slices(_dry_run("m1", "robust", env={"ATTACK_BATCH_SIZE": "1024"}))["pgd"] == {
+        "model.adversarial.attack_batch_size=1024"
+    }
+    assert slices(_dry_run("m1", "robust", env={"ATTACK_BATCH_SIZE": ""}))["pgd"] == set()
 
 
 def test_tiny_study_end_to_end(in_tmp_dir: Path) -> None:
