@@ -42,6 +42,7 @@ import math
 import os
 import random
 import re
+import shutil
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -50,12 +51,14 @@ from typing import Any, Protocol, TypeGuard
 import numpy as np
 import pytorch_lightning as pl
 import torch
-from pytorch_lightning.callbacks import Callback
+from pytorch_lightning.callbacks import Callback, ModelCheckpoint
 from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
 from typing_extensions import override
 
 __all__ = [
+    "BEFORE_END_CHECKPOINT",
     "CheckpointLogSync",
+    "KeepCheckpointBeforeEnd",
     "RNGStateCallback",
     "capture_rng_state",
     "continue_event_log",
@@ -244,7 +247,8 @@ class CheckpointLogSync(Callback):
                 "Resuming from a checkpoint saved when training had reached its end (max_epochs/max_steps, or"
                 " an early stop): Lightning does not run the on_train_end hooks again (end-of-training analyses"
                 " are not repeated) and, after an early stop, trains another epoch. To redo the end of this"
-                " run, start it again without --ckpt_path."
+                f" run, resume from {BEFORE_END_CHECKPOINT} in the same directory (KeepCheckpointBeforeEnd: it"
+                " trains the last epoch again), or start it again without --ckpt_path."
             )
 
     @override
@@ -303,6 +307,70 @@ class CheckpointLogSync(Callback):
     def _flush(trainer: pl.Trainer) -> None:
         for logger in trainer.loggers:
             logger.save()
+
+
+#: the file :class:`KeepCheckpointBeforeEnd` keeps next to ``last.ckpt``
+BEFORE_END_CHECKPOINT = "before_end.ckpt"
+
+
+class KeepCheckpointBeforeEnd(Callback):
+    """Keep the last checkpoint from before the one that ends training, so that a run killed in its
+    end-of-training analyses can redo them.
+
+    Resumed from a checkpoint that ends training (``ends_fit``, see :class:`CheckpointLogSync`),
+    Lightning skips training and with it the ``on_train_end`` hooks, where the analysis callbacks
+    analyse the final model. So, just before that checkpoint is written, this callback copies the
+    current last checkpoint of every ``ModelCheckpoint`` with ``save_last`` (the previous epoch's)
+    to :data:`BEFORE_END_CHECKPOINT` in the same directory. ``fit --ckpt_path
+    .../checkpoints/before_end.ckpt`` then trains the last epoch again (the same epoch, bit for bit
+    on the CPU, with :class:`RNGStateCallback`) and runs the end of training; ``hessian-sweep``
+    does this by itself. A fit that ends normally (``on_fit_end``) deletes the copy. Rank zero
+    only; a copy that fails (disk full) warns and training goes on. Nothing to keep when training
+    ends at its first checkpoint.
+    """
+
+    def __init__(self) -> None:
+        self._kept_at_step: int | None = None
+
+    @override
+    def on_save_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        # one copy per step: ModelCheckpoint may save a top-k file before last.ckpt at the same step
+        if not trainer.is_global_zero or self._kept_at_step == trainer.global_step:
+            return
+        if not fit_ends_after_this_step(trainer):
+            return
+        self._kept_at_step = trainer.global_step
+        for directory in self._last_checkpoint_dirs(trainer):
+            previous = last_checkpoint_in(directory)
+            if previous is None:
+                continue
+            target = directory / BEFORE_END_CHECKPOINT
+            partial = target.with_name(target.name + ".partial")
+            try:
+                shutil.copyfile(previous, partial)
+                os.replace(partial, target)  # a kill during the copy leaves no half file under the name
+            except OSError as error:
+                rank_zero_warn(
+                    f"KeepCheckpointBeforeEnd: could not copy {previous} to {target} ({error}); training goes on,"
+                    " but a kill in the end-of-training analyses means training this run again"
+                )
+
+    @override
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not trainer.is_global_zero:
+            return
+        for directory in self._last_checkpoint_dirs(trainer):
+            (directory / BEFORE_END_CHECKPOINT).unlink(missing_ok=True)
+
+    @staticmethod
+    def _last_checkpoint_dirs(trainer: pl.Trainer) -> list[Path]:
+        return [
+            Path(callback.dirpath)
+            for callback in trainer.checkpoint_callbacks
+            if isinstance(callback, ModelCheckpoint) and callback.save_last and callback.dirpath
+        ]
 
 
 class _ExperimentLogger(Protocol):

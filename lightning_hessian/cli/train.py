@@ -23,7 +23,9 @@ Resuming (:mod:`lightning_hessian.resume`): ``fit`` saves ``last.ckpt`` with eve
 generator states (:class:`~lightning_hessian.resume.RNGStateCallback`, appended to the config's
 callbacks), ``--ckpt_path last`` is the newest ``version_<n>`` with a last checkpoint (an error if
 there is none) and ``fit`` continues that run's directory, its event files purged from the
-checkpoint's step on.
+checkpoint's step on. The last checkpoint before the one that ends training is kept as
+``checkpoints/before_end.ckpt`` (:class:`~lightning_hessian.resume.KeepCheckpointBeforeEnd`), to
+redo the end of a run killed in its end-of-training analyses.
 Invalid names (architecture, activation, optimiser, schedule, dataset) are reported with the
 valid choices before anything is trained.
 
@@ -57,6 +59,7 @@ from lightning_hessian.errors import InputNotFoundError, is_user_error, run_cons
 from lightning_hessian.models import ImageClassifier
 from lightning_hessian.resume import (
     CheckpointLogSync,
+    KeepCheckpointBeforeEnd,
     RNGStateCallback,
     find_resume_checkpoint,
     last_checkpoint_in,
@@ -125,7 +128,7 @@ class HessianCLI(LightningCLI):
                 "init_args": {"save_dir": "runs", "name": "hessian", "default_hp_metric": False},
             },
             # appended to the config's callbacks: exact resumption (lightning_hessian.resume)
-            "callbacks": [RNGStateCallback(), CheckpointLogSync()],
+            "callbacks": [RNGStateCallback(), CheckpointLogSync(), KeepCheckpointBeforeEnd()],
             **kwargs.pop("trainer_defaults", {}),
         }
         kwargs["trainer_defaults"] = trainer_defaults

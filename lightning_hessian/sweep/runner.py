@@ -5,13 +5,15 @@ A run whose ``sweep.json`` says ``finished`` is skipped, so an interrupted sweep
 it stopped. A run that was stopped from outside (``interrupted`` by Ctrl-C or SIGTERM, or still
 ``running`` because the sweep itself was killed) continues from its last checkpoint with the same
 settings (:func:`find_resume_point`; ``hessian-train``'s resumption is exact, see
-:mod:`lightning_hessian.resume`); a run that failed, or one that cannot continue (other settings, no
-checkpoint yet, ``resume=False``), is moved to ``ROOT/NAME/.attempts/`` and run again from the
-start. A failed run does not stop the sweep. After a successful ``fit`` the sweep runs
-``hessian-train test`` into the same directory on the checkpoint that the fit recorded in
-``checkpoint.json`` (:mod:`lightning_hessian.checkpoint_io`; not merely the newest ``.ckpt``
-file, which may be a partial one), so the run has a ``test/acc`` and the callbacks' analyses on
-the test split.
+:mod:`lightning_hessian.resume`), or, when that checkpoint ends training (the run was killed in
+its end-of-training analyses, which Lightning does not redo from it), from the checkpoint before
+(``before_end.ckpt``: its last epoch is trained again); a run that failed, or one that cannot
+continue (other settings, no checkpoint yet, ``resume=False``), is moved to
+``ROOT/NAME/.attempts/`` and run again from the start. A failed run does not stop the sweep.
+After a successful ``fit`` the sweep runs ``hessian-train test`` into the same directory on the
+checkpoint that the fit recorded in ``checkpoint.json`` (:mod:`lightning_hessian.checkpoint_io`;
+not merely the newest ``.ckpt`` file, which may be a partial one), so the run has a ``test/acc``
+and the callbacks' analyses on the test split.
 
 The training process runs in its own process group, holding the run directory's
 :class:`~lightning_hessian.sweep.lock.RunLock`. SIGINT and SIGTERM sent to the sweep are passed on
@@ -39,7 +41,7 @@ from typing import Any, TextIO
 import yaml
 
 from lightning_hessian.checkpoint_io import CHECKPOINT_RECORD, recorded_checkpoint
-from lightning_hessian.resume import last_checkpoint_in, read_resume_info
+from lightning_hessian.resume import BEFORE_END_CHECKPOINT, last_checkpoint_in, read_resume_info
 from lightning_hessian.sweep.lock import RunBusyError, RunLock
 from lightning_hessian.sweep.machine import describe_machine
 from lightning_hessian.sweep.records import LOG_FILE, move_aside, read_record, utc_now, write_record
@@ -106,7 +108,12 @@ class ResumePoint:
         kept = self.kept.get("kept_seconds")
         work = "" if kept is None else f"; {kept:.0f} s of its work kept"
         if self.stage == "fit":
-            return f"resuming the {self.kept['status']} attempt's fit from {self.checkpoint} ({where}{work})"
+            redo = (
+                "; its last checkpoint had ended training, so the last epoch and the end of training are redone"
+                if self.checkpoint.name == BEFORE_END_CHECKPOINT
+                else ""
+            )
+            return f"resuming the {self.kept['status']} attempt's fit from {self.checkpoint} ({where}{work}{redo})"
         return f"the {self.kept['status']} attempt's fit had finished ({where}{work}); running what follows it"
 
 
@@ -184,14 +191,38 @@ def find_resume_point(
     except Exception as error:  # any unreadable file: start again rather than fail the sweep
         return None, f"its last checkpoint {last} cannot be read ({type(error).__name__}: {error})"
     if _ends_fit(run_dir, info):
-        return None, (
+        ends = (
             f"its last checkpoint {last} was saved when training had reached its end (epoch {info['epoch']}, step"
             f" {info['global_step']}), and Lightning does not redo the end of training (its analyses) from it"
         )
+        # KeepCheckpointBeforeEnd's copy of the checkpoint before: train the last epoch again
+        last, info, why_not = _checkpoint_before_end(run_dir, info)
+        if last is None:
+            return None, f"{ends}; {why_not}"
     kept = {"stage": "fit", "epoch": info["epoch"], "global_step": info["global_step"], "saved_at": info["saved_at"]}
     if not info["has_rng"]:
         kept["exact"] = False  # saved without RNGStateCallback: the resumed run draws other random numbers
     return ResumePoint("fit", last, _kept(record, last, kept, started)), ""
+
+
+def _checkpoint_before_end(run_dir: Path, end: dict[str, Any]) -> tuple[Path | None, dict[str, Any], str]:
+    """:data:`~lightning_hessian.resume.BEFORE_END_CHECKPOINT` of ``run_dir`` when it can stand in
+    for a last checkpoint that ends training (its information ``end``): readable, from an earlier
+    step, and not itself the end of training.
+
+    Returns:
+        ``(checkpoint, its information, "")``, or ``(None, end, why not)``.
+    """
+    path = run_dir / "checkpoints" / BEFORE_END_CHECKPOINT
+    if not path.is_file():
+        return None, end, f"there is no {BEFORE_END_CHECKPOINT} (saved by KeepCheckpointBeforeEnd) to redo it from"
+    try:
+        info = read_resume_info(path)
+    except Exception as error:  # any unreadable file: start again rather than fail the sweep
+        return None, end, f"{path} cannot be read ({type(error).__name__}: {error})"
+    if info["global_step"] >= end["global_step"] or _ends_fit(run_dir, info):
+        return None, end, f"{path} (step {info['global_step']}) is not from before the end"
+    return path, info, ""
 
 
 def _ends_fit(run_dir: Path, info: dict[str, Any]) -> bool:

@@ -25,7 +25,9 @@ from torch.utils.data import DataLoader, TensorDataset
 from lightning_hessian.cli import main
 from lightning_hessian.report.events import read_events
 from lightning_hessian.resume import (
+    BEFORE_END_CHECKPOINT,
     CheckpointLogSync,
+    KeepCheckpointBeforeEnd,
     RNGStateCallback,
     capture_rng_state,
     continue_event_log,
@@ -157,6 +159,82 @@ def test_the_checkpoint_says_whether_training_ends_after_it(tmp_path: Path, stop
             default_root_dir=tmp_path, callbacks=[CheckpointLogSync(), RNGStateCallback()], **QUIET,
         )  # fmt: skip
         resumed.fit(LoggingNoisyModule(), ckpt_path=str(tmp_path / "checkpoints" / "last.ckpt"))
+
+
+class Killed(Exception):
+    """A kill in the end-of-training analyses (Lightning turns KeyboardInterrupt into an exit)."""
+
+
+class EndOfTraining(pl.Callback):
+    """Stands for the end-of-training analyses: records each ``on_train_end`` with what the
+    checkpoint directory holds then, and can be killed there (an exception: no ``on_fit_end``)."""
+
+    def __init__(self, directory: Path, kill: bool = False) -> None:
+        self.directory, self.kill = directory, kill
+        self.seen: list[dict] = []
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        before_end = self.directory / BEFORE_END_CHECKPOINT
+        self.seen.append({
+            "step": trainer.global_step,
+            "before_end": read_resume_info(before_end) if before_end.exists() else None,
+            "last": read_resume_info(self.directory / "last.ckpt"),
+        })  # fmt: skip
+        if self.kill:
+            raise Killed  # what a kill leaves: no on_fit_end
+
+
+@pytest.mark.parametrize("stop", ["max_epochs", "early_stop"])
+def test_a_run_killed_in_its_end_of_training_redoes_it_from_the_checkpoint_before(tmp_path: Path, stop: str) -> None:
+    """The checkpoint before the one that ends training is kept while the end-of-training hooks run;
+    resumed from it, the run trains its last epoch again (ending with the uninterrupted run's
+    weights) and runs those hooks; a fit that ends normally deletes the copy."""
+    steps_per_epoch = 5  # 40 samples, batches of 8
+    max_epochs = 3 if stop == "max_epochs" else 10
+
+    def fit(directory: Path, end: EndOfTraining, ckpt_path: str | None = None) -> LoggingNoisyModule:
+        pl.seed_everything(0)
+        callbacks = [CheckpointLogSync(), RNGStateCallback(), KeepCheckpointBeforeEnd(), end]
+        if stop == "early_stop":
+            callbacks.append(StopAfterTwoEpochs())
+        checkpoint = pl.callbacks.ModelCheckpoint(dirpath=directory, save_last=True)
+        trainer = pl.Trainer(max_epochs=max_epochs, logger=False, callbacks=[*callbacks, checkpoint], **QUIET)
+        model = LoggingNoisyModule()
+        trainer.fit(model, ckpt_path=ckpt_path)
+        return model
+
+    last_epoch = 2 if stop == "max_epochs" else 1
+    uninterrupted_end = EndOfTraining(tmp_path / "a")
+    uninterrupted = fit(tmp_path / "a", uninterrupted_end)
+    (seen,) = uninterrupted_end.seen
+    assert seen["last"]["ends_fit"] and seen["last"]["epoch"] == last_epoch
+    kept = seen["before_end"]  # the previous epoch's checkpoint, there while the end of training runs
+    assert kept is not None and kept["epoch"] == last_epoch - 1 and not kept["ends_fit"]
+    assert kept["global_step"] == last_epoch * steps_per_epoch
+    assert not (tmp_path / "a" / BEFORE_END_CHECKPOINT).exists()  # the fit ended: deleted
+
+    killed_end = EndOfTraining(tmp_path / "b", kill=True)
+    with pytest.raises(Killed):
+        fit(tmp_path / "b", killed_end)
+    before_end = tmp_path / "b" / BEFORE_END_CHECKPOINT
+    assert before_end.exists()
+    resumed_end = EndOfTraining(tmp_path / "b")
+    resumed = fit(tmp_path / "b", resumed_end, ckpt_path=str(before_end))
+    (seen,) = resumed_end.seen  # the end of training ran, at the uninterrupted run's step
+    assert seen["step"] == (last_epoch + 1) * steps_per_epoch == uninterrupted_end.seen[0]["step"]
+    for p, q in zip(uninterrupted.parameters(), resumed.parameters(), strict=True):
+        torch.testing.assert_close(p, q, rtol=0, atol=0)  # one process, one thread count: the same arithmetic
+    assert not before_end.exists()
+
+
+def test_nothing_is_kept_when_training_ends_at_its_first_checkpoint(tmp_path: Path) -> None:
+    end = EndOfTraining(tmp_path)
+    checkpoint = pl.callbacks.ModelCheckpoint(dirpath=tmp_path, save_last=True)
+    trainer = pl.Trainer(
+        max_epochs=1, logger=False, callbacks=[CheckpointLogSync(), KeepCheckpointBeforeEnd(), end, checkpoint], **QUIET
+    )
+    trainer.fit(NoisyModule())
+    assert end.seen[0]["before_end"] is None and end.seen[0]["last"]["ends_fit"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -313,6 +391,22 @@ class EpochEndProbe(pl.Callback):
         self.last_epoch = state["last_epoch"]
 
 
+class EndProbe(pl.Callback):
+    """Stands for the end-of-training analyses: logs at the end of training, and with $HOLD_AT_END
+    set flushes the loggers, writes `held_end` and waits there to be killed."""
+
+    def on_train_end(self, trainer, pl_module):
+        value = float(sum(p.detach().double().sum() for p in pl_module.parameters()))
+        for logger in trainer.loggers:
+            logger.log_metrics({"probe/end_param_sum": value}, step=trainer.global_step)
+        if os.environ.get("HOLD_AT_END"):
+            for logger in trainer.loggers:
+                logger.save()
+            Path("held_end").write_text(str(trainer.global_step))
+            while True:
+                time.sleep(0.02)
+
+
 class HoldAt(pl.Callback):
     """Before the batch at global step $HOLD_AT_STEP: flush the loggers (the events logged since the
     checkpoint are on disk, as they would be after a while), write `marker`, wait to be killed."""
@@ -342,6 +436,7 @@ CONFIG = {
             },
             {"class_path": "resume_helpers.EpochEndProbe"},
             {"class_path": "resume_helpers.HoldAt"},
+            {"class_path": "resume_helpers.EndProbe"},
         ],
     },
     # gaussian_noise: every step draws from the global generator
@@ -354,8 +449,11 @@ CONFIG = {
 }  # fmt: skip
 
 
-def _hessian_train(directory: Path, *extra: str, hold_at: int = -1) -> subprocess.Popen:
+def _hessian_train(directory: Path, *extra: str, hold_at: int = -1, hold_at_end: bool = False) -> subprocess.Popen:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HOLD_AT_STEP": str(hold_at)}
+    env.pop("HOLD_AT_END", None)
+    if hold_at_end:
+        env["HOLD_AT_END"] = "1"
     env["PYTHONPATH"] = os.pathsep.join([str(directory.parent), env.get("PYTHONPATH", "")])
     command = [sys.executable, "-m", "lightning_hessian.cli", "fit", "--config", "../tiny.yaml", *extra]
     log = open(directory / f"log{time.monotonic_ns()}.txt", "w")
@@ -366,6 +464,53 @@ def _finish(process: subprocess.Popen, directory: Path, timeout: float = 120) ->
     if process.wait(timeout=timeout) != 0:
         logs = "\n".join(p.read_text()[-3000:] for p in sorted(directory.glob("log*.txt")))
         pytest.fail(f"hessian-train failed in {directory}:\n{logs}")
+
+
+def _wait_for(marker: Path, process: subprocess.Popen, what: str) -> None:
+    deadline = time.monotonic() + 180
+    while not marker.exists():
+        assert process.poll() is None, f"hessian-train ended before {what}"
+        assert time.monotonic() < deadline, f"hessian-train did not reach {what}"
+        time.sleep(0.05)
+
+
+def test_kill_9_in_the_end_of_training_then_the_checkpoint_before_repeats_it(tmp_path: Path) -> None:
+    """Killed in its end-of-training analyses, a run resumed from ``before_end.ckpt`` (what
+    hessian-train keeps by default) trains its last epoch again and ends as the uninterrupted run:
+    the same weights, and the end-of-training value logged once, at the same step."""
+    (tmp_path / "resume_helpers.py").write_text(textwrap.dedent(HELPERS))
+    (tmp_path / "tiny.yaml").write_text(yaml.safe_dump(CONFIG))
+    uninterrupted_dir, resumed_dir = tmp_path / "uninterrupted", tmp_path / "resumed"
+    uninterrupted_dir.mkdir()
+    resumed_dir.mkdir()
+    uninterrupted = _hessian_train(uninterrupted_dir)
+    killed = _hessian_train(resumed_dir, hold_at_end=True)
+    _wait_for(resumed_dir / "held_end", killed, "the end of training")
+    killed.send_signal(signal.SIGKILL)
+    killed.wait(timeout=60)
+    run = resumed_dir / "runs" / "tiny" / "version_0"
+    last, before_end = run / "checkpoints" / "last.ckpt", run / "checkpoints" / BEFORE_END_CHECKPOINT
+    assert read_resume_info(last)["ends_fit"] and read_resume_info(last)["global_step"] == 12
+    kept = read_resume_info(before_end)  # the epoch before the last: 3 epochs of 4 steps
+    assert (kept["epoch"], kept["global_step"], kept["ends_fit"]) == (1, 8, False)
+
+    _finish(
+        _hessian_train(resumed_dir, "--ckpt_path", str(before_end), "--trainer.logger.init_args.version=0"),
+        resumed_dir,
+    )
+    _finish(uninterrupted, uninterrupted_dir)
+    assert [p.name for p in (resumed_dir / "runs" / "tiny").iterdir()] == ["version_0"]
+    assert not before_end.exists()  # the fit ended normally
+    expected = torch.load(uninterrupted_dir / "runs/tiny/version_0/checkpoints/last.ckpt", weights_only=True)
+    actual = torch.load(last, weights_only=True)
+    assert actual["global_step"] == expected["global_step"] == 12
+    assert all(torch.equal(actual["state_dict"][k], v) for k, v in expected["state_dict"].items())
+    reference = _accumulated(uninterrupted_dir / "runs" / "tiny" / "version_0")
+    curves = _accumulated(run)
+    assert reference["probe/end_param_sum"] and curves["probe/end_param_sum"] == reference["probe/end_param_sum"]
+    assert {tag: sorted(points) for tag, points in curves.items()} == {
+        tag: sorted(points) for tag, points in reference.items()
+    }
 
 
 def test_kill_9_mid_epoch_then_ckpt_path_last_repeats_the_uninterrupted_run(tmp_path: Path) -> None:

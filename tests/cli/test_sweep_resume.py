@@ -22,6 +22,7 @@ from helpers import QUICKSTART
 
 from lightning_hessian.cli.sweep import main
 from lightning_hessian.report.events import read_events
+from lightning_hessian.resume import BEFORE_END_CHECKPOINT
 from lightning_hessian.sweep import ATTEMPTS_DIR, LOCK_FILE, SweepSettings, find_resume_point, run_sweep
 from lightning_hessian.sweep.machine import describe_machine
 
@@ -61,11 +62,17 @@ def _calls(run_dir: Path) -> list[str]:
 
 
 def _save_checkpoint(
-    run_dir: Path, saved_at: float, ends_fit: bool | None = False, stopped_epoch: int | None = None
+    run_dir: Path,
+    saved_at: float,
+    ends_fit: bool | None = False,
+    stopped_epoch: int | None = None,
+    name: str = "last.ckpt",
+    epoch: int = 2,
+    global_step: int = 7,
 ) -> None:
-    """A real last checkpoint at epoch 2, step 7, as hessian-train's callbacks fill it; with
-    ``ends_fit=None`` as older versions wrote it (no ``ends_fit``), with ``stopped_epoch`` an
-    ``EarlyStopping`` state."""
+    """A real checkpoint ``name`` (default the last, at epoch 2, step 7), as hessian-train's
+    callbacks fill it; with ``ends_fit=None`` as older versions wrote it (no ``ends_fit``), with
+    ``stopped_epoch`` an ``EarlyStopping`` state."""
     sync: dict = {"saved_at": saved_at, "log_dir": str(run_dir.resolve())}
     if ends_fit is not None:
         sync["ends_fit"] = ends_fit
@@ -74,8 +81,13 @@ def _save_checkpoint(
         callbacks["EarlyStopping{'monitor': 'train/loss', 'mode': 'min'}"] = {
             "wait_count": 0, "stopped_epoch": stopped_epoch, "best_score": torch.tensor(0.3), "patience": 3,
         }  # fmt: skip
-    checkpoint = {"epoch": 2, "global_step": 7, "state_dict": {"w": torch.zeros(2)}, "callbacks": callbacks}
-    torch.save(checkpoint, run_dir / "checkpoints" / "last.ckpt")
+    checkpoint = {
+        "epoch": epoch,
+        "global_step": global_step,
+        "state_dict": {"w": torch.zeros(2)},
+        "callbacks": callbacks,
+    }
+    torch.save(checkpoint, run_dir / "checkpoints" / name)
 
 
 def _stop_during_fit(run_dir: Path, status: str, **changes) -> dict:
@@ -185,7 +197,22 @@ def test_a_run_whose_fit_had_finished_runs_only_the_test(settings: SweepSettings
         ({"config_sha256": ["0" * 64]}, r"its config files have changed since it started"),
         ({"no_checkpoint": True}, "it saved no last checkpoint in checkpoints/"),
         ({"unreadable": True}, "its last checkpoint .* cannot be read"),
-        ({"ends_fit": True}, "its last checkpoint .* was saved when training had reached its end"),
+        (
+            {"ends_fit": True},
+            "its last checkpoint .* was saved when training had reached its end .*; there is no before_end.ckpt",
+        ),
+        (
+            {"ends_fit": True, "before_end": "unreadable"},
+            "its last checkpoint .* reached its end .*; .*before_end.ckpt cannot be read",
+        ),
+        (
+            {"ends_fit": True, "before_end": "same step"},
+            r"its last checkpoint .* reached its end .*before_end.ckpt \(step 7\) is not from before",
+        ),
+        (
+            {"ends_fit": True, "before_end": "ends"},
+            r"its last checkpoint .* reached its end .*before_end.ckpt \(step 5\) is not from before",
+        ),
         ({"early_stopped": True}, "its last checkpoint .* was saved when training had reached its end"),
         ({"max_epochs": 3}, "its last checkpoint .* was saved when training had reached its end"),
         ({"restart": True}, "resuming is off"),
@@ -197,7 +224,7 @@ def test_a_run_that_cannot_continue_is_moved_aside_and_started_again(
     change = dict(change)
     flags = {
         key: change.pop(key, None)
-        for key in ("no_checkpoint", "unreadable", "ends_fit", "early_stopped", "max_epochs", "restart")
+        for key in ("no_checkpoint", "unreadable", "ends_fit", "before_end", "early_stopped", "max_epochs", "restart")
     }
     run_dir, record = _stopped_attempt(settings, **change)
     saved_at = datetime.fromisoformat(record["started"]).timestamp() + 40.0
@@ -208,6 +235,14 @@ def test_a_run_that_cannot_continue_is_moved_aside_and_started_again(
         last.write_bytes(b"half a zip")
     if flags["ends_fit"]:  # the fit's last epoch: killed in its end-of-training analyses
         _save_checkpoint(run_dir, saved_at, ends_fit=True)
+    if flags["before_end"] == "unreadable":
+        (run_dir / "checkpoints" / BEFORE_END_CHECKPOINT).write_bytes(b"half a zip")
+    elif flags["before_end"] is not None:  # one that cannot stand in for the last
+        same_step = flags["before_end"] == "same step"
+        _save_checkpoint(
+            run_dir, saved_at - 10, ends_fit=not same_step, name=BEFORE_END_CHECKPOINT, epoch=1,
+            global_step=7 if same_step else 5,
+        )  # fmt: skip
     if flags["early_stopped"]:  # a checkpoint of an older version: EarlyStopping stopped at its epoch
         _save_checkpoint(run_dir, saved_at, ends_fit=None, stopped_epoch=2)
     if flags["max_epochs"]:  # a checkpoint of an older version at the config's last epoch
@@ -225,6 +260,29 @@ def test_a_run_that_cannot_continue_is_moved_aside_and_started_again(
     printed = capsys.readouterr().out
     assert "moved to" in printed
     assert re.search(f"not resumed: {reason}", printed), printed
+
+
+def test_a_run_killed_in_its_end_of_training_continues_from_the_checkpoint_before(settings: SweepSettings) -> None:
+    """Its last checkpoint ends training, so the sweep trains the last epoch again from the one
+    before (KeepCheckpointBeforeEnd's copy), and the end of training runs."""
+    run_dir, record = _stopped_attempt(settings)
+    started = datetime.fromisoformat(record["started"]).timestamp()
+    _save_checkpoint(run_dir, started + 40.0, ends_fit=True)
+    before_end = run_dir / "checkpoints" / BEFORE_END_CHECKPOINT
+    _save_checkpoint(run_dir, started + 30.0, name=BEFORE_END_CHECKPOINT, epoch=1, global_step=5)
+
+    (run,) = run_sweep(settings, out=io.StringIO())
+    assert run.status == "finished"
+    fit, test = _calls(run_dir)
+    assert fit.endswith(f"--ckpt_path={before_end}") and test.startswith("test ")
+    (entry,) = json.loads((run_dir / "sweep.json").read_text())["resumed"]
+    assert (entry["stage"], entry["epoch"], entry["global_step"], entry["kept_seconds"]) == ("fit", 1, 5, 30.0)
+    assert entry["checkpoint"] == str(before_end)
+    assert not (settings.sweep_dir / ATTEMPTS_DIR).exists()
+    assert (
+        f"resuming the running attempt's fit from {before_end} (epoch 1, step 5; 30 s of its work kept; its last"
+        " checkpoint had ended training, so the last epoch and the end of training are redone)"
+    ) in (run_dir / "train.log").read_text()
 
 
 def test_an_older_checkpoint_before_the_configs_last_epoch_continues(settings: SweepSettings) -> None:
