@@ -52,6 +52,7 @@ import numpy as np
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import Callback, ModelCheckpoint
+from pytorch_lightning.trainer.states import TrainerFn
 from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
 from typing_extensions import override
 
@@ -242,7 +243,8 @@ class CheckpointLogSync(Callback):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         if self._resume is not None:
             self._resume.update(saved_at=state_dict.get("saved_at"), log_dir=state_dict.get("log_dir"))
-        if state_dict.get("ends_fit"):
+        fitting = self._trainer is None or self._trainer.state.fn == TrainerFn.FITTING
+        if state_dict.get("ends_fit") and fitting:  # test/validate on a finished run's checkpoint is what it is for
             rank_zero_warn(
                 "Resuming from a checkpoint saved when training had reached its end (max_epochs/max_steps, or"
                 " an early stop): Lightning does not run the on_train_end hooks again (end-of-training analyses"

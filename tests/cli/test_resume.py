@@ -11,6 +11,7 @@ import subprocess
 import sys
 import textwrap
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -128,6 +129,15 @@ class LoggingNoisyModule(NoisyModule):
         return loss
 
 
+class EvaluatedNoisyModule(LoggingNoisyModule):
+    def test_step(self, batch, batch_idx):
+        x, y = batch
+        self.log("test_loss", nn.functional.cross_entropy(self.net(x), y))
+
+    def test_dataloader(self) -> DataLoader:
+        return self.train_dataloader()
+
+
 @pytest.mark.parametrize("stop", ["max_epochs", "early_stop"])
 def test_the_checkpoint_says_whether_training_ends_after_it(tmp_path: Path, stop: str) -> None:
     """Lightning keeps neither ``should_stop`` nor the epoch limit in a checkpoint; the one where
@@ -159,6 +169,12 @@ def test_the_checkpoint_says_whether_training_ends_after_it(tmp_path: Path, stop
             default_root_dir=tmp_path, callbacks=[CheckpointLogSync(), RNGStateCallback()], **QUIET,
         )  # fmt: skip
         resumed.fit(LoggingNoisyModule(), ckpt_path=str(tmp_path / "checkpoints" / "last.ckpt"))
+    # testing the finished run's checkpoint resumes nothing: no warning
+    tester = pl.Trainer(logger=False, callbacks=[CheckpointLogSync(), RNGStateCallback()], **QUIET)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        tester.test(EvaluatedNoisyModule(), ckpt_path=str(tmp_path / "checkpoints" / "last.ckpt"), verbose=False)
+    assert not [w for w in caught if "reached its end" in str(w.message)]
 
 
 class Killed(Exception):
