@@ -193,7 +193,12 @@ def fit_ends_after_this_step(trainer: pl.Trainer) -> bool:
         return True
     max_epochs = trainer.max_epochs
     # an epoch-end checkpoint is saved before the epoch counts as completed: current_epoch is its index
-    return max_epochs is not None and max_epochs >= 0 and trainer.current_epoch + 1 >= max_epochs
+    if max_epochs is None or max_epochs < 0 or trainer.current_epoch + 1 < max_epochs:
+        return False
+    # ... and in the last epoch only the checkpoint after its last batch is the end, not one in its
+    # middle (every_n_train_steps, val_check_interval < 1)
+    batch_progress = getattr(getattr(trainer.fit_loop, "epoch_loop", None), "batch_progress", None)
+    return bool(getattr(batch_progress, "is_last_batch", True))
 
 
 class CheckpointLogSync(Callback):
@@ -249,8 +254,8 @@ class CheckpointLogSync(Callback):
                 "Resuming from a checkpoint saved when training had reached its end (max_epochs/max_steps, or"
                 " an early stop): Lightning does not run the on_train_end hooks again (end-of-training analyses"
                 " are not repeated) and, after an early stop, trains another epoch. To redo the end of this"
-                f" run, resume from {BEFORE_END_CHECKPOINT} in the same directory (KeepCheckpointBeforeEnd: it"
-                " trains the last epoch again), or start it again without --ckpt_path."
+                f" run, resume from {BEFORE_END_CHECKPOINT} in the same directory if KeepCheckpointBeforeEnd"
+                " kept one (it trains the last epoch again), or start it again without --ckpt_path."
             )
 
     @override
@@ -322,17 +327,20 @@ class KeepCheckpointBeforeEnd(Callback):
     Resumed from a checkpoint that ends training (``ends_fit``, see :class:`CheckpointLogSync`),
     Lightning skips training and with it the ``on_train_end`` hooks, where the analysis callbacks
     analyse the final model. So, just before that checkpoint is written, this callback copies the
-    current last checkpoint of every ``ModelCheckpoint`` with ``save_last`` (the previous epoch's)
-    to :data:`BEFORE_END_CHECKPOINT` in the same directory. ``fit --ckpt_path
-    .../checkpoints/before_end.ckpt`` then trains the last epoch again (the same epoch, bit for bit
-    on the CPU, with :class:`RNGStateCallback`) and runs the end of training; ``hessian-sweep``
-    does this by itself. A fit that ends normally (``on_fit_end``) deletes the copy. Rank zero
-    only; a copy that fails (disk full) warns and training goes on. Nothing to keep when training
-    ends at its first checkpoint.
+    current last checkpoint of every ``ModelCheckpoint`` with ``save_last`` (the previous epoch's
+    with the default checkpoint every epoch; with ``every_n_epochs`` or ``save_last="link"`` an
+    older one) to :data:`BEFORE_END_CHECKPOINT` in the same directory. ``fit --ckpt_path
+    .../checkpoints/before_end.ckpt`` then trains from there to the end again (bit for bit on the
+    CPU, with :class:`RNGStateCallback`) and runs the end of training; ``hessian-sweep`` does this
+    by itself. A fit that resumed from the copy keeps it until it ends, so a second kill resumes
+    from it again. A fit that trained to its end and ends normally (``on_fit_end``) deletes the
+    copy; one that only loaded a finished run's checkpoint leaves it. Rank zero only; a copy that
+    fails (disk full) warns and training goes on. Nothing to keep when training ends at its first
+    checkpoint.
     """
 
     def __init__(self) -> None:
-        self._kept_at_step: int | None = None
+        self._kept_at_step: int | None = None  # the step of this process's checkpoint that ends training
 
     @override
     def on_save_checkpoint(
@@ -346,7 +354,9 @@ class KeepCheckpointBeforeEnd(Callback):
         self._kept_at_step = trainer.global_step
         for directory in self._last_checkpoint_dirs(trainer):
             previous = last_checkpoint_in(directory)
-            if previous is None:
+            if previous is None or not _saved_before(previous, trainer.global_step):
+                # e.g. resumed from before_end.ckpt, the last checkpoint is the killed attempt's end,
+                # at this very step: the copy there is the one to keep
                 continue
             target = directory / BEFORE_END_CHECKPOINT
             partial = target.with_name(target.name + ".partial")
@@ -361,7 +371,7 @@ class KeepCheckpointBeforeEnd(Callback):
 
     @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if not trainer.is_global_zero:
+        if not trainer.is_global_zero or self._kept_at_step is None:  # did not train to the end here
             return
         for directory in self._last_checkpoint_dirs(trainer):
             (directory / BEFORE_END_CHECKPOINT).unlink(missing_ok=True)
@@ -373,6 +383,20 @@ class KeepCheckpointBeforeEnd(Callback):
             for callback in trainer.checkpoint_callbacks
             if isinstance(callback, ModelCheckpoint) and callback.save_last and callback.dirpath
         ]
+
+
+def _saved_before(checkpoint: Path, global_step: int) -> bool:
+    """Whether ``checkpoint`` can stand before the end at ``global_step``.
+
+    Returns:
+        ``True`` when it is readable, from an earlier step and not itself the end of a fit (after
+        an early stop Lightning resumes from the end and trains another epoch).
+    """
+    try:
+        info = read_resume_info(checkpoint)
+    except Exception:  # any unreadable file (a partial one): not worth keeping
+        return False
+    return info["global_step"] < global_step and not info["ends_fit"]
 
 
 class _ExperimentLogger(Protocol):

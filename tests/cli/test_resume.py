@@ -233,7 +233,17 @@ def test_a_run_killed_in_its_end_of_training_redoes_it_from_the_checkpoint_befor
     with pytest.raises(Killed):
         fit(tmp_path / "b", killed_end)
     before_end = tmp_path / "b" / BEFORE_END_CHECKPOINT
-    assert before_end.exists()
+    assert read_resume_info(before_end)["global_step"] == kept["global_step"]
+    if stop == "max_epochs":  # a fit that only loads the end checkpoint (skips training) leaves the copy alone
+        with pytest.warns(UserWarning, match="reached its end"):
+            fit(tmp_path / "b", EndOfTraining(tmp_path / "b"), ckpt_path=str(tmp_path / "b" / "last.ckpt"))
+        assert read_resume_info(before_end)["global_step"] == kept["global_step"]
+    # resumed from the copy and killed at the end again: the copy is still the one before the end
+    again = EndOfTraining(tmp_path / "b", kill=True)
+    with pytest.raises(Killed):
+        fit(tmp_path / "b", again, ckpt_path=str(before_end))
+    assert again.seen[0]["before_end"]["global_step"] == kept["global_step"]
+    assert read_resume_info(before_end)["global_step"] == kept["global_step"]
     resumed_end = EndOfTraining(tmp_path / "b")
     resumed = fit(tmp_path / "b", resumed_end, ckpt_path=str(before_end))
     (seen,) = resumed_end.seen  # the end of training ran, at the uninterrupted run's step
@@ -241,6 +251,27 @@ def test_a_run_killed_in_its_end_of_training_redoes_it_from_the_checkpoint_befor
     for p, q in zip(uninterrupted.parameters(), resumed.parameters(), strict=True):
         torch.testing.assert_close(p, q, rtol=0, atol=0)  # one process, one thread count: the same arithmetic
     assert not before_end.exists()
+
+
+def test_a_checkpoint_in_the_middle_of_the_last_epoch_does_not_end_training(tmp_path: Path) -> None:
+    """Checkpoints every 2 of the 5 steps of each of 2 epochs: only the one after the last batch
+    ends training, and the copy kept is the one before it (step 8, in the middle of epoch 1)."""
+    end = EndOfTraining(tmp_path)
+    every_2_steps = pl.callbacks.ModelCheckpoint(
+        dirpath=tmp_path, save_last=True, save_top_k=-1, every_n_train_steps=2, every_n_epochs=0
+    )
+    callbacks = [CheckpointLogSync(), RNGStateCallback(), KeepCheckpointBeforeEnd(), end, every_2_steps]
+    pl.Trainer(max_epochs=2, logger=False, callbacks=callbacks, **QUIET).fit(NoisyModule())
+    infos = {info["global_step"]: info for info in map(read_resume_info, tmp_path.glob("epoch=*.ckpt"))}
+    assert sorted(infos) == [2, 4, 6, 8, 10]
+    assert {step: info["ends_fit"] for step, info in infos.items()} == {
+        2: False,
+        4: False,
+        6: False,
+        8: False,
+        10: True,
+    }
+    assert end.seen[0]["before_end"]["global_step"] == 8
 
 
 def test_nothing_is_kept_when_training_ends_at_its_first_checkpoint(tmp_path: Path) -> None:
