@@ -109,7 +109,7 @@ class ResumePoint:
         work = "" if kept is None else f"; {kept:.0f} s of its work kept"
         if self.stage == "fit":
             redo = (
-                "; its last checkpoint had ended training, so the last epoch and the end of training are redone"
+                "; its last checkpoint had ended training, so training from there and its end are redone"
                 if self.checkpoint.name == BEFORE_END_CHECKPOINT
                 else ""
             )

@@ -281,7 +281,7 @@ def test_a_run_killed_in_its_end_of_training_continues_from_the_checkpoint_befor
     assert not (settings.sweep_dir / ATTEMPTS_DIR).exists()
     assert (
         f"resuming the running attempt's fit from {before_end} (epoch 1, step 5; 30 s of its work kept; its last"
-        " checkpoint had ended training, so the last epoch and the end of training are redone)"
+        " checkpoint had ended training, so training from there and its end are redone)"
     ) in (run_dir / "train.log").read_text()
 
 
